@@ -1,0 +1,55 @@
+# signaling-sharded: `make run` starts the server, `make test` runs every test.
+# Everything below builds into ./.venv; nothing is installed system-wide.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+ARGS   ?=
+export VIRTUAL_ENV := $(abspath $(VENV))
+
+RUST_SOURCES := Cargo.toml Cargo.lock $(wildcard rust/*.rs)
+PY_SOURCES   := pyproject.toml $(wildcard python/signaling_sharded/*.py)
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(BIN)/.deps: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "maturin>=1.8,<2" "websockets>=15.0" "uvloop>=0.21.0" \
+		"pytest>=8.3" "pytest-timeout>=2.3" "ruff>=0.11" "mypy>=1.15"
+	touch $@
+
+$(BIN)/.built: $(BIN)/.deps $(RUST_SOURCES) $(PY_SOURCES)
+	$(BIN)/maturin develop --release --quiet
+	touch $@
+
+.PHONY: build
+build: $(BIN)/.built ## Build the Rust core and install the package into .venv
+
+.PHONY: run
+run: build ## Build and start the server on port $$PORT or 8081 (ARGS="--workers 2" to add flags)
+	$(BIN)/signaling-sharded $(ARGS)
+
+.PHONY: test
+test: build ## Run every test: cargo test, then pytest against the real server
+	cargo test --quiet
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+.PHONY: lint
+lint: build ## ruff, mypy (with stubtest), cargo fmt --check, clippy -D warnings
+	$(BIN)/ruff check python tests
+	$(BIN)/ruff format --check python tests
+	$(BIN)/mypy
+	$(PY) -m mypy.stubtest signaling_sharded._native
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+	cargo clippy --all-targets --features python -- -D warnings
+
+.PHONY: clean
+clean: ## Remove build products and the venv
+	rm -rf target $(VENV) dist

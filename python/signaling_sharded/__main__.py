@@ -1,0 +1,3 @@
+from signaling_sharded.cli import main
+
+main()

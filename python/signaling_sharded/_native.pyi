@@ -1,0 +1,57 @@
+"""The Rust core (``rust/python.rs``)."""
+
+from collections.abc import Callable
+from typing import Any, final
+
+@final
+class Hub:
+    """One worker's peers and topics; see ``rust/engine.rs``."""
+
+    def __new__(
+        cls,
+        *,
+        max_message_size: int,
+        max_queue_bytes: int,
+        ping_interval: float,
+        ping_timeout: float,
+        close_timeout: float,
+        on_left: Callable[[str, str, str], object],
+    ) -> Hub: ...
+    def join(self, transport: Any, topic: str, metadata: str | None = None) -> Peer:
+        """Add the upgraded connection on ``transport`` to ``topic``.
+
+        Writes ``welcome`` and ``peer-list`` to it and ``peer-joined`` to the
+        others; the caller then installs the returned protocol with
+        ``transport.set_protocol(peer)``.
+        """
+    def tick(self) -> None:
+        """Send due pings; close peers whose ping or close timed out."""
+    def close_all(self, code: int, reason: str) -> None:
+        """Start closing every peer with ``code``."""
+    def abort_all(self) -> None:
+        """Reset every connection still open."""
+    def connection_count(self) -> int: ...
+    def peer_count(self) -> int: ...
+    def topic_count(self) -> int: ...
+
+@final
+class Peer:
+    """The asyncio protocol of an upgraded connection."""
+
+    @property
+    def peer_id(self) -> str: ...
+    def connection_made(self, _transport: Any) -> None: ...
+    def data_received(self, data: bytes) -> None: ...
+    def eof_received(self) -> bool: ...
+    def connection_lost(self, _exc: BaseException | None = None) -> None: ...
+    def pause_writing(self) -> None: ...
+    def resume_writing(self) -> None: ...
+
+def topic_hash(topic: str) -> int:
+    """The stable 64-bit hash of ``topic`` (SipHash-1-3 under a fixed key)."""
+
+def topic_owner(topic: str, workers: int) -> int:
+    """The index of the worker that owns ``topic`` among ``workers``."""
+
+def parse_metadata(text: str) -> str | None:
+    """``text`` as one JSON value without surrounding whitespace, or None."""

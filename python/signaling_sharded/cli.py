@@ -1,0 +1,130 @@
+"""The ``signaling-sharded`` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from signaling_sharded import __version__
+from signaling_sharded.config import Config
+from signaling_sharded.logs import configure
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number: {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer: {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = Config()
+    parser = argparse.ArgumentParser(
+        prog="signaling-sharded",
+        description=(
+            "A WebRTC signaling server. Peers connect over WebSocket to /ws/{topic}, "
+            "learn who else is in the topic, and relay offers, answers and ICE candidates "
+            "to one named peer. Plain HTTP: GET /healthz, GET /readyz."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=__version__)
+    parser.add_argument("--host", default=defaults.host, help="address to listen on")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("PORT", defaults.port)),
+        help="TCP port to listen on (default: $PORT, else 8081)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=positive_int,
+        default=1,
+        help="worker processes; this version serves with one",
+    )
+    parser.add_argument(
+        "--log-level",
+        default=defaults.log_level,
+        choices=["debug", "info", "warning", "error"],
+        help="JSON-lines logs on stdout at this level and above",
+    )
+    parser.add_argument(
+        "--ping-interval",
+        type=positive_float,
+        default=defaults.ping_interval,
+        help="seconds between WebSocket pings to each peer (sent as pingInterval in welcome)",
+    )
+    parser.add_argument(
+        "--ping-timeout",
+        type=positive_float,
+        default=defaults.ping_timeout,
+        help="seconds a peer may stay silent after a ping before it is disconnected",
+    )
+    parser.add_argument(
+        "--max-message-size",
+        type=positive_int,
+        default=defaults.max_message_size,
+        help="largest message a client may send, in bytes; larger ones close with 1009",
+    )
+    parser.add_argument(
+        "--max-queue-bytes",
+        type=positive_int,
+        default=defaults.max_queue_bytes,
+        help=(
+            "bytes queued for a peer that does not read; past it relays to the peer are "
+            "refused with 'dropped' and presence events disconnect it with 4008"
+        ),
+    )
+    parser.add_argument(
+        "--handshake-timeout",
+        type=positive_float,
+        default=defaults.handshake_timeout,
+        help="seconds a client has to complete the HTTP upgrade",
+    )
+    parser.add_argument(
+        "--allowed-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help=(
+            "allow browsers from this Origin (repeatable, e.g. https://app.example); "
+            "default: any. Requests without Origin (native clients) always pass"
+        ),
+    )
+    return parser
+
+
+def parse_config(argv: Sequence[str] | None = None) -> Config:
+    args = build_parser().parse_args(argv)
+    if args.workers != 1:
+        build_parser().error("--workers: this version serves with one worker")
+    return Config(
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level=args.log_level,
+        ping_interval=args.ping_interval,
+        ping_timeout=args.ping_timeout,
+        max_message_size=args.max_message_size,
+        max_queue_bytes=args.max_queue_bytes,
+        handshake_timeout=args.handshake_timeout,
+        allowed_origins=tuple(args.allowed_origin),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config = parse_config(argv)
+    configure(config.log_level)
+    from signaling_sharded.worker import run
+
+    run(config)
+    sys.exit(0)

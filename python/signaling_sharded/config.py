@@ -1,0 +1,29 @@
+"""Server settings, shared by the command line and the workers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = "0.0.0.0"
+    port: int = 8081
+    workers: int = 1
+    log_level: str = "info"
+    #: Seconds between server pings; sent to clients as ``pingInterval``.
+    ping_interval: float = 30.0
+    #: Seconds a peer may stay silent after a ping before it is closed.
+    ping_timeout: float = 10.0
+    #: Largest message a client may send, in bytes; over it, close 1009.
+    max_message_size: int = 64 * 1024
+    #: Bytes a peer may have queued while it does not read.
+    max_queue_bytes: int = 1024 * 1024
+    #: Seconds a client has to complete the HTTP upgrade.
+    handshake_timeout: float = 10.0
+    #: Seconds a closing peer has to finish the close handshake.
+    close_timeout: float = 2.0
+    #: Seconds a drain (SIGTERM) may take before the rest is reset.
+    drain_timeout: float = 8.0
+    #: Origins allowed to connect; empty allows any.
+    allowed_origins: tuple[str, ...] = field(default_factory=tuple)

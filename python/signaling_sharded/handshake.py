@@ -1,0 +1,195 @@
+"""The HTTP side of a connection, up to the WebSocket upgrade.
+
+A :class:`Handshake` is the asyncio protocol of every accepted socket until
+its request is answered. Plain HTTP requests (``/healthz``, ``/readyz``,
+errors) get a response and the socket is closed. A valid upgrade is accepted
+with the ``websockets`` library's sans-I/O ``ServerProtocol``, then the
+transport is handed to the Rust core (``Hub.join``), whose ``Peer`` becomes
+the transport's protocol: from there on no Python code runs per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import logging
+from typing import TYPE_CHECKING, cast
+
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+from websockets.server import ServerProtocol
+
+from signaling_sharded import routing
+from signaling_sharded.logs import log
+
+if TYPE_CHECKING:
+    from signaling_sharded.worker import Worker
+
+#: Largest request head (request line and headers) accepted, in bytes.
+MAX_HEAD_BYTES = 16 * 1024
+#: The transport's high-water mark after the upgrade: past it, the Rust core
+#: queues a peer's bytes itself, bounded by --max-queue-bytes.
+WRITE_HIGH_WATER = 64 * 1024
+#: Seconds a refused client is told to wait before retrying.
+RETRY_AFTER = "1"
+
+
+class Handshake(asyncio.Protocol):
+    """Reads one HTTP request and answers it or upgrades the connection."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses.
+        self.transport = cast(asyncio.Transport, transport)
+        self.worker.handshakes.add(self)
+        loop = asyncio.get_running_loop()
+        self.timer = loop.call_later(self.worker.config.handshake_timeout, self.time_out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.finish()
+
+    def finish(self) -> None:
+        """Stop tracking this handshake (answered, upgraded or gone)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.worker.handshakes.discard(self)
+
+    def time_out(self) -> None:
+        self.timer = None
+        log(logging.DEBUG, "handshake timed out")
+        self.worker.count_handshake_failure("timeout")
+        self.close()
+
+    def close(self) -> None:
+        self.finish()
+        if self.transport is not None:
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self.timer is None:
+            return  # answered already; the socket is closing
+        self.buffer += data
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.buffer) > MAX_HEAD_BYTES:
+                self.refuse_raw(431, "request header fields too large")
+            return
+        head = bytes(self.buffer[: end + 4])
+        rest = bytes(self.buffer[end + 4 :])
+        self.buffer = bytearray()
+        self.handle(head, rest)
+
+    def handle(self, head: bytes, rest: bytes) -> None:
+        worker = self.worker
+        protocol = ServerProtocol(
+            origins=worker.origins,
+            max_size=worker.config.max_message_size,
+            logger=_quiet,
+        )
+        protocol.receive_data(head)
+        events = protocol.events_received()
+        if not events or not isinstance(events[0], Request):
+            # websockets wrote 414/431 itself, or nothing for a malformed request.
+            data = b"".join(protocol.data_to_send())
+            if data:
+                self.write_and_close(data)
+            else:
+                self.refuse_raw(400, "malformed HTTP request")
+            return
+        request = events[0]
+        target = routing.route(request.path)
+        if isinstance(target, routing.Endpoint):
+            self.answer_endpoint(protocol, request, target)
+            return
+        if isinstance(target, routing.Refusal):
+            self.respond(protocol, request, target.status, target.reason)
+            return
+        if worker.draining:
+            self.respond(protocol, request, 503, "server is draining", retry_after=True)
+            return
+        response = protocol.accept(request)
+        if response.status_code != 101:
+            worker.count_handshake_failure(str(response.status_code))
+            self.send(protocol, response)
+            return
+        self.upgrade(protocol, response, target, rest)
+
+    def answer_endpoint(
+        self, protocol: ServerProtocol, request: Request, endpoint: routing.Endpoint
+    ) -> None:
+        if request.method not in ("GET", "HEAD"):
+            self.respond(protocol, request, 405, "method not allowed", allow="GET, HEAD")
+        elif endpoint.path == "/readyz" and self.worker.draining:
+            self.respond(protocol, request, 503, "draining", retry_after=True)
+        else:
+            self.respond(protocol, request, 200, "ok")
+
+    def respond(
+        self,
+        protocol: ServerProtocol,
+        request: Request,
+        status: int,
+        text: str,
+        *,
+        retry_after: bool = False,
+        allow: str | None = None,
+    ) -> None:
+        response = protocol.reject(status, text + "\n")
+        if retry_after:
+            response.headers["Retry-After"] = RETRY_AFTER
+        if allow is not None:
+            response.headers["Allow"] = allow
+        if request.method == "HEAD":
+            response.body = b""
+        if status >= 400:
+            self.worker.count_handshake_failure(str(status))
+        self.send(protocol, response)
+
+    def send(self, protocol: ServerProtocol, response: Response) -> None:
+        protocol.send_response(response)
+        self.write_and_close(b"".join(protocol.data_to_send()))
+
+    def refuse_raw(self, status: int, text: str) -> None:
+        """Answer a request that could not be parsed."""
+        body = (text + "\n").encode()
+        headers = Headers(
+            [
+                ("Connection", "close"),
+                ("Content-Length", str(len(body))),
+                ("Content-Type", "text/plain; charset=utf-8"),
+            ]
+        )
+        phrase = http.HTTPStatus(status).phrase
+        self.worker.count_handshake_failure(str(status))
+        self.write_and_close(Response(status, phrase, headers, body).serialize())
+
+    def write_and_close(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+        self.close()
+
+    def upgrade(
+        self, protocol: ServerProtocol, response: Response, join: routing.Join, rest: bytes
+    ) -> None:
+        transport = self.transport
+        assert transport is not None
+        self.finish()
+        protocol.send_response(response)
+        transport.write(b"".join(protocol.data_to_send()))
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        peer = self.worker.hub.join(transport, join.topic, join.metadata)
+        # Peer implements the protocol methods in Rust; it is not a subclass.
+        transport.set_protocol(cast(asyncio.BaseProtocol, peer))
+        log(logging.INFO, "peer joined", peer=peer.peer_id, topic=join.topic)
+        if rest:
+            peer.data_received(rest)
+
+
+_quiet = logging.getLogger("signaling_sharded.websockets")
+_quiet.setLevel(logging.WARNING)

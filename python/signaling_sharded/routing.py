@@ -1,0 +1,82 @@
+"""What an HTTP request asks for: pure functions, no sockets.
+
+``route(target)`` maps a request target (path and query, as sent) to a
+:class:`Join` for ``/ws/{topic}``, an :class:`Endpoint` for the plain HTTP
+paths, or a :class:`Refusal` with the HTTP status the client gets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+from urllib.parse import parse_qs, unquote_to_bytes
+
+from signaling_sharded._native import parse_metadata
+
+#: Longest topic, in bytes of UTF-8 once percent-decoded.
+MAX_TOPIC_BYTES = 256
+#: Longest ``metadata`` query value, in bytes once percent-decoded.
+MAX_METADATA_BYTES = 1024
+
+WS_PREFIX = "/ws/"
+ENDPOINTS = frozenset({"/healthz", "/readyz"})
+
+
+@dataclass(frozen=True)
+class Join:
+    """An upgrade to join ``topic``; ``metadata`` is JSON text or None."""
+
+    topic: str
+    metadata: str | None
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    path: str
+
+
+@dataclass(frozen=True)
+class Refusal:
+    status: int
+    reason: str
+
+
+Route = Union[Join, Endpoint, Refusal]
+
+
+def route(target: str) -> Route:
+    path, _, query = target.partition("?")
+    if path in ENDPOINTS:
+        return Endpoint(path)
+    if not path.startswith(WS_PREFIX):
+        return Refusal(404, "not found")
+    topic = parse_topic(path[len(WS_PREFIX) :])
+    if topic is None:
+        return Refusal(400, "invalid topic: 1 to 256 bytes of UTF-8, without '/'")
+    try:
+        values = parse_qs(query, keep_blank_values=True, errors="strict").get("metadata")
+    except UnicodeDecodeError:
+        return Refusal(400, "invalid query: not UTF-8")
+    if values is None:
+        return Join(topic, None)
+    metadata = values[0]
+    if len(metadata.encode()) > MAX_METADATA_BYTES:
+        return Refusal(400, "invalid metadata: over 1 KiB")
+    parsed = parse_metadata(metadata)
+    if parsed is None:
+        return Refusal(400, "invalid metadata: not JSON")
+    return Join(topic, parsed)
+
+
+def parse_topic(segment: str) -> str | None:
+    """The percent-decoded topic of a ``/ws/`` path segment, or None."""
+    if "/" in segment:
+        return None
+    raw = unquote_to_bytes(segment)
+    if not 1 <= len(raw) <= MAX_TOPIC_BYTES:
+        return None
+    try:
+        topic = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return None if "/" in topic else topic

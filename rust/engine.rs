@@ -1,0 +1,870 @@
+//! One worker's connections after the upgrade: the per-message hot path.
+//!
+//! The engine is sans-I/O. The caller feeds it what it read from a socket
+//! (`receive`), what happened to a socket (`eof`, `release`, `pause`,
+//! `resume`) and the passing of time (`tick`); every call fills an
+//! [`Outbox`] with what to write to which connection and which sockets to
+//! shut down, and the caller carries that out after the call returns.
+//!
+//! Outbound bytes go straight to the caller's transport while it accepts
+//! them; once the transport reports it is full (`pause`), they wait here in
+//! the connection's queue, bounded by `max_queue` bytes. Over the bound a
+//! relay is refused (`dropped` to the sender) and anything the peer must
+//! see (presence, errors, pongs) disconnects it with 4008 instead, so a
+//! connected peer's view of its topic is never wrong.
+
+use std::mem;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustc_hash::FxHashMap;
+use serde_json::value::RawValue;
+
+use crate::frame::{self, Event, Flow, FrameReader};
+use crate::message::{self, ErrorCode, Inbound};
+use crate::registry::{PeerId, Registry};
+
+/// Close code for a peer that cannot keep up with what it is sent.
+pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Largest message (all fragments) a client may send; over it, 1009.
+    pub max_message: usize,
+    /// Bytes a connection may have queued while its transport is full.
+    pub max_queue: usize,
+    pub ping_interval: Duration,
+    pub ping_timeout: Duration,
+    /// How long a closing connection may take to finish the close
+    /// handshake before it is aborted.
+    pub close_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            max_message: 64 * 1024,
+            max_queue: 1024 * 1024,
+            ping_interval: Duration::from_secs(30),
+            ping_timeout: Duration::from_secs(10),
+            close_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// What the caller does to a connection's socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Write `Outbox::bufs[i]`.
+    Write(usize),
+    /// Half-close: send FIN after what was written, keep reading until the
+    /// client closes (it has been sent a close frame).
+    Finish,
+    /// Close after what was written (the close handshake is complete).
+    Close,
+    /// Reset now: the peer is dead or did not finish closing in time.
+    Abort,
+}
+
+/// Why a peer left its topic; logged by the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaveReason {
+    Closed,
+    Disconnected,
+    PingTimeout,
+    SlowConsumer,
+    ProtocolError,
+    Shutdown,
+}
+
+impl LeaveReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::Disconnected => "disconnected",
+            Self::PingTimeout => "ping timeout",
+            Self::SlowConsumer => "slow consumer",
+            Self::ProtocolError => "protocol error",
+            Self::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// What one engine call asks of the caller, in order per connection.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    pub bufs: Vec<Vec<u8>>,
+    pub actions: Vec<(u64, Action)>,
+    /// Peers that left their topic during the call.
+    pub left: Vec<(PeerId, Arc<str>, LeaveReason)>,
+    /// The buffer each connection is still appending to: written only to
+    /// that connection and its last action, so later bytes can join it.
+    open: FxHashMap<u64, usize>,
+}
+
+impl Outbox {
+    pub fn clear(&mut self) {
+        self.bufs.clear();
+        self.actions.clear();
+        self.left.clear();
+        self.open.clear();
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.actions.is_empty() && self.left.is_empty()
+    }
+
+    /// The buffer for bytes to `conn`, coalesced with what it was already
+    /// sent in this call.
+    fn private(&mut self, conn: u64) -> &mut Vec<u8> {
+        let index = *self.open.entry(conn).or_insert_with(|| {
+            self.bufs.push(Vec::new());
+            self.actions
+                .push((conn, Action::Write(self.bufs.len() - 1)));
+            self.bufs.len() - 1
+        });
+        &mut self.bufs[index]
+    }
+
+    fn shared(&mut self, bytes: Vec<u8>) -> usize {
+        self.bufs.push(bytes);
+        self.bufs.len() - 1
+    }
+
+    fn act(&mut self, conn: u64, action: Action) {
+        self.open.remove(&conn);
+        self.actions.push((conn, action));
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// A member of its topic.
+    Open,
+    /// Sent a close frame and FIN; waiting for the client's FIN.
+    Closing { since: Instant },
+    /// Being closed or reset; waiting for `release`.
+    Done,
+}
+
+#[derive(Debug)]
+struct Conn<W> {
+    transport: W,
+    state: State,
+    reader: FrameReader,
+    /// Bytes waiting for the transport to accept more (`paused`).
+    queue: Vec<u8>,
+    paused: bool,
+    ping_sent: Instant,
+    awaiting_pong: bool,
+}
+
+/// The outcome of queueing bytes for a connection.
+enum Queued {
+    Yes,
+    OverBound,
+}
+
+#[derive(Debug)]
+pub struct Engine<W> {
+    config: Config,
+    /// `pingInterval` as written in `welcome`.
+    ping_interval_text: String,
+    registry: Registry,
+    conns: FxHashMap<u64, Conn<W>>,
+    next_conn: u64,
+    /// Unmasking buffer lent to every connection's reader in turn.
+    scratch: Vec<u8>,
+    /// Connections found over their bound by a must-deliver write; closed
+    /// once the write that found them is done.
+    doomed: Vec<u64>,
+}
+
+impl<W> Engine<W> {
+    pub fn new(config: Config) -> Self {
+        let ping_interval_text = format!("{}", config.ping_interval.as_secs_f64());
+        Self {
+            config,
+            ping_interval_text,
+            registry: Registry::new(),
+            conns: FxHashMap::default(),
+            next_conn: 1,
+            scratch: Vec::new(),
+            doomed: Vec::new(),
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn transport(&self, conn: u64) -> Option<&W> {
+        self.conns.get(&conn).map(|c| &c.transport)
+    }
+
+    pub fn peer_id(&self, conn: u64) -> Option<PeerId> {
+        self.registry.member(conn).map(|m| m.peer)
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn peer_count(&self) -> usize {
+        self.registry.member_count()
+    }
+
+    pub fn topic_count(&self) -> usize {
+        self.registry.topic_count()
+    }
+
+    /// Adds an upgraded connection as a new peer of `topic`: it is sent
+    /// `welcome` and `peer-list`, the others `peer-joined`. Returns the
+    /// connection id the caller passes to every later call.
+    pub fn join(
+        &mut self,
+        transport: W,
+        topic: &str,
+        metadata: Option<&str>,
+        now: Instant,
+        out: &mut Outbox,
+    ) -> (u64, PeerId) {
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        self.conns.insert(
+            conn,
+            Conn {
+                transport,
+                state: State::Open,
+                reader: FrameReader::default(),
+                queue: Vec::new(),
+                paused: false,
+                ping_sent: now,
+                awaiting_pong: false,
+            },
+        );
+        let peer = self.registry.join(conn, topic, metadata.map(Box::from));
+        let member = self.registry.member(conn).expect("just joined");
+        let topic = Arc::clone(&member.topic);
+        let greeting = out.private(conn);
+        message::push_welcome(greeting, peer.as_str(), &self.ping_interval_text);
+        let others = self.registry.members(&topic);
+        let others = &others[..others.len() - 1];
+        message::push_peer_list(
+            greeting,
+            others.iter().map(|other| {
+                let member = self.registry.member(*other).expect("listed members exist");
+                (member.peer.as_str(), member.metadata.as_deref())
+            }),
+        );
+        let mut joined = Vec::new();
+        message::push_peer_joined(&mut joined, peer.as_str(), metadata);
+        self.broadcast(&topic, Some(conn), joined, out);
+        self.close_doomed(now, out);
+        (conn, peer)
+    }
+
+    /// Handles bytes read from `conn`'s socket.
+    pub fn receive(&mut self, conn: u64, data: &[u8], now: Instant, out: &mut Outbox) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if c.state != State::Open {
+            return; // closing: the rest of the input is of no interest
+        }
+        c.awaiting_pong = false;
+        let mut reader = mem::take(&mut c.reader);
+        let mut scratch = mem::take(&mut self.scratch);
+        let max_message = self.config.max_message;
+        let result = reader.feed(data, max_message, &mut scratch, |event| {
+            self.on_event(conn, event, out)
+        });
+        self.scratch = scratch;
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.reader = reader;
+        }
+        if let Err(fault) = result {
+            self.close(
+                conn,
+                fault.close_code(),
+                fault.reason(),
+                None,
+                LeaveReason::ProtocolError,
+                now,
+                out,
+            );
+        }
+        self.close_doomed(now, out);
+    }
+
+    fn on_event(&mut self, conn: u64, event: Event<'_>, out: &mut Outbox) -> Flow {
+        match event {
+            Event::Text(text) => self.on_text(conn, text, out),
+            Event::Binary => self.send_error(conn, ErrorCode::UnsupportedFrame, None, out),
+            Event::Ping(payload) => {
+                let mut pong = Vec::with_capacity(2 + payload.len());
+                frame::push_pong(&mut pong, payload);
+                self.send_must(conn, &pong, out);
+            }
+            Event::Pong => {}
+            Event::Close(code) => {
+                self.leave(conn, LeaveReason::Closed, out);
+                let c = self.conns.get_mut(&conn).expect("open connection");
+                c.state = State::Done;
+                c.queue = Vec::new();
+                let mut reply = Vec::new();
+                frame::push_close(&mut reply, code.unwrap_or(frame::CLOSE_NORMAL), "");
+                out.private(conn).extend_from_slice(&reply);
+                out.act(conn, Action::Close);
+                return Flow::Stop;
+            }
+        }
+        // A must-deliver write may have doomed this very connection.
+        match self.conns.get(&conn) {
+            Some(c) if c.state == State::Open && !self.doomed.contains(&conn) => Flow::Continue,
+            _ => Flow::Stop,
+        }
+    }
+
+    fn on_text(&mut self, conn: u64, text: &str, out: &mut Outbox) {
+        match message::parse_inbound(text) {
+            Ok(Inbound::Relay {
+                kind,
+                to,
+                payload,
+                msg_id,
+            }) => {
+                let Some(target) = self.registry.find_in_topic_of(conn, &to) else {
+                    return self.send_error(conn, ErrorCode::TargetNotFound, msg_id, out);
+                };
+                let from = self
+                    .registry
+                    .member(conn)
+                    .expect("open connections are members")
+                    .peer;
+                let delivered = self.queue_or_write(target, out, |buf| {
+                    message::push_relay(buf, kind, from.as_str(), payload, msg_id);
+                });
+                if let Queued::OverBound = delivered {
+                    self.send_error(conn, ErrorCode::Dropped, msg_id, out);
+                }
+            }
+            Ok(Inbound::Ping { msg_id }) => {
+                let mut pong = Vec::new();
+                message::push_pong_message(&mut pong, msg_id);
+                self.send_must(conn, &pong, out);
+            }
+            Err(rejected) => self.send_error(conn, rejected.code, rejected.msg_id, out),
+        }
+    }
+
+    fn send_error(
+        &mut self,
+        conn: u64,
+        code: ErrorCode,
+        msg_id: Option<&RawValue>,
+        out: &mut Outbox,
+    ) {
+        let mut bytes = Vec::new();
+        message::push_error(&mut bytes, code, msg_id);
+        self.send_must(conn, &bytes, out);
+    }
+
+    /// Sends bytes the peer must receive; over its bound it is doomed.
+    fn send_must(&mut self, conn: u64, bytes: &[u8], out: &mut Outbox) {
+        if let Queued::OverBound =
+            self.queue_or_write(conn, out, |buf| buf.extend_from_slice(bytes))
+        {
+            self.doom(conn);
+        }
+    }
+
+    fn doom(&mut self, conn: u64) {
+        if !self.doomed.contains(&conn) {
+            self.doomed.push(conn);
+        }
+    }
+
+    /// Writes to `conn` directly, or queues while its transport is full.
+    fn queue_or_write(
+        &mut self,
+        conn: u64,
+        out: &mut Outbox,
+        write: impl FnOnce(&mut Vec<u8>),
+    ) -> Queued {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return Queued::OverBound;
+        };
+        if !c.paused {
+            write(out.private(conn));
+            return Queued::Yes;
+        }
+        let mark = c.queue.len();
+        write(&mut c.queue);
+        if c.queue.len() > self.config.max_queue {
+            c.queue.truncate(mark);
+            return Queued::OverBound;
+        }
+        Queued::Yes
+    }
+
+    /// Sends `bytes` to every member of `topic` but `except`.
+    fn broadcast(&mut self, topic: &str, except: Option<u64>, bytes: Vec<u8>, out: &mut Outbox) {
+        let members = self.registry.members(topic);
+        let mut shared = None;
+        let mut doomed = Vec::new();
+        for &member in members {
+            if Some(member) == except {
+                continue;
+            }
+            let c = self
+                .conns
+                .get_mut(&member)
+                .expect("members have connections");
+            if c.paused {
+                if c.queue.len() + bytes.len() > self.config.max_queue {
+                    doomed.push(member);
+                } else {
+                    c.queue.extend_from_slice(&bytes);
+                }
+                continue;
+            }
+            let index = *shared.get_or_insert_with(|| out.shared(bytes.clone()));
+            out.act(member, Action::Write(index));
+        }
+        for member in doomed {
+            self.doom(member);
+        }
+    }
+
+    /// Removes `conn` from its topic and tells the others.
+    fn leave(&mut self, conn: u64, reason: LeaveReason, out: &mut Outbox) {
+        let Some(member) = self.registry.leave(conn) else {
+            return;
+        };
+        let mut left = Vec::new();
+        message::push_peer_left(&mut left, member.peer.as_str());
+        self.broadcast(&member.topic, None, left, out);
+        out.left.push((member.peer, member.topic, reason));
+    }
+
+    /// Server-side close: the peer leaves at once, is sent an optional
+    /// `error`, then the close frame and FIN, and has `close_timeout` to
+    /// close its side. What it still had queued is dropped.
+    #[allow(clippy::too_many_arguments)]
+    fn close(
+        &mut self,
+        conn: u64,
+        code: u16,
+        reason: &str,
+        error: Option<ErrorCode>,
+        why: LeaveReason,
+        now: Instant,
+        out: &mut Outbox,
+    ) {
+        match self.conns.get(&conn) {
+            Some(c) if c.state == State::Open => {}
+            _ => return,
+        }
+        self.leave(conn, why, out);
+        let c = self.conns.get_mut(&conn).expect("checked above");
+        c.state = State::Closing { since: now };
+        c.queue = Vec::new();
+        let buf = out.private(conn);
+        if let Some(error) = error {
+            message::push_error(buf, error, None);
+        }
+        frame::push_close(buf, code, reason);
+        out.act(conn, Action::Finish);
+    }
+
+    fn close_doomed(&mut self, now: Instant, out: &mut Outbox) {
+        while let Some(conn) = self.doomed.pop() {
+            self.close(
+                conn,
+                CLOSE_SLOW_CONSUMER,
+                "slow consumer",
+                Some(ErrorCode::SlowConsumer),
+                LeaveReason::SlowConsumer,
+                now,
+                out,
+            );
+        }
+    }
+
+    /// The client half-closed its side (or finished our close handshake).
+    pub fn eof(&mut self, conn: u64, out: &mut Outbox) {
+        self.leave(conn, LeaveReason::Disconnected, out);
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.state = State::Done;
+            c.queue = Vec::new();
+        }
+        self.close_doomed(Instant::now(), out);
+    }
+
+    /// The socket is gone; forget the connection.
+    pub fn release(&mut self, conn: u64, out: &mut Outbox) {
+        self.leave(conn, LeaveReason::Disconnected, out);
+        self.conns.remove(&conn);
+        self.close_doomed(Instant::now(), out);
+    }
+
+    /// The transport's buffer is over its high-water mark.
+    pub fn pause(&mut self, conn: u64) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.paused = true;
+        }
+    }
+
+    /// The transport drained below its low-water mark: write the queue.
+    pub fn resume(&mut self, conn: u64, out: &mut Outbox) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        c.paused = false;
+        if !c.queue.is_empty() {
+            let queue = mem::take(&mut c.queue);
+            let index = out.shared(queue);
+            out.act(conn, Action::Write(index));
+        }
+    }
+
+    /// Pings, ping timeouts and close timeouts; call a few times per
+    /// `min(ping_interval, ping_timeout)`.
+    pub fn tick(&mut self, now: Instant, out: &mut Outbox) {
+        let mut dead = Vec::new();
+        let mut ping = Vec::new();
+        frame::push_ping(&mut ping);
+        let conns: Vec<u64> = self.conns.keys().copied().collect();
+        for conn in conns {
+            let c = self.conns.get_mut(&conn).expect("listed");
+            match c.state {
+                State::Open if c.awaiting_pong => {
+                    if now.saturating_duration_since(c.ping_sent) >= self.config.ping_timeout {
+                        dead.push((conn, LeaveReason::PingTimeout));
+                    }
+                }
+                State::Open => {
+                    if now.saturating_duration_since(c.ping_sent) >= self.config.ping_interval {
+                        c.ping_sent = now;
+                        c.awaiting_pong = true;
+                        self.send_must(conn, &ping, out);
+                    }
+                }
+                State::Closing { since } => {
+                    if now.saturating_duration_since(since) >= self.config.close_timeout {
+                        dead.push((conn, LeaveReason::Disconnected));
+                    }
+                }
+                State::Done => {}
+            }
+        }
+        for (conn, reason) in dead {
+            self.leave(conn, reason, out);
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.state = State::Done;
+                c.queue = Vec::new();
+            }
+            out.act(conn, Action::Abort);
+        }
+        self.close_doomed(now, out);
+    }
+
+    /// Closes every open connection with `code` (1001 when draining).
+    pub fn close_all(&mut self, code: u16, reason: &str, now: Instant, out: &mut Outbox) {
+        let open: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.state == State::Open)
+            .map(|(conn, _)| *conn)
+            .collect();
+        for conn in open {
+            self.close(conn, code, reason, None, LeaveReason::Shutdown, now, out);
+        }
+    }
+
+    /// Resets every connection still here (the end of a drain).
+    pub fn abort_all(&mut self, out: &mut Outbox) {
+        let conns: Vec<u64> = self.conns.keys().copied().collect();
+        for conn in conns {
+            self.leave(conn, LeaveReason::Shutdown, out);
+            if let Some(c) = self.conns.get_mut(&conn) {
+                if c.state != State::Done {
+                    c.state = State::Done;
+                    out.act(conn, Action::Abort);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::apply_mask;
+
+    /// Text of the frames written to `conn`, decoded; "<close N>" for a
+    /// close frame, "<ping>"/"<pong>" for control frames.
+    fn written(out: &Outbox, conn: u64) -> Vec<String> {
+        let mut bytes = Vec::new();
+        for (c, action) in &out.actions {
+            if let (true, Action::Write(i)) = (*c == conn, action) {
+                bytes.extend_from_slice(&out.bufs[*i]);
+            }
+        }
+        decode(&bytes)
+    }
+
+    fn decode(mut bytes: &[u8]) -> Vec<String> {
+        let mut frames = Vec::new();
+        while !bytes.is_empty() {
+            let (len, start) = match bytes[1] {
+                126 => (u16::from_be_bytes([bytes[2], bytes[3]]) as usize, 4),
+                127 => (
+                    u64::from_be_bytes(bytes[2..10].try_into().unwrap()) as usize,
+                    10,
+                ),
+                n => (n as usize, 2),
+            };
+            let payload = &bytes[start..start + len];
+            frames.push(match bytes[0] & 0x0f {
+                1 => String::from_utf8(payload.to_vec()).unwrap(),
+                8 => format!("<close {}>", u16::from_be_bytes([payload[0], payload[1]])),
+                9 => "<ping>".into(),
+                10 => "<pong>".into(),
+                op => format!("<op {op}>"),
+            });
+            bytes = &bytes[start + len..];
+        }
+        frames
+    }
+
+    fn text(payload: &str) -> Vec<u8> {
+        masked(0x81, payload.as_bytes())
+    }
+
+    fn masked(first: u8, payload: &[u8]) -> Vec<u8> {
+        assert!(payload.len() < 126);
+        let key = [1, 2, 3, 4];
+        let mut out = vec![first, 0x80 | payload.len() as u8];
+        out.extend_from_slice(&key);
+        let mut body = payload.to_vec();
+        apply_mask(&mut body, key);
+        out.extend(body);
+        out
+    }
+
+    struct Harness {
+        engine: Engine<()>,
+        out: Outbox,
+        now: Instant,
+    }
+
+    impl Harness {
+        fn new(config: Config) -> Self {
+            Self {
+                engine: Engine::new(config),
+                out: Outbox::default(),
+                now: Instant::now(),
+            }
+        }
+
+        fn join(&mut self, topic: &str) -> (u64, String) {
+            self.out.clear();
+            let (conn, peer) = self.engine.join((), topic, None, self.now, &mut self.out);
+            (conn, peer.as_str().to_owned())
+        }
+
+        fn send(&mut self, conn: u64, bytes: &[u8]) {
+            self.out.clear();
+            self.engine.receive(conn, bytes, self.now, &mut self.out);
+        }
+    }
+
+    #[test]
+    fn join_relay_leave() {
+        let mut h = Harness::new(Config::default());
+        let (a, a_id) = h.join("room");
+        assert_eq!(written(&h.out, a).len(), 2);
+        let (b, b_id) = h.join("room");
+        assert_eq!(
+            written(&h.out, a),
+            vec![format!(r#"{{"type":"peer-joined","peerId":"{b_id}"}}"#)]
+        );
+        assert_eq!(
+            written(&h.out, b)[1],
+            format!(r#"{{"type":"peer-list","peers":[{{"id":"{a_id}"}}]}}"#)
+        );
+        h.send(
+            a,
+            &text(&format!(
+                r#"{{"type":"offer","to":"{b_id}","payload":{{"x":1}},"msgId":"m"}}"#
+            )),
+        );
+        assert_eq!(
+            written(&h.out, b),
+            vec![format!(
+                r#"{{"type":"offer","from":"{a_id}","payload":{{"x":1}},"msgId":"m"}}"#
+            )]
+        );
+        h.send(a, &masked(0x88, &1000u16.to_be_bytes()));
+        assert_eq!(written(&h.out, a), vec!["<close 1000>"]);
+        assert!(h.out.actions.contains(&(a, Action::Close)));
+        assert_eq!(
+            written(&h.out, b),
+            vec![format!(r#"{{"type":"peer-left","peerId":"{a_id}"}}"#)]
+        );
+        assert_eq!(h.engine.peer_count(), 1);
+    }
+
+    #[test]
+    fn many_messages_in_one_chunk_are_one_write() {
+        let mut h = Harness::new(Config::default());
+        let (a, _) = h.join("room");
+        let (b, b_id) = h.join("room");
+        let msg = text(&format!(r#"{{"type":"ice-candidate","to":"{b_id}"}}"#));
+        let chunk: Vec<u8> = msg.iter().copied().cycle().take(msg.len() * 5).collect();
+        h.send(a, &chunk);
+        let writes: Vec<_> = h.out.actions.iter().filter(|(c, _)| *c == b).collect();
+        assert_eq!(writes.len(), 1);
+        assert_eq!(written(&h.out, b).len(), 5);
+    }
+
+    #[test]
+    fn errors_keep_the_connection_open() {
+        let mut h = Harness::new(Config::default());
+        let (a, _) = h.join("room");
+        h.send(a, &text("nope"));
+        h.send(a, &masked(0x82, b"bin"));
+        assert!(written(&h.out, a)[0].contains("unsupported_frame"));
+        h.send(
+            a,
+            &text(r#"{"type":"offer","to":"01ARZ3NDEKTSV4RRFFQ69G5FAV","msgId":"q"}"#),
+        );
+        assert!(written(&h.out, a)[0]
+            .contains(r#""code":"target_not_found","message":"peer not found","msgId":"q""#));
+        assert_eq!(h.engine.peer_count(), 1);
+    }
+
+    #[test]
+    fn protocol_fault_closes_with_its_code() {
+        let mut h = Harness::new(Config::default());
+        let (a, _) = h.join("room");
+        let (b, _) = h.join("room");
+        h.send(a, &masked(0x81, &[0xff]));
+        assert_eq!(written(&h.out, a), vec!["<close 1007>"]);
+        assert!(h.out.actions.contains(&(a, Action::Finish)));
+        assert!(written(&h.out, b)[0].contains("peer-left"));
+    }
+
+    #[test]
+    fn full_queue_drops_relays_and_dooms_on_presence() {
+        let config = Config {
+            max_queue: 200,
+            ..Config::default()
+        };
+        let mut h = Harness::new(config);
+        let (a, _) = h.join("room");
+        let (b, b_id) = h.join("room");
+        h.engine.pause(b);
+        let offer = text(&format!(
+            r#"{{"type":"offer","to":"{b_id}","payload":"xxxxxxxxxxxxxxxxxxxxxxxxxx"}}"#
+        ));
+        let mut dropped = 0;
+        for _ in 0..10 {
+            h.send(a, &offer);
+            dropped += written(&h.out, a)
+                .iter()
+                .filter(|m| m.contains("\"dropped\""))
+                .count();
+        }
+        assert!(dropped > 0, "a full queue refuses relays");
+        assert_eq!(
+            h.engine.peer_count(),
+            2,
+            "a relay never disconnects the target"
+        );
+        // A presence event that does not fit: b is cut rather than left with a wrong view.
+        let (_c, _) = h.join("room");
+        assert_eq!(
+            written(&h.out, b),
+            vec![
+                r#"{"type":"error","code":"slow_consumer","message":"outbound buffer full"}"#
+                    .to_owned(),
+                "<close 4008>".to_owned(),
+            ]
+        );
+        assert!(h
+            .out
+            .left
+            .iter()
+            .any(|(_, _, why)| *why == LeaveReason::SlowConsumer));
+        assert_eq!(h.engine.peer_count(), 2);
+        // Resuming writes nothing more: its queue went with it.
+        h.out.clear();
+        h.engine.resume(b, &mut h.out);
+        assert!(written(&h.out, b).is_empty());
+    }
+
+    #[test]
+    fn queue_is_written_on_resume_in_order() {
+        let mut h = Harness::new(Config::default());
+        let (a, _) = h.join("room");
+        let (b, b_id) = h.join("room");
+        h.engine.pause(b);
+        for i in 0..3 {
+            h.send(
+                a,
+                &text(&format!(
+                    r#"{{"type":"answer","to":"{b_id}","msgId":"{i}"}}"#
+                )),
+            );
+            assert!(written(&h.out, b).is_empty());
+        }
+        h.out.clear();
+        h.engine.resume(b, &mut h.out);
+        let got = written(&h.out, b);
+        assert_eq!(got.len(), 3);
+        assert!(got[0].ends_with(r#""msgId":"0"}"#) && got[2].ends_with(r#""msgId":"2"}"#));
+    }
+
+    #[test]
+    fn silent_peer_times_out() {
+        let config = Config {
+            ping_interval: Duration::from_millis(100),
+            ping_timeout: Duration::from_millis(100),
+            ..Config::default()
+        };
+        let mut h = Harness::new(config);
+        let (a, _) = h.join("room");
+        let (b, _) = h.join("room");
+        h.out.clear();
+        h.engine
+            .tick(h.now + Duration::from_millis(100), &mut h.out);
+        assert_eq!(written(&h.out, a), vec!["<ping>"]);
+        // a answers, b stays silent
+        h.send(a, &masked(0x8A, b""));
+        h.out.clear();
+        h.engine
+            .tick(h.now + Duration::from_millis(200), &mut h.out);
+        assert!(h.out.actions.contains(&(b, Action::Abort)));
+        assert!(!h.out.actions.contains(&(a, Action::Abort)));
+        assert!(written(&h.out, a).iter().any(|m| m.contains("peer-left")));
+    }
+
+    #[test]
+    fn close_all_then_timeout_aborts() {
+        let mut h = Harness::new(Config::default());
+        let (a, _) = h.join("room");
+        h.out.clear();
+        h.engine.close_all(1001, "going away", h.now, &mut h.out);
+        assert_eq!(written(&h.out, a), vec!["<close 1001>"]);
+        h.out.clear();
+        h.engine.tick(h.now + Duration::from_secs(3), &mut h.out);
+        assert!(h.out.actions.contains(&(a, Action::Abort)));
+        h.out.clear();
+        h.engine.release(a, &mut h.out);
+        assert_eq!(h.engine.connection_count(), 0);
+        assert_eq!(h.engine.topic_count(), 0);
+    }
+}

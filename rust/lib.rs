@@ -1,0 +1,20 @@
+//! The Rust core of signaling-sharded.
+//!
+//! Pure modules, tested by `cargo test` without Python:
+//! - [`frame`]: WebSocket frames of an open connection (RFC 6455);
+//! - [`message`]: the protocol's JSON messages, parsed and written;
+//! - [`registry`]: topics and their peers;
+//! - [`engine`]: one worker's connections and the relay hot path;
+//! - [`topic_hash`]: the stable topic hash that shards topics over workers.
+//!
+//! `python` (feature `python`, on in the maturin build) is the thin PyO3
+//! glue that exposes them as `signaling_sharded._native`.
+
+pub mod engine;
+pub mod frame;
+pub mod message;
+pub mod registry;
+pub mod topic_hash;
+
+#[cfg(feature = "python")]
+mod python;

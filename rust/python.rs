@@ -1,0 +1,277 @@
+//! PyO3 glue: `signaling_sharded._native`.
+//!
+//! `Hub` wraps one worker's [`Engine`]. After the HTTP upgrade the worker
+//! hands the socket's transport to `Hub.join`, which returns a `Peer`: an
+//! asyncio protocol implemented here, which the worker installs with
+//! `transport.set_protocol(peer)`. From then on the event loop calls
+//! `Peer.data_received` directly, so a received chunk costs one call into
+//! Rust and no Python bytecode; the engine's output is written to the
+//! transports before that call returns.
+//!
+//! The engine's lock is released before any Python code runs: a
+//! `transport.write` may call back into `Peer.pause_writing` at once.
+
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use pyo3::exceptions::PyValueError;
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use crate::engine::{Action, Config, Engine, Outbox};
+use crate::message;
+use crate::topic_hash as hashing;
+
+struct Core {
+    engine: Engine<Py<PyAny>>,
+    outbox: Outbox,
+}
+
+/// One worker's peers and topics.
+#[pyclass(frozen, module = "signaling_sharded._native")]
+pub struct Hub {
+    core: Mutex<Core>,
+    /// Called as `on_left(peer_id, topic, reason)` when a peer leaves.
+    on_left: Py<PyAny>,
+}
+
+/// A socket operation decided under the lock, carried out after it.
+enum Op<'py> {
+    Write(Bound<'py, PyBytes>),
+    Finish,
+    Close,
+    Abort,
+}
+
+fn seconds(value: f64, name: &str) -> PyResult<Duration> {
+    Duration::try_from_secs_f64(value)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| {
+            PyValueError::new_err(format!("{name} must be a positive number of seconds"))
+        })
+}
+
+impl Hub {
+    fn lock(&self) -> MutexGuard<'_, Core> {
+        // A panic inside the engine poisons the lock; the state it left is
+        // still the best there is, and the panic itself was reported.
+        self.core
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Runs `step` on the engine, then performs what it decided.
+    fn run<R>(
+        &self,
+        py: Python<'_>,
+        step: impl FnOnce(&mut Engine<Py<PyAny>>, &mut Outbox) -> R,
+    ) -> R {
+        let mut left = Vec::new();
+        let mut ops: Vec<(Bound<'_, PyAny>, Op<'_>)> = Vec::new();
+        let result = {
+            let mut guard = self.lock();
+            let Core { engine, outbox } = &mut *guard;
+            let result = step(engine, outbox);
+            if !outbox.is_empty() {
+                let mut bytes: Vec<Option<Bound<'_, PyBytes>>> = vec![None; outbox.bufs.len()];
+                for &(conn, action) in &outbox.actions {
+                    let Some(transport) = engine.transport(conn) else {
+                        continue;
+                    };
+                    let op = match action {
+                        Action::Write(index) => Op::Write(
+                            bytes[index]
+                                .get_or_insert_with(|| PyBytes::new(py, &outbox.bufs[index]))
+                                .clone(),
+                        ),
+                        Action::Finish => Op::Finish,
+                        Action::Close => Op::Close,
+                        Action::Abort => Op::Abort,
+                    };
+                    ops.push((transport.bind(py).clone(), op));
+                }
+                left.extend(outbox.left.drain(..).map(|(peer, topic, reason)| {
+                    (peer.as_str().to_owned(), topic.to_string(), reason.as_str())
+                }));
+                outbox.clear();
+            }
+            result
+        };
+        for (transport, op) in ops {
+            let called = match op {
+                Op::Write(data) => transport.call_method1(intern!(py, "write"), (data,)),
+                Op::Finish => transport.call_method0(intern!(py, "write_eof")),
+                Op::Close => transport.call_method0(intern!(py, "close")),
+                Op::Abort => transport.call_method0(intern!(py, "abort")),
+            };
+            if let Err(err) = called {
+                err.write_unraisable(py, Some(&transport));
+            }
+        }
+        for (peer, topic, reason) in left {
+            if let Err(err) = self.on_left.call1(py, (peer, topic, reason)) {
+                err.write_unraisable(py, Some(self.on_left.bind(py)));
+            }
+        }
+        result
+    }
+}
+
+#[pymethods]
+impl Hub {
+    #[new]
+    #[pyo3(signature = (*, max_message_size, max_queue_bytes, ping_interval, ping_timeout, close_timeout, on_left))]
+    fn new(
+        max_message_size: usize,
+        max_queue_bytes: usize,
+        ping_interval: f64,
+        ping_timeout: f64,
+        close_timeout: f64,
+        on_left: Py<PyAny>,
+    ) -> PyResult<Self> {
+        let config = Config {
+            max_message: max_message_size,
+            max_queue: max_queue_bytes,
+            ping_interval: seconds(ping_interval, "ping_interval")?,
+            ping_timeout: seconds(ping_timeout, "ping_timeout")?,
+            close_timeout: seconds(close_timeout, "close_timeout")?,
+        };
+        Ok(Self {
+            core: Mutex::new(Core {
+                engine: Engine::new(config),
+                outbox: Outbox::default(),
+            }),
+            on_left,
+        })
+    }
+
+    /// Adds the upgraded connection on `transport` to `topic`, writes its
+    /// `welcome` and `peer-list` and tells the others. The caller must then
+    /// `transport.set_protocol()` the returned `Peer`.
+    #[pyo3(signature = (transport, topic, metadata=None))]
+    fn join(
+        slf: &Bound<'_, Self>,
+        transport: Py<PyAny>,
+        topic: &str,
+        metadata: Option<&str>,
+    ) -> Peer {
+        let py = slf.py();
+        let hub = slf.get();
+        let (conn, peer_id) = hub.run(py, |engine, out| {
+            let (conn, peer) = engine.join(transport, topic, metadata, Instant::now(), out);
+            (conn, peer.as_str().to_owned())
+        });
+        Peer {
+            hub: slf.clone().unbind(),
+            conn,
+            peer_id,
+        }
+    }
+
+    /// Sends due pings, and closes peers whose ping or close timed out.
+    fn tick(&self, py: Python<'_>) {
+        self.run(py, |engine, out| engine.tick(Instant::now(), out));
+    }
+
+    /// Starts closing every peer with `code` (1001 when draining).
+    fn close_all(&self, py: Python<'_>, code: u16, reason: &str) {
+        self.run(py, |engine, out| {
+            engine.close_all(code, reason, Instant::now(), out)
+        });
+    }
+
+    /// Resets every connection still open.
+    fn abort_all(&self, py: Python<'_>) {
+        self.run(py, |engine, out| engine.abort_all(out));
+    }
+
+    /// Connections held, closing ones included.
+    fn connection_count(&self) -> usize {
+        self.lock().engine.connection_count()
+    }
+
+    fn peer_count(&self) -> usize {
+        self.lock().engine.peer_count()
+    }
+
+    fn topic_count(&self) -> usize {
+        self.lock().engine.topic_count()
+    }
+}
+
+/// The asyncio protocol of an upgraded connection.
+#[pyclass(frozen, module = "signaling_sharded._native")]
+pub struct Peer {
+    hub: Py<Hub>,
+    conn: u64,
+    #[pyo3(get)]
+    peer_id: String,
+}
+
+#[pymethods]
+impl Peer {
+    fn connection_made(&self, _transport: &Bound<'_, PyAny>) {}
+
+    fn data_received(&self, py: Python<'_>, data: &[u8]) {
+        let conn = self.conn;
+        self.hub.get().run(py, |engine, out| {
+            engine.receive(conn, data, Instant::now(), out)
+        });
+    }
+
+    /// Returns false so that the transport closes itself.
+    fn eof_received(&self, py: Python<'_>) -> bool {
+        let conn = self.conn;
+        self.hub.get().run(py, |engine, out| engine.eof(conn, out));
+        false
+    }
+
+    #[pyo3(signature = (_exc=None))]
+    fn connection_lost(&self, py: Python<'_>, _exc: Option<&Bound<'_, PyAny>>) {
+        let conn = self.conn;
+        self.hub
+            .get()
+            .run(py, |engine, out| engine.release(conn, out));
+    }
+
+    fn pause_writing(&self) {
+        self.hub.get().lock().engine.pause(self.conn);
+    }
+
+    fn resume_writing(&self, py: Python<'_>) {
+        let conn = self.conn;
+        self.hub
+            .get()
+            .run(py, |engine, out| engine.resume(conn, out));
+    }
+}
+
+/// The stable 64-bit hash of a topic (SipHash-1-3, fixed key).
+#[pyfunction]
+fn topic_hash(topic: &str) -> u64 {
+    hashing::topic_hash(topic)
+}
+
+/// The index of the worker that owns `topic` among `workers` workers.
+#[pyfunction]
+fn topic_owner(topic: &str, workers: u32) -> u32 {
+    hashing::owner(topic, workers)
+}
+
+/// `text` as one JSON value without surrounding whitespace, or None.
+#[pyfunction]
+fn parse_metadata(text: &str) -> Option<&str> {
+    message::parse_metadata(text)
+}
+
+#[pymodule(gil_used = false)]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Hub>()?;
+    m.add_class::<Peer>()?;
+    m.add_function(wrap_pyfunction!(topic_hash, m)?)?;
+    m.add_function(wrap_pyfunction!(topic_owner, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_metadata, m)?)?;
+    Ok(())
+}
