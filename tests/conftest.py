@@ -1,0 +1,151 @@
+"""Run the real server as a subprocess on a free loopback port.
+
+`server` is one server per test module, started with default flags; tests that
+need special flags use the `start_server` factory and get their own process.
+When a test fails, the output of every running server is attached to its report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Generator, Iterator
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import quote, urlencode
+
+import pytest
+from wsclient import http_get
+
+EXECUTABLE = Path(sys.executable).parent / "signaling-sharded"
+STARTUP_TIMEOUT = 20.0
+STOP_TIMEOUT = 10.0
+WORKERS = os.environ.get("SIGNALING_TEST_WORKERS", "1")
+"""Worker processes of every test server unless a test asks otherwise."""
+
+_running: list[Server] = []
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Server:
+    """A `signaling-sharded` process; its stdout and stderr go to files in *log_dir*."""
+
+    def __init__(self, log_dir: Path, *args: str) -> None:
+        if not EXECUTABLE.exists():
+            pytest.fail(f"{EXECUTABLE} not found: run `make build` first")
+        self.port = free_port()
+        self.args = ("--host", "127.0.0.1", "--port", str(self.port), *args)
+        self.stdout_path = log_dir / f"server-{self.port}.out"
+        self.stderr_path = log_dir / f"server-{self.port}.err"
+        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
+            # Its own process group, so that a forced kill reaches its workers too.
+            self.proc = subprocess.Popen(
+                [str(EXECUTABLE), *self.args], stdout=out, stderr=err, start_new_session=True
+            )
+
+    def url(self, topic: str, **query: str) -> str:
+        """The WebSocket url of *topic*, percent-encoded, with optional query parameters."""
+        url = f"ws://127.0.0.1:{self.port}/ws/{quote(topic, safe='')}"
+        if query:
+            url += "?" + urlencode(query, quote_via=quote)
+        return url
+
+    def status(self, path: str, headers: dict[str, str] | None = None) -> int:
+        return http_get(self.port, path, headers).status
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if self.status("/healthz") == 200:
+                    return
+            except (OSError, AssertionError):
+                pass
+            time.sleep(0.05)
+        self.stop()
+        pytest.fail(f"server not healthy after {STARTUP_TIMEOUT} s:\n{self.output()}")
+
+    def output(self) -> str:
+        out = self.stdout_path.read_text(errors="replace")
+        err = self.stderr_path.read_text(errors="replace")
+        return f"$ signaling-sharded {' '.join(self.args)}\n--- stdout\n{out}--- stderr\n{err}"
+
+    def log_records(self) -> list[dict[str, Any]]:
+        """Every line logged so far on stdout, each parsed as one JSON object."""
+        lines = self.stdout_path.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def wait_exit(self, timeout: float = STOP_TIMEOUT) -> int | None:
+        """The exit code, or None if the process still runs after *timeout*."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self) -> int:
+        """SIGTERM, then SIGKILL to the whole process group if it does not exit in time."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            if self.wait_exit() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        if self in _running:
+            _running.remove(self)
+        return self.proc.returncode
+
+
+def launch(log_dir: Path, *args: str) -> Server:
+    server = Server(log_dir, *args)
+    _running.append(server)
+    server.wait_ready()
+    return server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server with default flags, shared by the tests of one module."""
+    srv = launch(tmp_path_factory.mktemp("server"), "--workers", WORKERS)
+    yield srv
+    srv.stop()
+    assert "Traceback" not in srv.output(), srv.output()
+
+
+@pytest.fixture
+def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Server]]:
+    """A factory: ``start_server(*flags)`` runs a dedicated server with these flags."""
+    started: list[Server] = []
+
+    def start(*args: str) -> Server:
+        if "--workers" not in args:
+            args = ("--workers", WORKERS, *args)
+        srv = launch(tmp_path_factory.mktemp("server"), *args)
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        srv.stop()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.failed:
+        for srv in _running:
+            report.sections.append((f"server on port {srv.port}", srv.output()[-20000:]))
+    return report
