@@ -32,8 +32,8 @@ $(BIN)/.built: $(BIN)/.deps $(RUST_SOURCES) $(PY_SOURCES)
 build: $(BIN)/.built ## Build the Rust core and install the package into .venv
 
 .PHONY: run
-run: build ## Build and start the server on port $$PORT or 8081 (ARGS="--workers 2" to add flags)
-	$(BIN)/signaling-sharded $(ARGS)
+run: build ## Build and start the server with 4 workers on port $$PORT or 8081 (ARGS= adds flags)
+	$(BIN)/signaling-sharded --workers 4 $(ARGS)
 
 .PHONY: test
 test: build ## Run every test: cargo test, then pytest against the real server

@@ -48,8 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--workers",
         type=positive_int,
-        default=1,
-        help="worker processes; this version serves with one",
+        default=os.cpu_count() or 1,
+        help=(
+            "worker processes; topics are sharded over them by a stable hash "
+            "(default: the number of CPUs)"
+        ),
     )
     parser.add_argument(
         "--log-level",
@@ -105,8 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_config(argv: Sequence[str] | None = None) -> Config:
     args = build_parser().parse_args(argv)
-    if args.workers != 1:
-        build_parser().error("--workers: this version serves with one worker")
     return Config(
         host=args.host,
         port=args.port,
@@ -124,7 +125,6 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(argv)
     configure(config.log_level)
-    from signaling_sharded.worker import run
+    from signaling_sharded.supervisor import Supervisor
 
-    run(config)
-    sys.exit(0)
+    sys.exit(Supervisor(config).run())

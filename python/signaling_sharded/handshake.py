@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import http
 import logging
+import time
 from typing import TYPE_CHECKING, cast
 
 from websockets.datastructures import Headers
@@ -30,6 +31,9 @@ MAX_HEAD_BYTES = 16 * 1024
 #: The transport's high-water mark after the upgrade: past it, the Rust core
 #: queues a peer's bytes itself, bounded by --max-queue-bytes.
 WRITE_HIGH_WATER = 64 * 1024
+#: Response header naming the worker that served the request, so that
+#: operators and tests can see where a topic lives.
+WORKER_HEADER = "X-Signaling-Worker"
 #: Seconds a refused client is told to wait before retrying.
 RETRY_AFTER = "1"
 
@@ -37,8 +41,15 @@ RETRY_AFTER = "1"
 class Handshake(asyncio.Protocol):
     """Reads one HTTP request and answers it or upgrades the connection."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(
+        self, worker: Worker, *, deadline: float | None = None, unavailable: bool = False
+    ) -> None:
         self.worker = worker
+        #: time.monotonic() by which the upgrade must be done; by default
+        #: the handshake timeout from now.
+        self.deadline = deadline
+        #: Refuse upgrades with 503: the topic's owner could not take them.
+        self.unavailable = unavailable
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.timer: asyncio.TimerHandle | None = None
@@ -48,7 +59,10 @@ class Handshake(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         self.worker.handshakes.add(self)
         loop = asyncio.get_running_loop()
-        self.timer = loop.call_later(self.worker.config.handshake_timeout, self.time_out)
+        if self.deadline is None:
+            self.timer = loop.call_later(self.worker.config.handshake_timeout, self.time_out)
+        else:
+            self.timer = loop.call_at(loop.time() + self.deadline - time.monotonic(), self.time_out)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.finish()
@@ -113,6 +127,9 @@ class Handshake(asyncio.Protocol):
         if worker.draining:
             self.respond(protocol, request, 503, "server is draining", retry_after=True)
             return
+        if self.unavailable:
+            self.respond(protocol, request, 503, "topic owner unavailable", retry_after=True)
+            return
         response = protocol.accept(request)
         if response.status_code != 101:
             worker.count_handshake_failure(str(response.status_code))
@@ -152,6 +169,7 @@ class Handshake(asyncio.Protocol):
         self.send(protocol, response)
 
     def send(self, protocol: ServerProtocol, response: Response) -> None:
+        response.headers[WORKER_HEADER] = str(self.worker.index)
         protocol.send_response(response)
         self.write_and_close(b"".join(protocol.data_to_send()))
 
@@ -180,6 +198,7 @@ class Handshake(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         self.finish()
+        response.headers[WORKER_HEADER] = str(self.worker.index)
         protocol.send_response(response)
         transport.write(b"".join(protocol.data_to_send()))
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)

@@ -80,3 +80,39 @@ def parse_topic(segment: str) -> str | None:
     except UnicodeDecodeError:
         return None
     return None if "/" in topic else topic
+
+
+#: Longest request line routed by peeking; a longer one is answered (414)
+#: by the worker that accepted it.
+MAX_REQUEST_LINE = 8192
+
+
+class Incomplete:
+    """The request line has not fully arrived yet."""
+
+
+INCOMPLETE = Incomplete()
+
+
+def topic_of_request(peeked: bytes) -> str | Incomplete | None:
+    """The topic a request joins, from the first bytes of the connection.
+
+    Returns the topic for ``GET /ws/{topic}``, ``None`` when the request is
+    anything else (a plain HTTP path, a bad topic, garbage: the worker that
+    accepted it answers), or ``INCOMPLETE`` while the request line has not
+    arrived in full.
+    """
+    end = peeked.find(b"\r\n")
+    if end < 0:
+        return INCOMPLETE if len(peeked) < MAX_REQUEST_LINE else None
+    parts = peeked[:end].split(b" ")
+    if len(parts) != 3:
+        return None
+    try:
+        target = parts[1].decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    path = target.partition("?")[0]
+    if not path.startswith(WS_PREFIX):
+        return None
+    return parse_topic(path[len(WS_PREFIX) :])

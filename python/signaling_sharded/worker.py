@@ -2,18 +2,27 @@
 
 The worker owns a Rust ``Hub`` (its topics, peers and their queues). It
 accepts connections, runs each HTTP upgrade in a :class:`Handshake`, then
-hands the transport to the hub. A timer drives the hub's pings and
-timeouts. SIGTERM or SIGINT drains: ``/readyz`` answers 503, upgrades are
-refused with 503, every peer is sent close 1001, and the worker exits once
-they are gone or the drain timeout has passed; a second signal exits at
-once.
+hands the transport to the hub. With several workers, each listens on the
+same port (``SO_REUSEPORT``) and an :class:`Acceptor` sends every join to
+the worker that owns its topic, so all peers of a topic live in one
+process. A timer drives the hub's pings and timeouts.
+
+SIGTERM drains: ``/readyz`` answers 503, upgrades are refused with 503,
+every peer is sent close 1001, and the worker exits once they are gone or
+the drain timeout has passed; a second SIGTERM exits at once. SIGINT is
+the supervisor's to handle (a terminal's Ctrl-C reaches every process of
+the group) and is ignored here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import os
 import signal
+import socket
+import sys
 from collections import Counter
 
 from websockets.typing import Origin
@@ -21,11 +30,18 @@ from websockets.typing import Origin
 from signaling_sharded._native import Hub
 from signaling_sharded.config import Config
 from signaling_sharded.handshake import Handshake
-from signaling_sharded.logs import log
+from signaling_sharded.logs import configure, log
 
 #: Close code and reason sent to every peer when the server drains.
 CLOSE_GOING_AWAY = 1001
 GOING_AWAY_REASON = "server going away"
+#: Exit code of a worker that could not start (e.g. the port is taken): the
+#: supervisor stops the server instead of restarting it.
+EXIT_BOOT_ERROR = 3
+LISTEN_BACKLOG = 4096
+#: Seconds the kernel holds an accepted connection until its first bytes
+#: arrive (TCP_DEFER_ACCEPT), so the request line is usually there to peek.
+DEFER_ACCEPT_SECONDS = 2
 
 
 def tick_period(config: Config) -> float:
@@ -35,10 +51,33 @@ def tick_period(config: Config) -> float:
     return min(max(shortest / 4, 0.02), 1.0)
 
 
+def bind_listener(config: Config) -> socket.socket:
+    """This worker's listening socket; shared with the others through
+    SO_REUSEPORT when there are several."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        config.host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if config.workers > 1:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_SECONDS)
+        sock.bind(address)
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class Worker:
-    def __init__(self, config: Config, index: int = 0) -> None:
+    def __init__(self, config: Config, index: int = 0, group: str = "") -> None:
         self.config = config
         self.index = index
+        #: Names this server's hand-off sockets (see handoff.py).
+        self.group = group or f"{os.getpid()}.{config.port}"
         self.hub = Hub(
             max_message_size=config.max_message_size,
             max_queue_bytes=config.max_queue_bytes,
@@ -65,18 +104,19 @@ class Worker:
     def count_handshake_failure(self, reason: str) -> None:
         self.handshake_failures[reason] += 1
 
-    async def serve(self) -> None:
+    async def serve(self, listener: socket.socket) -> None:
+        from signaling_sharded.acceptor import Acceptor
+
         loop = asyncio.get_running_loop()
         self.done = loop.create_future()
-        server = await loop.create_server(
-            lambda: Handshake(self),
-            host=self.config.host,
-            port=self.config.port,
-            reuse_address=True,
-            backlog=4096,
-        )
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.on_signal, sig)
+        acceptor: Acceptor | None = None
+        server: asyncio.AbstractServer | None = None
+        if self.config.workers > 1:
+            acceptor = Acceptor(self, listener, self.group)
+            await acceptor.start()
+        else:
+            server = await loop.create_server(lambda: Handshake(self), sock=listener)
+        loop.add_signal_handler(signal.SIGTERM, self.on_signal, signal.SIGTERM)
         ticker = loop.call_later(tick_period(self.config), self.tick)
         log(
             logging.INFO,
@@ -84,12 +124,16 @@ class Worker:
             host=self.config.host,
             port=self.config.port,
             worker=self.index,
+            pid=os.getpid(),
         )
         try:
             await self.done
         finally:
             ticker.cancel()
-            server.close()
+            if acceptor is not None:
+                acceptor.close()
+            if server is not None:
+                server.close()
             for handshake in list(self.handshakes):
                 handshake.close()
         log(logging.INFO, "stopped", worker=self.index)
@@ -104,11 +148,17 @@ class Worker:
 
     def on_signal(self, sig: signal.Signals) -> None:
         if self.draining:
-            log(logging.WARNING, "second signal: exiting now", signal=sig.name)
+            log(logging.WARNING, "second signal: exiting now", signal=sig.name, worker=self.index)
             self.hub.abort_all()
             self.stop()
             return
-        log(logging.INFO, "draining", signal=sig.name, peers=self.hub.peer_count())
+        log(
+            logging.INFO,
+            "draining",
+            signal=sig.name,
+            worker=self.index,
+            peers=self.hub.peer_count(),
+        )
         self.draining = True
         self.hub.close_all(CLOSE_GOING_AWAY, GOING_AWAY_REASON)
         loop = asyncio.get_running_loop()
@@ -125,11 +175,34 @@ class Worker:
             self.done.set_result(None)
 
 
-def run(config: Config, index: int = 0) -> None:
-    """Run one worker until it is drained."""
+def die_with_parent(parent: int) -> None:
+    """Have the kernel send SIGTERM (a drain) to this process when its
+    parent dies, so a supervisor killed with SIGKILL leaves no worker
+    holding the port."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def run(config: Config, index: int = 0, group: str = "", parent: int | None = None) -> None:
+    """Run worker ``index`` until it is drained; the entry point of a worker
+    process (started by the supervisor with the ``spawn`` method)."""
+    configure(config.log_level)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if parent is not None:
+        die_with_parent(parent)
+    try:
+        listener = bind_listener(config)
+    except OSError as exc:
+        log(logging.ERROR, "cannot listen", host=config.host, port=config.port, error=str(exc))
+        sys.exit(EXIT_BOOT_ERROR)
+    worker = Worker(config, index, group)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - platforms without uvloop
-        asyncio.run(Worker(config, index).serve())
+        asyncio.run(worker.serve(listener))
     else:
-        uvloop.run(Worker(config, index).serve())
+        uvloop.run(worker.serve(listener))

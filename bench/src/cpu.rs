@@ -1,0 +1,128 @@
+//! CPU time accounting: the server's from /proc, our own from getrusage.
+
+use std::collections::HashMap;
+use std::fs;
+
+/// Clock ticks per second used by the utime/stime fields of /proc/PID/stat.
+fn clock_ticks_per_s() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 {
+        ticks as f64
+    } else {
+        100.0
+    }
+}
+
+/// The fields of /proc/PID/stat after the command name (which may itself
+/// contain spaces and parentheses), starting with field 3 (`state`).
+fn stat_fields(text: &str) -> Option<Vec<&str>> {
+    let close = text.rfind(')')?;
+    Some(text[close + 1..].split_ascii_whitespace().collect())
+}
+
+/// `(ppid, utime + stime in ticks)` of one process; its threads are already
+/// summed by the kernel.
+fn read_stat(pid: u32) -> Option<(u32, u64)> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields = stat_fields(&text)?;
+    // Field 4 is ppid, fields 14 and 15 are utime and stime (1-based).
+    let ppid = fields.get(1)?.parse().ok()?;
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((ppid, utime + stime))
+}
+
+/// A process and all of its descendants, found by walking /proc.
+pub struct ProcessTree {
+    pids: Vec<u32>,
+    ticks_per_s: f64,
+}
+
+impl ProcessTree {
+    /// Finds `root` and every process below it. Fails if `root` is gone.
+    pub fn discover(root: u32) -> Result<Self, String> {
+        if read_stat(root).is_none() {
+            return Err(format!("cannot read /proc/{root}/stat"));
+        }
+        let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+        if let Ok(dir) = fs::read_dir("/proc") {
+            for entry in dir.flatten() {
+                let Some(pid) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|s| s.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                if let Some((ppid, _)) = read_stat(pid) {
+                    children.entry(ppid).or_default().push(pid);
+                }
+            }
+        }
+        let mut pids = vec![root];
+        let mut next = 0;
+        while next < pids.len() {
+            if let Some(kids) = children.get(&pids[next]) {
+                pids.extend(kids.iter().copied().filter(|k| *k != root));
+            }
+            next += 1;
+        }
+        Ok(Self {
+            pids,
+            ticks_per_s: clock_ticks_per_s(),
+        })
+    }
+
+    pub fn process_count(&self) -> usize {
+        self.pids.len()
+    }
+
+    /// CPU seconds (user + system) used so far by the processes still alive.
+    pub fn cpu_seconds(&self) -> f64 {
+        let ticks: u64 = self
+            .pids
+            .iter()
+            .filter_map(|pid| read_stat(*pid))
+            .map(|(_, t)| t)
+            .sum();
+        ticks as f64 / self.ticks_per_s
+    }
+}
+
+/// CPU seconds (user + system) used so far by this process, all threads.
+pub fn own_cpu_seconds() -> f64 {
+    // SAFETY: getrusage only writes into the struct we hand it.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        if libc::getrusage(libc::RUSAGE_SELF, &mut usage) != 0 {
+            return 0.0;
+        }
+        usage
+    };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_names_with_spaces_and_parens() {
+        let line = "42 (a b) c) S 7 42 42 0 -1 4194560 100 0 0 0 250 31 0 0 20 0 3 0";
+        let f = stat_fields(line).unwrap();
+        assert_eq!(f[0], "S");
+        assert_eq!(f[1], "7");
+        assert_eq!(f[11], "250");
+        assert_eq!(f[12], "31");
+    }
+
+    #[test]
+    fn reads_own_process() {
+        let tree = ProcessTree::discover(std::process::id()).unwrap();
+        assert!(tree.process_count() >= 1);
+        assert!(tree.cpu_seconds() >= 0.0);
+        assert!(own_cpu_seconds() >= 0.0);
+    }
+}

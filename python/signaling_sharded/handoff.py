@@ -1,0 +1,186 @@
+"""Passing accepted sockets between the workers of one server.
+
+Every worker listens on a Unix ``SOCK_SEQPACKET`` socket in the abstract
+namespace, ``\\0signaling-sharded.{group}.{index}``, where ``group`` names
+the server (supervisor pid and port). A worker that accepted a connection
+for a topic another worker owns sends it over its link to that worker: one
+message per socket, carrying the file descriptor as ``SCM_RIGHTS`` and the
+handshake deadline as payload.
+
+Seqpacket rather than datagram: a datagram socket's receive queue is capped
+at ``net.unix.max_dgram_qlen`` messages (10 by default), which a burst of
+joins overflows; a connected seqpacket link is bounded by its send buffer
+(hundreds of hand-offs) and keeps message boundaries.
+
+``sendmsg``/``recvmsg`` are called directly rather than ``socket.send_fds``
+and ``recv_fds``, which ignore their flags (CPython gh-128881): descriptors
+are received with ``MSG_CMSG_CLOEXEC``, and a message whose descriptor the
+kernel dropped (``MSG_CTRUNC``, at descriptor pressure) is detected. Every
+descriptor received is either adopted or closed.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import socket
+import struct
+from dataclasses import dataclass
+
+#: Payload of a hand-off: the handshake deadline (time.monotonic(), which is
+#: one system-wide clock on Linux).
+_PAYLOAD = struct.Struct("!d")
+_FD_SIZE = array.array("i").itemsize
+#: Room for a few descriptors, so that a sender that (wrongly) sends more
+#: than one is noticed and all of them are closed.
+_ANCILLARY_SPACE = socket.CMSG_SPACE(4 * _FD_SIZE)
+_FLAGS = socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+
+
+def address(group: str, index: int) -> str:
+    return f"\0signaling-sharded.{group}.{index}"
+
+
+def _seqpacket() -> socket.socket:
+    return socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | _FLAGS)
+
+
+def inbox_ready(group: str, index: int) -> bool:
+    """Whether worker ``index`` of ``group`` listens for hand-offs."""
+    with _seqpacket() as probe:
+        try:
+            probe.connect(address(group, index))
+        except OSError:
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """A socket handed over by another worker."""
+
+    sock: socket.socket
+    deadline: float
+
+
+class Inbox:
+    """Where worker ``index`` of ``group`` takes links from the others."""
+
+    def __init__(self, group: str, index: int, backlog: int) -> None:
+        self.sock = _seqpacket()
+        self.sock.bind(address(group, index))
+        self.sock.listen(backlog)
+        #: Messages refused since start (truncated, malformed).
+        self.refused = 0
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def accept_links(self) -> list[socket.socket]:
+        links: list[socket.socket] = []
+        while True:
+            try:
+                link, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return links
+            link.setblocking(False)
+            links.append(link)
+
+    def receive(self, link: socket.socket) -> tuple[list[Arrival], bool]:
+        """The sockets waiting on ``link``, and whether the link is still
+        open (False: the sender closed it)."""
+        arrivals: list[Arrival] = []
+        while True:
+            try:
+                data, ancillary, flags, _ = link.recvmsg(
+                    _PAYLOAD.size, _ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC
+                )
+            except (BlockingIOError, InterruptedError):
+                return arrivals, True
+            except OSError:
+                return arrivals, False
+            fds = _descriptors(ancillary)
+            if not data and not fds:
+                return arrivals, False
+            if (
+                flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC)
+                or len(fds) != 1
+                or len(data) != _PAYLOAD.size
+            ):
+                for fd in fds:
+                    _close_fd(fd)
+                self.refused += 1
+                continue
+            (deadline,) = _PAYLOAD.unpack(data)
+            try:
+                sock = socket.socket(fileno=fds[0])
+            except OSError:
+                _close_fd(fds[0])
+                self.refused += 1
+                continue
+            sock.setblocking(False)
+            arrivals.append(Arrival(sock, deadline))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Courier:
+    """Sends sockets to the other workers of ``group``, over one link per
+    worker, connected on first use and again after the worker restarted."""
+
+    def __init__(self, group: str) -> None:
+        self.group = group
+        self.links: dict[int, socket.socket] = {}
+
+    def send(self, conn: socket.socket, owner: int, deadline: float) -> bool:
+        """Hand ``conn`` to worker ``owner``. On True the caller closes its copy;
+        on False (the owner is gone, restarting or backlogged) it keeps it."""
+        message = [_PAYLOAD.pack(deadline)]
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [conn.fileno()]))]
+        for _attempt in range(2):
+            link = self.links.get(owner) or self.connect(owner)
+            if link is None:
+                return False
+            try:
+                link.sendmsg(message, rights, socket.MSG_NOSIGNAL)
+            except (BlockingIOError, InterruptedError):
+                return False  # the owner is backlogged
+            except OSError:
+                # The owner restarted since the link was made: reconnect once.
+                self.drop(owner)
+                continue
+            return True
+        return False
+
+    def connect(self, owner: int) -> socket.socket | None:
+        link = _seqpacket()
+        try:
+            link.connect(address(self.group, owner))
+        except OSError:
+            link.close()
+            return None
+        self.links[owner] = link
+        return link
+
+    def drop(self, owner: int) -> None:
+        link = self.links.pop(owner, None)
+        if link is not None:
+            link.close()
+
+    def close(self) -> None:
+        for owner in list(self.links):
+            self.drop(owner)
+
+
+def _descriptors(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    fds = array.array("i")
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % _FD_SIZE])
+    return list(fds)
+
+
+def _close_fd(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        socket.close(fd)

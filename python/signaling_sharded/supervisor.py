@@ -1,0 +1,170 @@
+"""The supervisor: starts the workers, restarts the ones that die, drains.
+
+It runs no event loop of its own. Signal handlers only record the signal
+(and wake the loop through a pipe); the loop acts on it: the first SIGTERM
+or SIGINT sends SIGTERM to every worker (each drains: close 1001 to its
+peers) and the supervisor exits 0 once all have exited; a second signal
+kills the workers and exits at once.
+
+A worker that dies is restarted with the same index, so topic ownership
+does not move and only the peers of that worker's topics were lost. A
+worker that dies within ``CRASH_WINDOW`` seconds of its start
+``CRASH_LIMIT`` times in a row, or that reports a boot error (exit code 3,
+e.g. the port is taken), stops the server with an error instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.connection
+import multiprocessing.process
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from signaling_sharded.config import Config
+from signaling_sharded.logs import log
+from signaling_sharded.worker import EXIT_BOOT_ERROR, run
+
+CRASH_WINDOW = 5.0
+CRASH_LIMIT = 3
+#: Seconds past the workers' drain timeout before they are killed.
+KILL_GRACE = 2.0
+MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
+
+
+@dataclass
+class Slot:
+    """One worker index and the process currently filling it."""
+
+    index: int
+    process: multiprocessing.process.BaseProcess
+    started: float = field(default_factory=time.monotonic)
+    quick_deaths: int = 0
+
+
+def check_migrate_req() -> None:
+    try:
+        enabled = MIGRATE_REQ.read_text().strip() != "0"
+    except OSError:
+        return  # not Linux, or a kernel older than 5.14
+    if not enabled:
+        log(
+            logging.WARNING,
+            "net.ipv4.tcp_migrate_req is 0: connections queued on a worker that dies are "
+            "reset instead of moving to another worker; set it to 1 (sysctl -w "
+            "net.ipv4.tcp_migrate_req=1) to keep them",
+        )
+
+
+class Supervisor:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.context = multiprocessing.get_context("spawn")
+        self.group = f"{os.getpid()}.{config.port}"
+        self.slots: dict[int, Slot] = {}
+        self.signals: list[int] = []
+        self.stopping_since: float | None = None
+        self.exit_code = 0
+
+    def spawn(self, index: int, quick_deaths: int = 0) -> None:
+        process = self.context.Process(
+            target=run,
+            args=(self.config, index, self.group, os.getpid()),
+            name=f"signaling-sharded-worker-{index}",
+        )
+        process.start()
+        self.slots[index] = Slot(index, process, quick_deaths=quick_deaths)
+        log(logging.INFO, "worker started", worker=index, pid=process.pid)
+
+    def record_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.signals.append(signum)
+
+    def run(self) -> int:
+        """Serve until drained; returns the process exit code."""
+        check_migrate_req()
+        wake_read, wake_write = os.pipe()
+        os.set_blocking(wake_write, False)
+        os.set_blocking(wake_read, False)
+        signal.set_wakeup_fd(wake_write)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.record_signal)
+        log(
+            logging.INFO,
+            "starting",
+            workers=self.config.workers,
+            host=self.config.host,
+            port=self.config.port,
+        )
+        for index in range(self.config.workers):
+            self.spawn(index)
+        try:
+            while self.slots:
+                sentinels = [slot.process.sentinel for slot in self.slots.values()]
+                multiprocessing.connection.wait([*sentinels, wake_read], timeout=1.0)
+                with contextlib.suppress(BlockingIOError):
+                    os.read(wake_read, 512)
+                self.handle_signals()
+                self.reap()
+                self.enforce_drain_deadline()
+        finally:
+            signal.set_wakeup_fd(-1)
+            os.close(wake_read)
+            os.close(wake_write)
+        log(logging.INFO, "stopped", exit_code=self.exit_code)
+        return self.exit_code
+
+    def handle_signals(self) -> None:
+        while self.signals:
+            signum = self.signals.pop(0)
+            name = signal.Signals(signum).name
+            if self.stopping_since is None:
+                log(logging.INFO, "draining", signal=name)
+                self.stop_all(signal.SIGTERM)
+            else:
+                log(logging.WARNING, "second signal: exiting now", signal=name)
+                self.stop_all(signal.SIGKILL)
+
+    def stop_all(self, sig: int) -> None:
+        if self.stopping_since is None:
+            self.stopping_since = time.monotonic()
+        for slot in self.slots.values():
+            if slot.process.pid is not None and slot.process.exitcode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(slot.process.pid, sig)
+
+    def enforce_drain_deadline(self) -> None:
+        if self.stopping_since is None:
+            return
+        if time.monotonic() - self.stopping_since > self.config.drain_timeout + KILL_GRACE:
+            self.stop_all(signal.SIGKILL)
+
+    def reap(self) -> None:
+        for index, slot in list(self.slots.items()):
+            code = slot.process.exitcode
+            if code is None:
+                continue
+            slot.process.join()
+            del self.slots[index]
+            if self.stopping_since is not None:
+                continue
+            log(logging.ERROR, "worker died", worker=index, pid=slot.process.pid, exit_code=code)
+            if code == EXIT_BOOT_ERROR:
+                self.fail(f"worker {index} could not start")
+                return
+            lived = time.monotonic() - slot.started
+            quick_deaths = slot.quick_deaths + 1 if lived < CRASH_WINDOW else 0
+            if quick_deaths >= CRASH_LIMIT:
+                self.fail(f"worker {index} died {quick_deaths} times within {CRASH_WINDOW} s")
+                return
+            self.spawn(index, quick_deaths)
+
+    def fail(self, reason: str) -> None:
+        log(logging.ERROR, "stopping the server", reason=reason)
+        self.exit_code = 1
+        self.stop_all(signal.SIGTERM)
