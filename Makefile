@@ -20,7 +20,7 @@ help: ## Show this help
 $(BIN)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "maturin>=1.8,<2" "websockets>=15.0" "uvloop>=0.21.0" \
+	$(PY) -m pip install -q "maturin>=1.8,<2" "websockets>=16.0" "uvloop>=0.21.0" \
 		"pytest>=8.3" "pytest-timeout>=2.3" "ruff>=0.11" "mypy>=1.15"
 	touch $@
 

@@ -93,6 +93,8 @@ const KEEP_CAPACITY: usize = 4096;
 pub struct FrameReader {
     partial: Vec<u8>,
     message: Vec<u8>,
+    /// Bytes of the fragmented message so far (binary ones are not kept).
+    assembled: usize,
     assembling: Assembling,
 }
 
@@ -199,8 +201,7 @@ impl FrameReader {
                     // message while one is still being assembled.
                     return Err(Fault::Protocol);
                 }
-                let so_far = self.message.len() as u64;
-                if length.saturating_add(so_far) > max_message as u64 {
+                if length.saturating_add(self.assembled as u64) > max_message as u64 {
                     return Err(Fault::TooBig);
                 }
             }
@@ -235,21 +236,25 @@ impl FrameReader {
             OpCode::Data(Data::Binary) if header.is_final => Ok(on_event(Event::Binary)),
             OpCode::Data(Data::Text) => {
                 self.assembling = Assembling::Text;
+                self.assembled = payload.len();
                 self.message.extend_from_slice(payload);
                 Ok(Flow::Continue)
             }
             OpCode::Data(Data::Binary) => {
                 // Binary messages are refused whole; their bytes are not kept.
                 self.assembling = Assembling::Binary;
+                self.assembled = payload.len();
                 Ok(Flow::Continue)
             }
             OpCode::Data(Data::Continue) => {
+                self.assembled += payload.len();
                 if self.assembling == Assembling::Text {
                     self.message.extend_from_slice(payload);
                 }
                 if !header.is_final {
                     return Ok(Flow::Continue);
                 }
+                self.assembled = 0;
                 let kind = mem::take(&mut self.assembling);
                 let message = mem::take(&mut self.message);
                 let flow = match kind {
@@ -468,10 +473,12 @@ mod tests {
         let mut bytes = client_frame(0x01, b"a", KEY);
         bytes.extend(client_frame(0x81, b"b", KEY));
         assert_eq!(feed_one(&bytes).1, Err(Fault::Protocol));
-        // fragments that add up to more than the limit
-        let mut bytes = client_frame(0x01, &[b'a'; MAX / 2 + 1], KEY);
-        bytes.extend(client_frame(0x80, &[b'a'; MAX / 2], KEY));
-        assert_eq!(feed_one(&bytes).1, Err(Fault::TooBig));
+        // fragments that add up to more than the limit, text or binary
+        for first in [0x01, 0x02] {
+            let mut bytes = client_frame(first, &[b'a'; MAX / 2 + 1], KEY);
+            bytes.extend(client_frame(0x80, &[b'a'; MAX / 2], KEY));
+            assert_eq!(feed_one(&bytes).1, Err(Fault::TooBig));
+        }
     }
 
     #[test]
