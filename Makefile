@@ -46,9 +46,14 @@ lint: build ## ruff, mypy (with stubtest), cargo fmt --check, clippy -D warnings
 	$(BIN)/ruff format --check python tests
 	$(BIN)/mypy
 	$(PY) -m mypy.stubtest signaling_sharded._native
-	cargo fmt --check
-	cargo clippy --all-targets -- -D warnings
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
 	cargo clippy --all-targets --features python -- -D warnings
+
+.PHONY: bench
+bench: build ## Relay benchmark: ours vs the original Go design, pinned to separate cores
+	cargo build --release --quiet -p signaling-bench
+	bench/compare_relay.sh
 
 .PHONY: clean
 clean: ## Remove build products and the venv

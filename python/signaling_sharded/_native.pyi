@@ -3,6 +3,8 @@
 from collections.abc import Callable
 from typing import Any, final
 
+__all__ = ["Hub", "Peer", "parse_metadata", "topic_hash", "topic_owner"]
+
 @final
 class Hub:
     """One worker's peers and topics; see ``rust/engine.rs``."""
