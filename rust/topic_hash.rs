@@ -43,12 +43,13 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
-    fn hash_is_fixed() {
-        // Pinned values: a change here re-shards every deployment.
-        assert_eq!(topic_hash(""), topic_hash(""));
-        let pinned = [topic_hash("room-1"), topic_hash("é")];
-        assert_eq!(pinned, [topic_hash("room-1"), topic_hash("é")]);
-        assert_ne!(pinned[0], pinned[1]);
+    fn hash_and_owners_are_pinned() {
+        // A change here moves every topic of every deployment to another
+        // worker: these values are part of the contract between processes.
+        assert_eq!(topic_hash("room-1"), 2_776_632_716_497_522_223);
+        assert_eq!(topic_hash("é"), 827_585_618_293_137_934);
+        let owners: Vec<u32> = (0..8).map(|i| owner(&format!("room-{i}"), 4)).collect();
+        assert_eq!(owners, [2, 3, 3, 0, 2, 1, 1, 3]);
     }
 
     #[test]
