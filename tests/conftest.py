@@ -88,6 +88,33 @@ class Server:
         lines = self.stdout_path.read_text().splitlines()
         return [json.loads(line) for line in lines if line.strip()]
 
+    def wait_records(
+        self, msg: str, count: int = 1, timeout: float = STARTUP_TIMEOUT, **fields: Any
+    ) -> list[dict[str, Any]]:
+        """Wait until at least *count* records of *msg* with these *fields* are logged.
+
+        Returns every such record logged so far, oldest first.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                records = self.log_records()
+            except ValueError:  # a line caught while being written: look again
+                records = []
+            found = [
+                record
+                for record in records
+                if record.get("msg") == msg
+                and all(record.get(name) == value for name, value in fields.items())
+            ]
+            if len(found) >= count:
+                return found
+            if time.monotonic() >= deadline:
+                raise AssertionError(
+                    f"{count} x {msg!r} {fields} not logged within {timeout} s; got {len(found)}"
+                )
+            time.sleep(0.02)
+
     def wait_exit(self, timeout: float = STOP_TIMEOUT) -> int | None:
         """The exit code, or None if the process still runs after *timeout*."""
         try:

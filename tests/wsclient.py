@@ -104,6 +104,11 @@ class Peer:
         assert isinstance(peer_list["peers"], list), peer_list
         return cls(ws, welcome, peer_list["peers"])
 
+    def response_header(self, name: str) -> str | None:
+        """A header of the server's answer to the upgrade request, or None."""
+        assert self.ws.response is not None
+        return self.ws.response.headers.get(name)
+
     # sending
 
     async def send(self, message: Mapping[str, Any] | str | bytes) -> None:
@@ -261,11 +266,45 @@ def websocket_headers() -> dict[str, str]:
     }
 
 
-def http_get(port: int, path: str, headers: Mapping[str, str] | None = None) -> Response:
-    """Send one ``GET`` with exactly *headers* (plus ``Host``) and return the status line."""
-    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+def http_get(
+    port: int,
+    path: str,
+    headers: Mapping[str, str] | None = None,
+    source_port: int | None = None,
+) -> Response:
+    """Send one ``GET`` with exactly *headers* (plus ``Host``) and return the response head.
+
+    With *source_port*, the connection comes from that local port (see `connect_from`).
+    """
+    if source_port is None:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    else:
+        sock = connect_from(port, source_port)
+    with sock:
         response, _ = _request(sock, port, path, headers or {"Connection": "close"})
         return response
+
+
+def connect_from(port: int, source_port: int) -> socket.socket:
+    """A TCP connection to the server from ``127.0.0.1:source_port``.
+
+    The kernel spreads the connections to a port shared by several listening
+    sockets (``SO_REUSEPORT``) by a hash of the address pair, so connections
+    from one source port reach the same listener. Closing the socket resets
+    the connection (``SO_LINGER`` 0), so that it leaves no ``TIME_WAIT``
+    behind and the next connection from that port can be made at once.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.bind(("127.0.0.1", source_port))
+        sock.settimeout(TIMEOUT)
+        sock.connect(("127.0.0.1", port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _request(

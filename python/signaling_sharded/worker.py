@@ -39,9 +39,6 @@ GOING_AWAY_REASON = "server going away"
 #: supervisor stops the server instead of restarting it.
 EXIT_BOOT_ERROR = 3
 LISTEN_BACKLOG = 4096
-#: Seconds the kernel holds an accepted connection until its first bytes
-#: arrive (TCP_DEFER_ACCEPT), so the request line is usually there to peek.
-DEFER_ACCEPT_SECONDS = 2
 
 
 def tick_period(config: Config) -> float:
@@ -61,8 +58,9 @@ def bind_listener(config: Config) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if config.workers > 1:
+            # No TCP_DEFER_ACCEPT: the kernel would hold a silent client for
+            # its own timeout before our handshake deadline even starts.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_SECONDS)
         sock.bind(address)
         sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
