@@ -1,4 +1,5 @@
-//! CPU time accounting: the server's from /proc, our own from getrusage.
+//! CPU time and memory accounting: the server's from /proc (the process and
+//! all of its descendants), our own from getrusage and /proc/self.
 
 use std::collections::HashMap;
 use std::fs;
@@ -31,6 +32,20 @@ fn read_stat(pid: u32) -> Option<(u32, u64)> {
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
     Some((ppid, utime + stime))
+}
+
+/// A `kB` field of /proc/PID/status, such as `VmRSS`.
+fn status_kib(text: &str, field: &str) -> Option<u64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(field)?.strip_prefix(':')?;
+        rest.split_ascii_whitespace().next()?.parse().ok()
+    })
+}
+
+/// Resident set size of one process, in KiB (0 for kernel threads).
+fn rss_kib(pid: &str) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    Some(status_kib(&text, "VmRSS").unwrap_or(0))
 }
 
 /// A process and all of its descendants, found by walking /proc.
@@ -88,6 +103,20 @@ impl ProcessTree {
             .sum();
         ticks as f64 / self.ticks_per_s
     }
+
+    /// Resident memory of the processes still alive, summed, in KiB. Pages
+    /// shared between them (a forked worker's) count once per process.
+    pub fn rss_kib(&self) -> u64 {
+        self.pids
+            .iter()
+            .filter_map(|pid| rss_kib(&pid.to_string()))
+            .sum()
+    }
+}
+
+/// Resident memory of this process, in KiB.
+pub fn own_rss_kib() -> u64 {
+    rss_kib("self").unwrap_or(0)
 }
 
 /// CPU seconds (user + system) used so far by this process, all threads.
@@ -119,10 +148,21 @@ mod tests {
     }
 
     #[test]
+    fn parses_status_fields() {
+        let text = "Name:\tpython3\nVmPeak:\t  20000 kB\nVmRSS:\t   12345 kB\nThreads:\t3\n";
+        assert_eq!(status_kib(text, "VmRSS"), Some(12345));
+        assert_eq!(status_kib(text, "VmPeak"), Some(20000));
+        assert_eq!(status_kib(text, "VmSwap"), None);
+        assert_eq!(status_kib("VmRSSx: 1 kB\n", "VmRSS"), None);
+    }
+
+    #[test]
     fn reads_own_process() {
         let tree = ProcessTree::discover(std::process::id()).unwrap();
         assert!(tree.process_count() >= 1);
         assert!(tree.cpu_seconds() >= 0.0);
         assert!(own_cpu_seconds() >= 0.0);
+        assert!(tree.rss_kib() > 0);
+        assert!(own_rss_kib() > 0);
     }
 }

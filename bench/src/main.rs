@@ -3,9 +3,16 @@
 //! Each subcommand is one scenario. It prints a single JSON line with the
 //! results on stdout and a short human-readable summary on stderr.
 
+mod churn;
+mod client;
+mod connect;
 mod cpu;
+mod fanout;
+mod rawws;
 mod relay;
 mod stats;
+mod tracker;
+mod view;
 
 use std::process::ExitCode;
 
@@ -26,12 +33,23 @@ struct Cli {
 enum Command {
     /// Offer/answer round trips between peers of many topics.
     Relay(relay::RelayArgs),
+    /// Open and hold many connections: join rate, join latency, server memory.
+    Connect(connect::ConnectArgs),
+    /// Peers joining and leaving topics; checks that presence stays exact.
+    Churn(churn::ChurnArgs),
+    /// Many peers joining one topic at once; time until every view is complete.
+    Fanout(fanout::FanoutArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Many connections need many descriptors; the hard limit is the bound.
+    client::raise_nofile_limit();
     let threads = match &cli.command {
         Command::Relay(args) => args.threads,
+        Command::Connect(args) => args.threads,
+        Command::Churn(args) => args.threads,
+        Command::Fanout(args) => args.threads,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads.max(1))
@@ -47,6 +65,9 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Relay(args) => relay::run(args).await,
+            Command::Connect(args) => connect::run(args).await,
+            Command::Churn(args) => churn::run(args).await,
+            Command::Fanout(args) => fanout::run(args).await,
         }
     });
     // Tasks still parked on dead sockets must not hold the exit up.

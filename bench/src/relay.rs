@@ -7,28 +7,21 @@
 //! round trip is two relayed messages.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use serde::{Deserialize, Serialize};
-use tokio::net::TcpStream;
+use serde::Serialize;
 use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_tungstenite::WebSocketStream;
 
+use crate::client::{self, format_counts, Incoming, Server, Table, Ws};
 use crate::cpu::{own_cpu_seconds, ProcessTree};
-use crate::stats::{percentile, push_u64, Rng};
-
-type Ws = WebSocketStream<TcpStream>;
-
-const READ_BUFFER_SIZE: usize = 8 * 1024;
+use crate::stats::{percentile, push_u64, round, seed_from_clock, Rng};
+use crate::view::View;
 
 #[derive(Args, Debug, Clone)]
 pub struct RelayArgs {
@@ -79,32 +72,6 @@ struct Shared {
     phase: AtomicU8,
     /// Peers that know every other peer of their topic.
     ready: AtomicUsize,
-}
-
-/// What the server sends; only the fields the benchmark looks at. Strings are
-/// borrowed from the frame (the server never escapes ids, types or codes);
-/// `payload` and `metadata` are skipped without being built.
-#[derive(Deserialize)]
-struct Incoming<'a> {
-    #[serde(rename = "type")]
-    kind: &'a str,
-    #[serde(default)]
-    from: Option<&'a str>,
-    #[serde(default, rename = "msgId")]
-    msg_id: Option<&'a str>,
-    #[serde(default, rename = "selfId")]
-    self_id: Option<&'a str>,
-    #[serde(default, rename = "peerId")]
-    peer_id: Option<&'a str>,
-    #[serde(default)]
-    code: Option<&'a str>,
-    #[serde(default, borrow)]
-    peers: Option<Vec<PeerEntry<'a>>>,
-}
-
-#[derive(Deserialize)]
-struct PeerEntry<'a> {
-    id: &'a str,
 }
 
 /// Counters of one peer. Fields named `*_measured` and the latencies only
@@ -352,11 +319,7 @@ async fn send_pending(ws: &mut Ws, out: &mut Vec<Message>) -> Result<(), WsError
 }
 
 fn describe_end(item: Option<Result<Message, WsError>>) -> String {
-    match item {
-        None => "connection closed by server".to_owned(),
-        Some(Err(err)) => err.to_string(),
-        Some(Ok(_)) => "unexpected message".to_owned(),
-    }
+    client::stream_end(item, "during the run").detail
 }
 
 /// One connection: reads and writes in the same task, batching the replies
@@ -456,68 +419,9 @@ async fn peer_task(
 /// Sends a close frame and waits (briefly) for the server's.
 async fn shut_down(peer: Peer, mut ws: Ws, open: bool) -> PeerStats {
     if open {
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            if ws.close(None).await.is_ok() {
-                while let Some(Ok(_)) = ws.next().await {}
-            }
-        })
-        .await;
+        client::close(&mut ws, Duration::from_secs(2)).await;
     }
     peer.stats
-}
-
-/// Connects one peer and reads its `welcome` and `peer-list`.
-async fn connect_peer(addr: SocketAddr, url: &str) -> Result<(Ws, String, Vec<String>), String> {
-    let tcp = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    tcp.set_nodelay(true)
-        .map_err(|e| format!("set_nodelay: {e}"))?;
-    // tungstenite zero-fills the free part of its read buffer before every
-    // read, so the 128 KiB default costs more than the small frames here.
-    let config = WebSocketConfig::default().read_buffer_size(READ_BUFFER_SIZE);
-    let (mut ws, _) = tokio_tungstenite::client_async_with_config(url, tcp, Some(config))
-        .await
-        .map_err(|e| format!("handshake {url}: {e}"))?;
-    let mut self_id = None;
-    let mut others: Vec<String> = Vec::new();
-    let mut have_list = false;
-    while self_id.is_none() || !have_list {
-        let text = match ws.next().await {
-            Some(Ok(Message::Text(text))) => text,
-            Some(Ok(Message::Close(frame))) => {
-                return Err(format!("{url}: closed during setup: {frame:?}"));
-            }
-            Some(Ok(_)) => continue,
-            other => return Err(format!("{url}: {}", describe_end(other))),
-        };
-        let msg: Incoming =
-            serde_json::from_str(&text).map_err(|e| format!("{url}: bad message {text}: {e}"))?;
-        match msg.kind {
-            "welcome" => {
-                let id = msg
-                    .self_id
-                    .ok_or_else(|| format!("{url}: welcome without selfId"))?;
-                self_id = Some(id.to_owned());
-            }
-            "peer-list" => {
-                have_list = true;
-                others.extend(
-                    msg.peers
-                        .unwrap_or_default()
-                        .iter()
-                        .map(|p| p.id.to_owned()),
-                );
-            }
-            "peer-joined" => others.extend(msg.peer_id.map(str::to_owned)),
-            "peer-left" => others.retain(|o| Some(o.as_str()) != msg.peer_id),
-            "error" => {
-                return Err(format!("{url}: error during setup: {text}"));
-            }
-            _ => {}
-        }
-    }
-    Ok((ws, self_id.unwrap_or_default(), others))
 }
 
 #[derive(Serialize)]
@@ -557,19 +461,6 @@ struct Report {
     client_cpu_us_per_relay: Option<f64>,
 }
 
-fn round(x: f64, digits: i32) -> f64 {
-    let f = 10f64.powi(digits);
-    (x * f).round() / f
-}
-
-fn seed_from_clock() -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    let mut rng = Rng::new(nanos ^ (u64::from(std::process::id()) << 32));
-    rng.next_u64()
-}
-
 fn validate(args: &RelayArgs) -> Result<(), String> {
     if args.topics == 0 {
         return Err("--topics must be at least 1".into());
@@ -602,25 +493,8 @@ type PeerHandle = (JoinHandle<PeerStats>, oneshot::Sender<()>);
 
 pub async fn run(args: RelayArgs) -> Result<(), String> {
     validate(&args)?;
-    let base = args.url.trim_end_matches('/').to_owned();
-    if !base.starts_with("ws://") {
-        return Err(format!("--url must start with ws:// (got {base})"));
-    }
-    let probe = format!("{base}/ws/x")
-        .into_client_request()
-        .map_err(|e| format!("bad --url {base}: {e}"))?;
-    let host = probe
-        .uri()
-        .host()
-        .unwrap_or("127.0.0.1")
-        .trim_matches(['[', ']'])
-        .to_owned();
-    let port = probe.uri().port_u16().unwrap_or(80);
-    let addr = tokio::net::lookup_host((host.as_str(), port))
-        .await
-        .map_err(|e| format!("resolve {host}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("resolve {host}: no address"))?;
+    let server = Server::resolve(&args.url).await?;
+    let (base, addr) = (server.base.clone(), server.addr);
 
     let seed = seed_from_clock();
     let run_id = format!("{:08x}", seed as u32);
@@ -643,7 +517,7 @@ pub async fn run(args: RelayArgs) -> Result<(), String> {
     let mut topic_tasks: JoinSet<Result<Vec<PeerHandle>, String>> = JoinSet::new();
     for t in 0..args.topics {
         let limit = Arc::clone(&limit);
-        let url = format!("{base}/ws/bench-{run_id}-{t}");
+        let url = server.topic_url(&client::topic_name(&run_id, t));
         let shared = Arc::clone(&shared);
         let filler = Arc::clone(&filler);
         let start_rx = start_rx.clone();
@@ -657,7 +531,11 @@ pub async fn run(args: RelayArgs) -> Result<(), String> {
             let mut handles = Vec::with_capacity(peers);
             for p in 0..peers {
                 let index = t * peers + p;
-                let (ws, self_id, others) = connect_peer(addr, &url).await?;
+                let mut view = View::default();
+                let ws = client::join(addr, &url, &mut view)
+                    .await
+                    .map_err(|e| format!("{url}: {e}"))?;
+                let self_id = view.self_id().unwrap_or_default().to_owned();
                 let now = Instant::now();
                 let mut peer = Peer {
                     index_str: index.to_string(),
@@ -682,7 +560,7 @@ pub async fn run(args: RelayArgs) -> Result<(), String> {
                     out: Vec::with_capacity(window * 2),
                     stats: PeerStats::default(),
                 };
-                for id in &others {
+                for id in view.members() {
                     peer.add_peer(id);
                 }
                 let (close_tx, close_rx) = oneshot::channel();
@@ -818,17 +696,12 @@ pub async fn run(args: RelayArgs) -> Result<(), String> {
         client_cpu_share: round(client_cpu / elapsed, 3),
         client_cpu_us_per_relay: per_relay(client_cpu),
     };
-    let line = serde_json::to_string(&report).map_err(|e| e.to_string())?;
-    println!("{line}");
-    eprint!("{}", summary(&report, first_disconnect.as_deref()));
-    Ok(())
+    client::emit(&report, &summary(&report, first_disconnect.as_deref()))
 }
 
-fn summary(r: &Report, first_disconnect: Option<&str>) -> String {
-    let mut s = String::new();
-    let mut line = |label: &str, value: String| {
-        s.push_str(&format!("  {label:<12} {value}\n"));
-    };
+fn summary(r: &Report, first_disconnect: Option<&str>) -> Table {
+    let mut t = Table::default();
+    let mut line = |label: &str, value: String| t.line(label, value);
     line(
         "scenario",
         format!(
@@ -852,15 +725,7 @@ fn summary(r: &Report, first_disconnect: Option<&str>) -> String {
             r.rtt_p50_us, r.rtt_p90_us, r.rtt_p99_us, r.rtt_max_us, r.rtt_mean_us
         ),
     );
-    let errors = if r.errors.is_empty() {
-        "none".to_owned()
-    } else {
-        r.errors
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
+    let errors = format_counts(&r.errors);
     line(
         "errors",
         format!(
@@ -899,5 +764,5 @@ fn summary(r: &Report, first_disconnect: Option<&str>) -> String {
             "the load generator is near saturation; results may understate the server".into(),
         );
     }
-    s
+    t
 }

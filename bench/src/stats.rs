@@ -10,6 +10,36 @@ pub fn percentile(sorted: &[u32], pct: f64) -> u32 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
+/// `(p50, p99, max)` of a set of samples, sorting them in place.
+pub fn spread(values: &mut [u32]) -> (u32, u32, u32) {
+    values.sort_unstable();
+    (
+        percentile(values, 50.0),
+        percentile(values, 99.0),
+        values.last().copied().unwrap_or(0),
+    )
+}
+
+/// Saturating microseconds of a duration, for latency samples.
+pub fn micros(d: std::time::Duration) -> u32 {
+    d.as_micros().min(u128::from(u32::MAX)) as u32
+}
+
+/// `x` rounded to `digits` decimals, for the JSON report.
+pub fn round(x: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (x * f).round() / f
+}
+
+/// A seed that differs between runs (clock and process id).
+pub fn seed_from_clock() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mut rng = Rng::new(nanos ^ (u64::from(std::process::id()) << 32));
+    rng.next_u64()
+}
+
 /// SplitMix64: tiny, fast and good enough to pick targets.
 pub struct Rng(u64);
 
@@ -24,6 +54,11 @@ impl Rng {
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)
+    }
+
+    /// A value in `0.0..1.0`.
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 
     /// A value in `0..n`; `n` must not be 0.
@@ -71,6 +106,30 @@ mod tests {
             seen[rng.below(3)] += 1;
         }
         assert!(seen.iter().all(|c| *c > 800));
+    }
+
+    #[test]
+    fn spread_sorts() {
+        let mut v: Vec<u32> = (1..=200).rev().collect();
+        assert_eq!(spread(&mut v), (100, 198, 200));
+        assert_eq!(spread(&mut []), (0, 0, 0));
+    }
+
+    #[test]
+    fn unit_interval() {
+        let mut rng = Rng::new(9);
+        let below_tenth = (0..10_000)
+            .map(|_| rng.unit())
+            .inspect(|x| assert!((0.0..1.0).contains(x)))
+            .filter(|x| *x < 0.1)
+            .count();
+        assert!((800..1200).contains(&below_tenth));
+    }
+
+    #[test]
+    fn rounding() {
+        assert_eq!(round(1.23456, 2), 1.23);
+        assert_eq!(round(2.5, 0), 3.0);
     }
 
     #[test]

@@ -113,7 +113,9 @@ class Worker:
             acceptor = Acceptor(self, listener, self.group)
             await acceptor.start()
         else:
-            server = await loop.create_server(lambda: Handshake(self), sock=listener)
+            server = await loop.create_server(
+                lambda: Handshake(self), sock=listener, backlog=LISTEN_BACKLOG
+            )
         loop.add_signal_handler(signal.SIGTERM, self.on_signal, signal.SIGTERM)
         ticker = loop.call_later(tick_period(self.config), self.tick)
         log(
