@@ -480,3 +480,23 @@ def test_sigterm_drains_every_worker_and_leaves_no_process(
     assert sorted(started) == sorted(pids.values()), "a worker was started during the drain"
     assert [pid for pid in started if not wait_gone(pid)] == [], "workers outlived the supervisor"
     assert wait_group_gone(srv.proc.pid) == [], "processes of the server are left"
+
+
+def test_a_worker_that_keeps_dying_stops_the_server(
+    start_server: Callable[..., Server],
+) -> None:
+    """The crash-loop guard: three deaths within seconds of each start end the
+    server with an error instead of restarting forever."""
+    srv = start_sharded(start_server)
+    pid = wait_workers(srv)[0]
+    for death in range(1, 4):
+        os.kill(pid, signal.SIGKILL)
+        srv.wait_records("worker died", count=death, worker=0)
+        if death < 3:
+            starts = srv.wait_records("worker started", count=death + 1, worker=0)
+            pid = starts[-1]["pid"]
+    assert srv.wait_exit(10) == 1
+    (stopping,) = srv.wait_records("stopping the server", timeout=1)
+    assert "worker 0 died 3 times" in stopping["reason"]
+    others = [record["pid"] for record in srv.log_records() if is_start(record)]
+    assert all(wait_gone(other) for other in others)
