@@ -5,7 +5,8 @@
 //! - [`message`]: the protocol's JSON messages, parsed and written;
 //! - [`registry`]: topics and their peers;
 //! - [`engine`]: one worker's connections and the relay hot path;
-//! - [`topic_hash`]: the stable topic hash that shards topics over workers.
+//! - [`topic_hash`]: the stable topic hash that shards topics over workers;
+//! - [`upgrade`]: the common WebSocket upgrade request, recognised fast.
 //!
 //! `python` (feature `python`, on in the maturin build) is the thin PyO3
 //! glue that exposes them as `signaling_sharded._native`.
@@ -15,6 +16,7 @@ pub mod frame;
 pub mod message;
 pub mod registry;
 pub mod topic_hash;
+pub mod upgrade;
 
 #[cfg(feature = "python")]
 mod python;

@@ -22,6 +22,7 @@ use pyo3::types::PyBytes;
 use crate::engine::{Action, Config, Engine, Outbox};
 use crate::message;
 use crate::topic_hash as hashing;
+use crate::upgrade;
 
 struct Core {
     engine: Engine<Py<PyAny>>,
@@ -260,6 +261,15 @@ fn topic_owner(topic: &str, workers: u32) -> u32 {
     hashing::owner(topic, workers)
 }
 
+/// `(target, accept_key)` for a plain WebSocket upgrade request `head`, or
+/// None for anything the websockets library should handle.
+#[pyfunction]
+#[pyo3(signature = (head, origins=None))]
+fn upgrade_request(head: &[u8], origins: Option<Vec<String>>) -> Option<(String, String)> {
+    upgrade::parse_upgrade(head, origins.as_deref())
+        .map(|found| (found.target.to_owned(), found.accept))
+}
+
 /// `text` as one JSON value without surrounding whitespace, or None.
 #[pyfunction]
 fn parse_metadata(text: &str) -> Option<&str> {
@@ -273,5 +283,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(topic_hash, m)?)?;
     m.add_function(wrap_pyfunction!(topic_owner, m)?)?;
     m.add_function(wrap_pyfunction!(parse_metadata, m)?)?;
+    m.add_function(wrap_pyfunction!(upgrade_request, m)?)?;
     Ok(())
 }

@@ -3,7 +3,7 @@
 from collections.abc import Callable
 from typing import Any, final
 
-__all__ = ["Hub", "Peer", "parse_metadata", "topic_hash", "topic_owner"]
+__all__ = ["Hub", "Peer", "parse_metadata", "topic_hash", "topic_owner", "upgrade_request"]
 
 @final
 class Hub:
@@ -57,3 +57,7 @@ def topic_owner(topic: str, workers: int) -> int:
 
 def parse_metadata(text: str) -> str | None:
     """``text`` as one JSON value without surrounding whitespace, or None."""
+
+def upgrade_request(head: bytes, origins: list[str] | None = None) -> tuple[str, str] | None:
+    """``(target, accept_key)`` if ``head`` is a plain WebSocket upgrade that
+    passes the Origin allow-list ``origins``; None for anything else."""

@@ -2,10 +2,13 @@
 
 A :class:`Handshake` is the asyncio protocol of every accepted socket until
 its request is answered. Plain HTTP requests (``/healthz``, ``/readyz``,
-errors) get a response and the socket is closed. A valid upgrade is accepted
-with the ``websockets`` library's sans-I/O ``ServerProtocol``, then the
-transport is handed to the Rust core (``Hub.join``), whose ``Peer`` becomes
-the transport's protocol: from there on no Python code runs per message.
+errors) get a response and the socket is closed. Requests are answered by
+the ``websockets`` library's sans-I/O ``ServerProtocol``, except the common,
+well-formed upgrade to a valid topic, which the Rust core recognises and
+accepts in a few microseconds (``upgrade_request``; it only ever accepts
+what ``ServerProtocol`` would). On upgrade the transport is handed to the
+Rust core (``Hub.join``), whose ``Peer`` becomes the transport's protocol:
+from there on no Python code runs per message.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
 
 from signaling_sharded import routing
+from signaling_sharded._native import upgrade_request
 from signaling_sharded.logs import log
 
 if TYPE_CHECKING:
@@ -101,6 +105,14 @@ class Handshake(asyncio.Protocol):
 
     def handle(self, head: bytes, rest: bytes) -> None:
         worker = self.worker
+        if not (worker.draining or self.unavailable):
+            fast = upgrade_request(head, worker.allowed_origins)
+            if fast is not None:
+                path, accept = fast
+                join = routing.route(path)
+                if isinstance(join, routing.Join):
+                    self.upgrade(worker.switching_protocols(accept), join, rest)
+                    return
         protocol = ServerProtocol(
             origins=worker.origins,
             max_size=worker.config.max_message_size,
@@ -135,7 +147,9 @@ class Handshake(asyncio.Protocol):
             worker.count_handshake_failure(str(response.status_code))
             self.send(protocol, response)
             return
-        self.upgrade(protocol, response, target, rest)
+        response.headers[WORKER_HEADER] = str(worker.index)
+        protocol.send_response(response)
+        self.upgrade(b"".join(protocol.data_to_send()), target, rest)
 
     def answer_endpoint(
         self, protocol: ServerProtocol, request: Request, endpoint: routing.Endpoint
@@ -192,15 +206,12 @@ class Handshake(asyncio.Protocol):
         self.transport.write(data)
         self.close()
 
-    def upgrade(
-        self, protocol: ServerProtocol, response: Response, join: routing.Join, rest: bytes
-    ) -> None:
+    def upgrade(self, response: bytes, join: routing.Join, rest: bytes) -> None:
+        """Send the 101 ``response`` and hand the connection to the hub."""
         transport = self.transport
         assert transport is not None
         self.finish()
-        response.headers[WORKER_HEADER] = str(self.worker.index)
-        protocol.send_response(response)
-        transport.write(b"".join(protocol.data_to_send()))
+        transport.write(response)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         peer = self.worker.hub.join(transport, join.topic, join.metadata)
         # Peer implements the protocol methods in Rust; it is not a subclass.

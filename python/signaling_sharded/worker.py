@@ -29,8 +29,8 @@ from websockets.typing import Origin
 
 from signaling_sharded._native import Hub
 from signaling_sharded.config import Config
-from signaling_sharded.handshake import Handshake
-from signaling_sharded.logs import configure, log
+from signaling_sharded.handshake import WORKER_HEADER, Handshake
+from signaling_sharded.logs import configure, flush, log
 
 #: Close code and reason sent to every peer when the server drains.
 CLOSE_GOING_AWAY = 1001
@@ -91,10 +91,19 @@ class Worker:
             if config.allowed_origins
             else None
         )
+        self.allowed_origins = list(config.allowed_origins) or None
         self.handshakes: set[Handshake] = set()
         self.handshake_failures: Counter[str] = Counter()
         self.draining = False
         self.done: asyncio.Future[None] | None = None
+
+    def switching_protocols(self, accept: str) -> bytes:
+        """The 101 response accepting an upgrade whose key gives ``accept``."""
+        return (
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n"
+            f"{WORKER_HEADER}: {self.index}\r\n\r\n"
+        ).encode()
 
     def on_left(self, peer: str, topic: str, reason: str) -> None:
         log(logging.INFO, "peer left", peer=peer, topic=topic, reason=reason)
@@ -206,3 +215,4 @@ def run(config: Config, index: int = 0, group: str = "", parent: int | None = No
         asyncio.run(worker.serve(listener))
     else:
         uvloop.run(worker.serve(listener))
+    flush()
