@@ -9,7 +9,7 @@ from urllib.parse import quote
 
 import pytest
 from conftest import Server
-from wsclient import RawClient, websocket_headers
+from wsclient import Peers, RawClient, run, websocket_headers
 
 
 def test_healthz_and_readyz(server: Server) -> None:
@@ -111,3 +111,28 @@ def test_logs_are_json_lines_naming_peer_and_topic(server: Server) -> None:
         time.sleep(0.05)
     for record in records:
         assert {"time", "level", "msg"} <= set(record), json.dumps(record)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"subprotocols": ["chat"]},
+        {"additional_headers": {"Connection": "Upgrade, keep-alive", "X-Extra": "1"}},
+        {"origin": "https://anywhere.example"},
+    ],
+    ids=["subprotocol-requested", "extra-headers", "origin"],
+)
+def test_every_valid_upgrade_is_accepted_with_the_worker_header(
+    server: Server, kwargs: dict[str, object]
+) -> None:
+    """Well-formed upgrades are accepted whichever path handles them (the
+    common request is recognised in Rust, a subprotocol request goes through
+    the websockets library); both answer 101 with the worker's index."""
+
+    async def scenario() -> None:
+        async with Peers() as peers:
+            peer = await peers.join(server.url("any-upgrade"), **kwargs)
+            assert peer.response_header("X-Signaling-Worker") is not None
+            assert peer.response_header("Sec-WebSocket-Protocol") is None
+
+    run(scenario())
