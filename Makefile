@@ -20,7 +20,7 @@ help: ## Show this help
 $(BIN)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "maturin>=1.8,<2" "websockets>=16.0" "uvloop>=0.21.0" \
+	$(PY) -m pip install -q "maturin>=1.8,<2" "websockets>=16.0" "uvloop>=0.21.0" "PyJWT>=2.8.0" \
 		"pytest>=8.3" "pytest-timeout>=2.3" "ruff>=0.11" "mypy>=1.15"
 	touch $@
 
@@ -50,10 +50,15 @@ lint: build ## ruff, mypy (with stubtest), cargo fmt --check, clippy -D warnings
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo clippy --all-targets --features python -- -D warnings
 
+# Options of bench/run.py, e.g. BENCH_ARGS="--only relay,connect"; ROUNDS=5 and
+# BENCH_QUICK=1 (short runs, 1 round) are read from the environment.
+BENCH_ARGS ?=
+
 .PHONY: bench
-bench: build ## Relay benchmark: ours vs the original Go design, pinned to separate cores
+bench: build ## Every bench scenario, ours vs the Go design on one pinned core each (~10 min)
+	$(PY) -m pip install -q matplotlib
 	cargo build --release --quiet -p signaling-bench
-	bench/compare_relay.sh
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 .PHONY: clean
 clean: ## Remove build products and the venv

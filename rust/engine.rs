@@ -38,7 +38,26 @@ pub struct Config {
     /// How long a closing connection may take to finish the close
     /// handshake before it is aborted.
     pub close_timeout: Duration,
+    /// Peers a topic may hold; the next joiner is refused with 4009.
+    pub max_peers_per_topic: usize,
+    /// Connections this engine may hold (closing ones included); the next
+    /// is refused with 4029.
+    pub max_connections: usize,
+    /// Messages per second each connection may send; `None` for no limit.
+    pub rate_limit: Option<RateLimit>,
 }
+
+/// A token bucket: `per_second` messages a second on average, bursts of up
+/// to `burst`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    pub per_second: f64,
+    pub burst: f64,
+}
+
+/// Rate-limit violations within [`ABUSE_WINDOW`] that disconnect a peer.
+pub const ABUSE_LIMIT: u32 = 10;
+pub const ABUSE_WINDOW: Duration = Duration::from_secs(10);
 
 impl Default for Config {
     fn default() -> Self {
@@ -48,7 +67,41 @@ impl Default for Config {
             ping_interval: Duration::from_secs(30),
             ping_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(2),
+            max_peers_per_topic: 1000,
+            max_connections: 50_000,
+            rate_limit: None,
         }
+    }
+}
+
+/// Why a connection is not admitted as a peer; it is sent the error, then
+/// the close code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    Unauthorized,
+    TopicFull,
+    ServerFull,
+}
+
+impl Refusal {
+    fn error(self) -> ErrorCode {
+        match self {
+            Self::Unauthorized => ErrorCode::Unauthorized,
+            Self::TopicFull => ErrorCode::TopicFull,
+            Self::ServerFull => ErrorCode::ServerFull,
+        }
+    }
+
+    fn close_code(self) -> u16 {
+        match self {
+            Self::Unauthorized => 4001,
+            Self::TopicFull => 4009,
+            Self::ServerFull => 4029,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        self.error().code()
     }
 }
 
@@ -73,6 +126,7 @@ pub enum LeaveReason {
     Disconnected,
     PingTimeout,
     SlowConsumer,
+    RateAbuse,
     ProtocolError,
     Shutdown,
 }
@@ -84,6 +138,7 @@ impl LeaveReason {
             Self::Disconnected => "disconnected",
             Self::PingTimeout => "ping timeout",
             Self::SlowConsumer => "slow consumer",
+            Self::RateAbuse => "rate abuse",
             Self::ProtocolError => "protocol error",
             Self::Shutdown => "shutdown",
         }
@@ -157,6 +212,19 @@ struct Conn<W> {
     paused: bool,
     ping_sent: Instant,
     awaiting_pong: bool,
+    /// Rate-limit tokens left, as of `refilled`.
+    tokens: f64,
+    refilled: Instant,
+    /// Rate-limit violations since `violations_since`.
+    violations: u32,
+    violations_since: Instant,
+}
+
+/// What the rate limit says of one more message.
+enum Admission {
+    Yes,
+    Limited,
+    Abusive,
 }
 
 /// The outcome of queueing bytes for a connection.
@@ -218,19 +286,10 @@ impl<W> Engine<W> {
         self.registry.topic_count()
     }
 
-    /// Adds an upgraded connection as a new peer of `topic`: it is sent
-    /// `welcome` and `peer-list`, the others `peer-joined`. Returns the
-    /// connection id the caller passes to every later call.
-    pub fn join(
-        &mut self,
-        transport: W,
-        topic: &str,
-        metadata: Option<&str>,
-        now: Instant,
-        out: &mut Outbox,
-    ) -> (u64, PeerId) {
+    fn add_conn(&mut self, transport: W, now: Instant) -> u64 {
         let conn = self.next_conn;
         self.next_conn += 1;
+        let burst = self.config.rate_limit.map_or(0.0, |limit| limit.burst);
         self.conns.insert(
             conn,
             Conn {
@@ -241,8 +300,39 @@ impl<W> Engine<W> {
                 paused: false,
                 ping_sent: now,
                 awaiting_pong: false,
+                tokens: burst,
+                refilled: now,
+                violations: 0,
+                violations_since: now,
             },
         );
+        conn
+    }
+
+    /// Adds an upgraded connection as a new peer of `topic`: it is sent
+    /// `welcome` and `peer-list`, the others `peer-joined`. Over a limit it
+    /// is refused instead (the error, then the close). Returns the
+    /// connection id the caller passes to every later call.
+    pub fn join(
+        &mut self,
+        transport: W,
+        topic: &str,
+        metadata: Option<&str>,
+        now: Instant,
+        out: &mut Outbox,
+    ) -> (u64, Result<PeerId, Refusal>) {
+        let conn = self.add_conn(transport, now);
+        let refusal = if self.conns.len() > self.config.max_connections {
+            Some(Refusal::ServerFull)
+        } else if self.registry.members(topic).len() >= self.config.max_peers_per_topic {
+            Some(Refusal::TopicFull)
+        } else {
+            None
+        };
+        if let Some(refusal) = refusal {
+            self.refuse_conn(conn, refusal, now, out);
+            return (conn, Err(refusal));
+        }
         let peer = self.registry.join(conn, topic, metadata.map(Box::from));
         let member = self.registry.member(conn).expect("just joined");
         let topic = Arc::clone(&member.topic);
@@ -261,7 +351,36 @@ impl<W> Engine<W> {
         message::push_peer_joined(&mut joined, peer.as_str(), metadata);
         self.broadcast(&topic, Some(conn), joined, out);
         self.close_doomed(now, out);
-        (conn, peer)
+        (conn, Ok(peer))
+    }
+
+    /// Takes an upgraded connection that may not join (e.g. its token was
+    /// refused): it is sent the refusal's error and close code, and learns
+    /// nothing of any topic.
+    pub fn refuse(
+        &mut self,
+        transport: W,
+        refusal: Refusal,
+        now: Instant,
+        out: &mut Outbox,
+    ) -> u64 {
+        let conn = self.add_conn(transport, now);
+        self.refuse_conn(conn, refusal, now, out);
+        conn
+    }
+
+    fn refuse_conn(&mut self, conn: u64, refusal: Refusal, now: Instant, out: &mut Outbox) {
+        let reason = refusal.error().message();
+        let why = LeaveReason::Closed;
+        self.close(
+            conn,
+            refusal.close_code(),
+            reason,
+            Some(refusal.error()),
+            why,
+            now,
+            out,
+        );
     }
 
     /// Handles bytes read from `conn`'s socket.
@@ -277,7 +396,7 @@ impl<W> Engine<W> {
         let mut scratch = mem::take(&mut self.scratch);
         let max_message = self.config.max_message;
         let result = reader.feed(data, max_message, &mut scratch, |event| {
-            self.on_event(conn, event, out)
+            self.on_event(conn, event, now, out)
         });
         self.scratch = scratch;
         if let Some(c) = self.conns.get_mut(&conn) {
@@ -297,10 +416,27 @@ impl<W> Engine<W> {
         self.close_doomed(now, out);
     }
 
-    fn on_event(&mut self, conn: u64, event: Event<'_>, out: &mut Outbox) -> Flow {
+    fn on_event(&mut self, conn: u64, event: Event<'_>, now: Instant, out: &mut Outbox) -> Flow {
         match event {
-            Event::Text(text) => self.on_text(conn, text, out),
-            Event::Binary => self.send_error(conn, ErrorCode::UnsupportedFrame, None, out),
+            Event::Text(_) | Event::Binary if self.config.rate_limit.is_some() => {
+                match self.admit(conn, now) {
+                    Admission::Yes => self.on_message(conn, event, out),
+                    Admission::Limited => {
+                        let msg_id = match event {
+                            Event::Text(text) => message::msg_id_of(text),
+                            _ => None,
+                        };
+                        self.send_error(conn, ErrorCode::RateLimited, msg_id, out);
+                    }
+                    Admission::Abusive => {
+                        let (code, error) = (CLOSE_SLOW_CONSUMER, ErrorCode::SlowConsumer);
+                        let why = LeaveReason::RateAbuse;
+                        self.close(conn, code, "rate limit abuse", Some(error), why, now, out);
+                        return Flow::Stop;
+                    }
+                }
+            }
+            Event::Text(_) | Event::Binary => self.on_message(conn, event, out),
             Event::Ping(payload) => {
                 let mut pong = Vec::with_capacity(2 + payload.len());
                 frame::push_pong(&mut pong, payload);
@@ -323,6 +459,40 @@ impl<W> Engine<W> {
         match self.conns.get(&conn) {
             Some(c) if c.state == State::Open && !self.doomed.contains(&conn) => Flow::Continue,
             _ => Flow::Stop,
+        }
+    }
+
+    fn on_message(&mut self, conn: u64, event: Event<'_>, out: &mut Outbox) {
+        match event {
+            Event::Text(text) => self.on_text(conn, text, out),
+            _ => self.send_error(conn, ErrorCode::UnsupportedFrame, None, out),
+        }
+    }
+
+    /// Takes a token from `conn`'s bucket, refilled for the time elapsed.
+    fn admit(&mut self, conn: u64, now: Instant) -> Admission {
+        let Some(limit) = self.config.rate_limit else {
+            return Admission::Yes;
+        };
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return Admission::Yes;
+        };
+        let elapsed = now.saturating_duration_since(c.refilled).as_secs_f64();
+        c.tokens = (c.tokens + elapsed * limit.per_second).min(limit.burst);
+        c.refilled = now;
+        if c.tokens >= 1.0 {
+            c.tokens -= 1.0;
+            return Admission::Yes;
+        }
+        if now.saturating_duration_since(c.violations_since) > ABUSE_WINDOW {
+            c.violations = 0;
+            c.violations_since = now;
+        }
+        c.violations += 1;
+        if c.violations >= ABUSE_LIMIT {
+            Admission::Abusive
+        } else {
+            Admission::Limited
         }
     }
 
@@ -672,7 +842,7 @@ mod tests {
         fn join(&mut self, topic: &str) -> (u64, String) {
             self.out.clear();
             let (conn, peer) = self.engine.join((), topic, None, self.now, &mut self.out);
-            (conn, peer.as_str().to_owned())
+            (conn, peer.expect("admitted").as_str().to_owned())
         }
 
         fn send(&mut self, conn: u64, bytes: &[u8]) {
@@ -850,6 +1020,82 @@ mod tests {
         assert!(h.out.actions.contains(&(b, Action::Abort)));
         assert!(!h.out.actions.contains(&(a, Action::Abort)));
         assert!(written(&h.out, a).iter().any(|m| m.contains("peer-left")));
+    }
+
+    #[test]
+    fn full_topic_and_full_server_refuse_with_their_codes() {
+        let config = Config {
+            max_peers_per_topic: 2,
+            max_connections: 3,
+            ..Config::default()
+        };
+        let mut h = Harness::new(config);
+        let (a, _) = h.join("room");
+        h.join("room");
+        h.out.clear();
+        let (c, refused) = h.engine.join((), "room", None, h.now, &mut h.out);
+        assert_eq!(refused, Err(Refusal::TopicFull));
+        assert_eq!(
+            written(&h.out, c),
+            vec![
+                r#"{"type":"error","code":"topic_full","message":"topic is full"}"#.to_owned(),
+                "<close 4009>".to_owned(),
+            ]
+        );
+        assert!(
+            written(&h.out, a).is_empty(),
+            "the others learn nothing of it"
+        );
+        h.out.clear();
+        let (d, refused) = h.engine.join((), "other", None, h.now, &mut h.out);
+        assert_eq!(refused, Err(Refusal::ServerFull));
+        assert_eq!(written(&h.out, d)[1], "<close 4029>");
+        assert_eq!(h.engine.peer_count(), 2);
+    }
+
+    #[test]
+    fn rate_limit_drops_then_disconnects_abusers() {
+        let limit = RateLimit {
+            per_second: 1.0,
+            burst: 2.0,
+        };
+        let mut h = Harness::new(Config {
+            rate_limit: Some(limit),
+            ..Config::default()
+        });
+        let (a, _) = h.join("room");
+        let (b, _) = h.join("room");
+        let ping = text(r#"{"type":"ping","msgId":"p"}"#);
+        let mut codes = Vec::new();
+        for _ in 0..ABUSE_LIMIT + 2 {
+            h.send(a, &ping);
+            codes.extend(written(&h.out, a));
+        }
+        assert_eq!(
+            codes[..2],
+            [
+                r#"{"type":"pong","msgId":"p"}"#,
+                r#"{"type":"pong","msgId":"p"}"#
+            ]
+        );
+        assert_eq!(
+            codes[2],
+            r#"{"type":"error","code":"rate_limited","message":"message rate limit exceeded","msgId":"p"}"#
+        );
+        assert!(codes.ends_with(&["<close 4008>".to_owned()]), "{codes:?}");
+        assert!(h
+            .out
+            .left
+            .iter()
+            .any(|(_, _, why)| *why == LeaveReason::RateAbuse));
+        assert!(written(&h.out, b).iter().any(|m| m.contains("peer-left")));
+        // Tokens come back with time.
+        let (c, _) = h.join("room");
+        h.send(c, &ping);
+        h.send(c, &ping);
+        h.now += Duration::from_secs(1);
+        h.send(c, &ping);
+        assert_eq!(written(&h.out, c), vec![r#"{"type":"pong","msgId":"p"}"#]);
     }
 
     #[test]

@@ -64,6 +64,10 @@ pub enum ErrorCode {
     InvalidJson,
     InvalidMessage,
     UnsupportedFrame,
+    RateLimited,
+    Unauthorized,
+    TopicFull,
+    ServerFull,
     SlowConsumer,
 }
 
@@ -77,6 +81,10 @@ impl ErrorCode {
             Self::InvalidJson => "invalid_json",
             Self::InvalidMessage => "invalid_message",
             Self::UnsupportedFrame => "unsupported_frame",
+            Self::RateLimited => "rate_limited",
+            Self::Unauthorized => "unauthorized",
+            Self::TopicFull => "topic_full",
+            Self::ServerFull => "server_full",
             Self::SlowConsumer => "slow_consumer",
         }
     }
@@ -91,6 +99,10 @@ impl ErrorCode {
             Self::InvalidJson => "message is not a JSON object",
             Self::InvalidMessage => "a field has the wrong type",
             Self::UnsupportedFrame => "binary frames are not supported",
+            Self::RateLimited => "message rate limit exceeded",
+            Self::Unauthorized => "missing, invalid or expired token",
+            Self::TopicFull => "topic is full",
+            Self::ServerFull => "server is full",
             Self::SlowConsumer => "outbound buffer full",
         }
     }
@@ -155,9 +167,7 @@ pub fn parse_inbound(text: &str) -> Result<Inbound<'_>, Rejected<'_>> {
     let wire: Wire<'_> = match serde_json::from_str(text) {
         Ok(wire) => wire,
         Err(err) if err.is_data() => {
-            let msg_id = serde_json::from_str::<WireMsgId<'_>>(text)
-                .ok()
-                .and_then(|wire| wire.msg_id);
+            let msg_id = msg_id_of(text);
             return Err(Rejected {
                 code: ErrorCode::InvalidMessage,
                 msg_id,
@@ -193,6 +203,13 @@ pub fn parse_inbound(text: &str) -> Result<Inbound<'_>, Rejected<'_>> {
             msg_id,
         }),
     }
+}
+
+/// The `msgId` of a message, if it is an object with a string `msgId`.
+pub fn msg_id_of(text: &str) -> Option<&RawValue> {
+    serde_json::from_str::<WireMsgId<'_>>(text)
+        .ok()
+        .and_then(|wire| wire.msg_id)
 }
 
 /// Validates `?metadata=` (already percent-decoded): one JSON value. Returns

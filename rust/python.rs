@@ -19,7 +19,7 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use crate::engine::{Action, Config, Engine, Outbox};
+use crate::engine::{Action, Config, Engine, Outbox, RateLimit, Refusal};
 use crate::message;
 use crate::topic_hash as hashing;
 use crate::upgrade;
@@ -123,7 +123,20 @@ impl Hub {
 #[pymethods]
 impl Hub {
     #[new]
-    #[pyo3(signature = (*, max_message_size, max_queue_bytes, ping_interval, ping_timeout, close_timeout, on_left))]
+    #[pyo3(signature = (
+        *,
+        max_message_size,
+        max_queue_bytes,
+        ping_interval,
+        ping_timeout,
+        close_timeout,
+        on_left,
+        max_peers_per_topic = 1000,
+        max_connections = 50_000,
+        rate_limit = None,
+        rate_burst = None,
+    ))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         max_message_size: usize,
         max_queue_bytes: usize,
@@ -131,13 +144,28 @@ impl Hub {
         ping_timeout: f64,
         close_timeout: f64,
         on_left: Py<PyAny>,
+        max_peers_per_topic: usize,
+        max_connections: usize,
+        rate_limit: Option<f64>,
+        rate_burst: Option<f64>,
     ) -> PyResult<Self> {
+        let rate_limit = match rate_limit {
+            None => None,
+            Some(per_second) if per_second > 0.0 && per_second.is_finite() => Some(RateLimit {
+                per_second,
+                burst: rate_burst.unwrap_or(per_second).max(1.0),
+            }),
+            Some(_) => return Err(PyValueError::new_err("rate_limit must be positive")),
+        };
         let config = Config {
             max_message: max_message_size,
             max_queue: max_queue_bytes,
             ping_interval: seconds(ping_interval, "ping_interval")?,
             ping_timeout: seconds(ping_timeout, "ping_timeout")?,
             close_timeout: seconds(close_timeout, "close_timeout")?,
+            max_peers_per_topic,
+            max_connections,
+            rate_limit,
         };
         Ok(Self {
             core: Mutex::new(Core {
@@ -149,7 +177,8 @@ impl Hub {
     }
 
     /// Adds the upgraded connection on `transport` to `topic`, writes its
-    /// `welcome` and `peer-list` and tells the others. The caller must then
+    /// `welcome` and `peer-list` and tells the others; over a limit, writes
+    /// the refusal instead (`Peer.refused` says which). The caller must then
     /// `transport.set_protocol()` the returned `Peer`.
     #[pyo3(signature = (transport, topic, metadata=None))]
     fn join(
@@ -159,16 +188,41 @@ impl Hub {
         metadata: Option<&str>,
     ) -> Peer {
         let py = slf.py();
-        let hub = slf.get();
-        let (conn, peer_id) = hub.run(py, |engine, out| {
-            let (conn, peer) = engine.join(transport, topic, metadata, Instant::now(), out);
-            (conn, peer.as_str().to_owned())
+        let (conn, joined) = slf.get().run(py, |engine, out| {
+            let (conn, joined) = engine.join(transport, topic, metadata, Instant::now(), out);
+            (conn, joined.map(|peer| peer.as_str().to_owned()))
         });
+        let (peer_id, refused) = match joined {
+            Ok(peer) => (Some(peer), None),
+            Err(refusal) => (None, Some(refusal.as_str())),
+        };
         Peer {
             hub: slf.clone().unbind(),
             conn,
             peer_id,
+            refused,
         }
+    }
+
+    /// Takes the upgraded connection on `transport` only to refuse it with
+    /// `reason` ("unauthorized"): the `error`, then the close code.
+    fn refuse(slf: &Bound<'_, Self>, transport: Py<PyAny>, reason: &str) -> PyResult<Peer> {
+        let refusal = match reason {
+            "unauthorized" => Refusal::Unauthorized,
+            "topic_full" => Refusal::TopicFull,
+            "server_full" => Refusal::ServerFull,
+            _ => return Err(PyValueError::new_err(format!("unknown refusal {reason:?}"))),
+        };
+        let py = slf.py();
+        let conn = slf.get().run(py, |engine, out| {
+            engine.refuse(transport, refusal, Instant::now(), out)
+        });
+        Ok(Peer {
+            hub: slf.clone().unbind(),
+            conn,
+            peer_id: None,
+            refused: Some(refusal.as_str()),
+        })
     }
 
     /// Sends due pings, and closes peers whose ping or close timed out.
@@ -207,8 +261,12 @@ impl Hub {
 pub struct Peer {
     hub: Py<Hub>,
     conn: u64,
+    /// The peer's id, or None for a refused connection.
     #[pyo3(get)]
-    peer_id: String,
+    peer_id: Option<String>,
+    /// Why the connection was refused (the error code), or None.
+    #[pyo3(get)]
+    refused: Option<&'static str>,
 }
 
 #[pymethods]
@@ -261,13 +319,18 @@ fn topic_owner(topic: &str, workers: u32) -> u32 {
     hashing::owner(topic, workers)
 }
 
-/// `(target, accept_key)` for a plain WebSocket upgrade request `head`, or
-/// None for anything the websockets library should handle.
+/// `(target, accept_key, authorization)` for a plain WebSocket upgrade
+/// request `head`, or None for anything the websockets library should handle.
 #[pyfunction]
 #[pyo3(signature = (head, origins=None))]
-fn upgrade_request(head: &[u8], origins: Option<Vec<String>>) -> Option<(String, String)> {
-    upgrade::parse_upgrade(head, origins.as_deref())
-        .map(|found| (found.target.to_owned(), found.accept))
+fn upgrade_request(
+    head: &[u8],
+    origins: Option<Vec<String>>,
+) -> Option<(String, String, Option<String>)> {
+    upgrade::parse_upgrade(head, origins.as_deref()).map(|found| {
+        let authorization = found.authorization.map(str::to_owned);
+        (found.target.to_owned(), found.accept, authorization)
+    })
 }
 
 /// `text` as one JSON value without surrounding whitespace, or None.

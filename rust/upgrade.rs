@@ -26,6 +26,8 @@ pub struct Upgrade<'a> {
     pub target: &'a str,
     /// The `Sec-WebSocket-Accept` value for the client's key.
     pub accept: String,
+    /// The `Authorization` header, if the request had one.
+    pub authorization: Option<&'a str>,
 }
 
 /// Recognises a plain WebSocket upgrade in `head` (the request line and
@@ -43,7 +45,7 @@ pub fn parse_upgrade<'a>(head: &'a [u8], origins: Option<&[String]>) -> Option<U
     }
     let target = request.path?;
     let (mut connection_upgrade, mut upgrades, mut key, mut version) = (false, 0, None, None);
-    let mut origin = None;
+    let (mut origin, mut authorization) = (None, None);
     for header in request.headers.iter() {
         let name = header.name;
         let value = std::str::from_utf8(header.value).ok()?;
@@ -62,6 +64,8 @@ pub fn parse_upgrade<'a>(head: &'a [u8], origins: Option<&[String]>) -> Option<U
             version = once(version, value)?;
         } else if name.eq_ignore_ascii_case("origin") {
             origin = once(origin, value)?;
+        } else if name.eq_ignore_ascii_case("authorization") {
+            authorization = once(authorization, value)?;
         } else if name.eq_ignore_ascii_case("sec-websocket-protocol")
             || name.eq_ignore_ascii_case("transfer-encoding")
             || (name.eq_ignore_ascii_case("content-length") && value != "0")
@@ -84,6 +88,7 @@ pub fn parse_upgrade<'a>(head: &'a [u8], origins: Option<&[String]>) -> Option<U
     Some(Upgrade {
         target,
         accept: accept_key(key),
+        authorization,
     })
 }
 
@@ -130,9 +135,10 @@ mod tests {
 
     #[test]
     fn accepts_the_common_request() {
-        let head = request("Origin: https://a.example\r\n");
+        let head = request("Origin: https://a.example\r\nAuthorization: Bearer t\r\n");
         let upgrade = parse_upgrade(head.as_bytes(), None).unwrap();
         assert_eq!(upgrade.target, "/ws/room?metadata=%7B%7D");
+        assert_eq!(upgrade.authorization, Some("Bearer t"));
         assert_eq!(upgrade.accept, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
         let allowed = ["https://a.example".to_owned()];
         assert!(parse_upgrade(head.as_bytes(), Some(&allowed)).is_some());

@@ -18,14 +18,23 @@ class Hub:
         ping_timeout: float,
         close_timeout: float,
         on_left: Callable[[str, str, str], object],
+        max_peers_per_topic: int = 1000,
+        max_connections: int = 50000,
+        rate_limit: float | None = None,
+        rate_burst: float | None = None,
     ) -> Hub: ...
     def join(self, transport: Any, topic: str, metadata: str | None = None) -> Peer:
         """Add the upgraded connection on ``transport`` to ``topic``.
 
         Writes ``welcome`` and ``peer-list`` to it and ``peer-joined`` to the
         others; the caller then installs the returned protocol with
-        ``transport.set_protocol(peer)``.
+        ``transport.set_protocol(peer)``. Over ``max_peers_per_topic`` or
+        ``max_connections`` the connection is refused instead: it is sent the
+        ``error`` and close code, and ``Peer.refused`` names the error.
         """
+    def refuse(self, transport: Any, reason: str) -> Peer:
+        """Refuse the upgraded connection on ``transport`` with ``reason``
+        (``"unauthorized"``): the ``error``, then the close code."""
     def tick(self) -> None:
         """Send due pings; close peers whose ping or close timed out."""
     def close_all(self, code: int, reason: str) -> None:
@@ -41,7 +50,11 @@ class Peer:
     """The asyncio protocol of an upgraded connection."""
 
     @property
-    def peer_id(self) -> str: ...
+    def peer_id(self) -> str | None:
+        """The peer's id; None for a refused connection."""
+    @property
+    def refused(self) -> str | None:
+        """The error code a refused connection was sent, else None."""
     def connection_made(self, _transport: Any) -> None: ...
     def data_received(self, data: bytes) -> None: ...
     def eof_received(self) -> bool: ...
@@ -58,6 +71,9 @@ def topic_owner(topic: str, workers: int) -> int:
 def parse_metadata(text: str) -> str | None:
     """``text`` as one JSON value without surrounding whitespace, or None."""
 
-def upgrade_request(head: bytes, origins: list[str] | None = None) -> tuple[str, str] | None:
-    """``(target, accept_key)`` if ``head`` is a plain WebSocket upgrade that
-    passes the Origin allow-list ``origins``; None for anything else."""
+def upgrade_request(
+    head: bytes, origins: list[str] | None = None
+) -> tuple[str, str, str | None] | None:
+    """``(target, accept_key, authorization)`` if ``head`` is a plain WebSocket
+    upgrade that passes the Origin allow-list ``origins``; None for anything
+    else."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -33,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "A WebRTC signaling server. Peers connect over WebSocket to /ws/{topic}, "
             "learn who else is in the topic, and relay offers, answers and ICE candidates "
-            "to one named peer. Plain HTTP: GET /healthz, GET /readyz."
+            "to one named peer. Plain HTTP: GET /healthz, GET /readyz. "
+            "'signaling-sharded token --help' mints auth tokens."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -94,6 +96,45 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a client has to complete the HTTP upgrade",
     )
     parser.add_argument(
+        "--max-peers-per-topic",
+        type=positive_int,
+        default=defaults.max_peers_per_topic,
+        help="peers a topic may hold; the next joiner gets 'topic_full' and close 4009",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=positive_int,
+        default=defaults.max_connections,
+        help="connections a worker may hold; the next gets 'server_full' and close 4029",
+    )
+    parser.add_argument(
+        "--rate-limit",
+        type=positive_float,
+        default=defaults.rate_limit,
+        metavar="PER_SECOND",
+        help=(
+            "messages per second each connection may send (token bucket; default: no "
+            "limit). Over it a message is dropped with 'rate_limited'; 10 violations "
+            "within 10 s disconnect with 4008"
+        ),
+    )
+    parser.add_argument(
+        "--rate-burst",
+        type=positive_float,
+        default=defaults.rate_burst,
+        metavar="MESSAGES",
+        help="burst the rate limit allows (default: one second's worth)",
+    )
+    parser.add_argument(
+        "--auth-secret",
+        default=os.environ.get("SIGNALING_AUTH_SECRET"),
+        metavar="SECRET",
+        help=(
+            "require an HS256 JWT signed with SECRET on every upgrade (query 'token' or "
+            "'Authorization: Bearer'); default: $SIGNALING_AUTH_SECRET, else no auth"
+        ),
+    )
+    parser.add_argument(
         "--allowed-origin",
         action="append",
         default=[],
@@ -118,12 +159,62 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         max_message_size=args.max_message_size,
         max_queue_bytes=args.max_queue_bytes,
         handshake_timeout=args.handshake_timeout,
+        max_peers_per_topic=args.max_peers_per_topic,
+        max_connections=args.max_connections,
+        rate_limit=args.rate_limit,
+        rate_burst=args.rate_burst,
+        auth_secret=args.auth_secret or None,
         allowed_origins=tuple(args.allowed_origin),
     )
 
 
+def build_token_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="signaling-sharded token",
+        description="Print a token (HS256 JWT) for a server started with --auth-secret.",
+    )
+    parser.add_argument(
+        "--secret",
+        default=os.environ.get("SIGNALING_AUTH_SECRET"),
+        help="the server's auth secret (default: $SIGNALING_AUTH_SECRET)",
+    )
+    parser.add_argument(
+        "--topic",
+        action="append",
+        default=[],
+        help="a topic the token may join (repeatable; default: any topic)",
+    )
+    parser.add_argument(
+        "--ttl", type=positive_float, default=3600.0, help="seconds until the token expires"
+    )
+    parser.add_argument(
+        "--metadata", help="JSON value that replaces the peer's ?metadata= (optional)"
+    )
+    return parser
+
+
+def token_main(argv: Sequence[str]) -> None:
+    parser = build_token_parser()
+    args = parser.parse_args(argv)
+    if not args.secret:
+        parser.error("--secret or $SIGNALING_AUTH_SECRET is required")
+    from signaling_sharded import auth
+
+    metadata: object = auth.ABSENT
+    if args.metadata is not None:
+        try:
+            metadata = json.loads(args.metadata)
+        except ValueError:
+            parser.error("--metadata must be JSON")
+    print(auth.mint(args.secret, ttl=args.ttl, topics=args.topic or None, metadata=metadata))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    config = parse_config(argv)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    if arguments[:1] == ["token"]:
+        token_main(arguments[1:])
+        return
+    config = parse_config(arguments)
     configure(config.log_level)
     from signaling_sharded.supervisor import Supervisor
 

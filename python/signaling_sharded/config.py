@@ -25,5 +25,15 @@ class Config:
     close_timeout: float = 2.0
     #: Seconds a drain (SIGTERM) may take before the rest is reset.
     drain_timeout: float = 8.0
+    #: Peers a topic may hold; the next joiner is refused with 4009.
+    max_peers_per_topic: int = 1000
+    #: Connections a worker may hold; the next is refused with 4029.
+    max_connections: int = 50_000
+    #: Messages per second a connection may send (token bucket); None: no limit.
+    rate_limit: float | None = None
+    #: Burst of the token bucket; None: one second's worth.
+    rate_burst: float | None = None
+    #: HS256 secret that tokens are signed with; None: no auth.
+    auth_secret: str | None = None
     #: Origins allowed to connect; empty allows any.
     allowed_origins: tuple[str, ...] = field(default_factory=tuple)

@@ -23,8 +23,8 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
 
-from signaling_sharded import routing
-from signaling_sharded._native import upgrade_request
+from signaling_sharded import auth, routing
+from signaling_sharded._native import Peer, upgrade_request
 from signaling_sharded.logs import log
 
 if TYPE_CHECKING:
@@ -108,10 +108,10 @@ class Handshake(asyncio.Protocol):
         if not (worker.draining or self.unavailable):
             fast = upgrade_request(head, worker.allowed_origins)
             if fast is not None:
-                path, accept = fast
+                path, accept, authorization = fast
                 join = routing.route(path)
                 if isinstance(join, routing.Join):
-                    self.upgrade(worker.switching_protocols(accept), join, rest)
+                    self.upgrade(worker.switching_protocols(accept), join, authorization, rest)
                     return
         protocol = ServerProtocol(
             origins=worker.origins,
@@ -149,7 +149,8 @@ class Handshake(asyncio.Protocol):
             return
         response.headers[WORKER_HEADER] = str(worker.index)
         protocol.send_response(response)
-        self.upgrade(b"".join(protocol.data_to_send()), target, rest)
+        authorization = request.headers.get("Authorization")
+        self.upgrade(b"".join(protocol.data_to_send()), target, authorization, rest)
 
     def answer_endpoint(
         self, protocol: ServerProtocol, request: Request, endpoint: routing.Endpoint
@@ -206,16 +207,38 @@ class Handshake(asyncio.Protocol):
         self.transport.write(data)
         self.close()
 
-    def upgrade(self, response: bytes, join: routing.Join, rest: bytes) -> None:
-        """Send the 101 ``response`` and hand the connection to the hub."""
+    def upgrade(
+        self, response: bytes, join: routing.Join, authorization: str | None, rest: bytes
+    ) -> None:
+        """Send the 101 ``response`` and hand the connection to the hub,
+        which admits it as a peer or refuses it (a bad token, a limit) with
+        an ``error`` and a close code a browser can read."""
         transport = self.transport
         assert transport is not None
+        worker = self.worker
         self.finish()
         transport.write(response)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        peer = self.worker.hub.join(transport, join.topic, join.metadata)
+        metadata = join.metadata
+        if worker.config.auth_secret is not None:
+            token = join.token or auth.bearer(authorization)
+            grant = auth.authorize(worker.config.auth_secret, token, join.topic)
+            if grant is None:
+                self.install(transport, worker.hub.refuse(transport, "unauthorized"), join, rest)
+                return
+            if grant.metadata is not None:
+                metadata = grant.metadata
+        self.install(transport, worker.hub.join(transport, join.topic, metadata), join, rest)
+
+    def install(
+        self, transport: asyncio.Transport, peer: Peer, join: routing.Join, rest: bytes
+    ) -> None:
         # Peer implements the protocol methods in Rust; it is not a subclass.
         transport.set_protocol(cast(asyncio.BaseProtocol, peer))
+        if peer.refused is not None:
+            self.worker.count_handshake_failure(peer.refused)
+            log(logging.INFO, "peer refused", topic=join.topic, reason=peer.refused)
+            return
         log(logging.INFO, "peer joined", peer=peer.peer_id, topic=join.topic)
         if rest:
             peer.data_received(rest)

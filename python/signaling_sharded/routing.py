@@ -24,10 +24,12 @@ ENDPOINTS = frozenset({"/healthz", "/readyz"})
 
 @dataclass(frozen=True)
 class Join:
-    """An upgrade to join ``topic``; ``metadata`` is JSON text or None."""
+    """An upgrade to join ``topic``; ``metadata`` is JSON text or None;
+    ``token`` is the ``token`` query parameter, if any."""
 
     topic: str
     metadata: str | None
+    token: str | None = None
 
 
 @dataclass(frozen=True)
@@ -54,18 +56,19 @@ def route(target: str) -> Route:
     if topic is None:
         return Refusal(400, "invalid topic: 1 to 256 bytes of UTF-8, without '/'")
     try:
-        values = parse_qs(query, keep_blank_values=True, errors="strict").get("metadata")
+        params = parse_qs(query, keep_blank_values=True, errors="strict")
     except UnicodeDecodeError:
         return Refusal(400, "invalid query: not UTF-8")
-    if values is None:
-        return Join(topic, None)
-    metadata = values[0]
+    token = params["token"][0] if "token" in params else None
+    if "metadata" not in params:
+        return Join(topic, None, token)
+    metadata = params["metadata"][0]
     if len(metadata.encode()) > MAX_METADATA_BYTES:
         return Refusal(400, "invalid metadata: over 1 KiB")
     parsed = parse_metadata(metadata)
     if parsed is None:
         return Refusal(400, "invalid metadata: not JSON")
-    return Join(topic, parsed)
+    return Join(topic, parsed, token)
 
 
 def parse_topic(segment: str) -> str | None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from signaling_sharded import auth
 from signaling_sharded.config import Config
 from signaling_sharded.logs import log
 from signaling_sharded.worker import EXIT_BOOT_ERROR, run
@@ -88,6 +89,12 @@ class Supervisor:
     def run(self) -> int:
         """Serve until drained; returns the process exit code."""
         check_migrate_req()
+        if self.config.auth_secret is not None and auth.weak_secret(self.config.auth_secret):
+            log(
+                logging.WARNING,
+                f"the auth secret is shorter than {auth.MIN_SECRET_BYTES} bytes, "
+                "the minimum RFC 7518 recommends for HS256",
+            )
         wake_read, wake_write = os.pipe()
         os.set_blocking(wake_write, False)
         os.set_blocking(wake_read, False)

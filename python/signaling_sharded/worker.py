@@ -83,6 +83,10 @@ class Worker:
             ping_timeout=config.ping_timeout,
             close_timeout=config.close_timeout,
             on_left=self.on_left,
+            max_peers_per_topic=config.max_peers_per_topic,
+            max_connections=config.max_connections,
+            rate_limit=config.rate_limit,
+            rate_burst=config.rate_burst,
         )
         # What ServerProtocol checks Origin against; None (no Origin header,
         # a native client) always passes the allow-list.
