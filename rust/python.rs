@@ -20,7 +20,8 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use crate::engine::{Action, Config, Engine, Outbox, RateLimit, Refusal};
-use crate::message;
+use crate::frame::{Event, Fault, Flow, FrameReader};
+use crate::message::{self, Inbound};
 use crate::topic_hash as hashing;
 use crate::upgrade;
 
@@ -339,6 +340,59 @@ fn parse_metadata(text: &str) -> Option<&str> {
     message::parse_metadata(text)
 }
 
+/// The events a server reads from `data`, a stream of client frames, and
+/// the close code of the fault that stopped it, if any. Exposed for tests
+/// (property and differential tests from Python); the server itself never
+/// calls it.
+#[pyfunction]
+fn frame_events<'py>(
+    py: Python<'py>,
+    data: &[u8],
+    max_message: usize,
+) -> PyResult<(Vec<(&'static str, Bound<'py, PyAny>)>, Option<u16>)> {
+    let mut events = Vec::new();
+    let mut failure = None;
+    let mut scratch = Vec::new();
+    let result = FrameReader::default().feed(data, max_message, &mut scratch, |event| {
+        let converted = match event {
+            Event::Text(text) => ("text", text.into_pyobject(py).map(Bound::into_any)),
+            Event::Binary => ("binary", Ok(py.None().into_bound(py))),
+            Event::Ping(payload) => ("ping", Ok(PyBytes::new(py, payload).into_any())),
+            Event::Pong => ("pong", Ok(py.None().into_bound(py))),
+            Event::Close(code) => ("close", code.into_pyobject(py).map(Bound::into_any)),
+        };
+        match converted {
+            (kind, Ok(value)) => events.push((kind, value)),
+            (_, Err(err)) => failure = Some(err),
+        }
+        Flow::Continue
+    });
+    if let Some(err) = failure {
+        return Err(err.into());
+    }
+    Ok((events, result.err().map(Fault::close_code)))
+}
+
+/// How the server answers one client text message: `("relay", type)`,
+/// `("ping", None)` or `("error", code)`, with the `msgId` it would echo.
+/// Exposed for tests.
+#[pyfunction]
+fn message_answer(text: &str) -> (&'static str, Option<&'static str>, Option<String>) {
+    match message::parse_inbound(text) {
+        Ok(Inbound::Relay { kind, msg_id, .. }) => (
+            "relay",
+            Some(kind.name()),
+            msg_id.map(|raw| raw.get().to_owned()),
+        ),
+        Ok(Inbound::Ping { msg_id }) => ("ping", None, msg_id.map(|raw| raw.get().to_owned())),
+        Err(rejected) => (
+            "error",
+            Some(rejected.code.code()),
+            rejected.msg_id.map(|raw| raw.get().to_owned()),
+        ),
+    }
+}
+
 #[pymodule(gil_used = false)]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Hub>()?;
@@ -347,5 +401,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(topic_owner, m)?)?;
     m.add_function(wrap_pyfunction!(parse_metadata, m)?)?;
     m.add_function(wrap_pyfunction!(upgrade_request, m)?)?;
+    m.add_function(wrap_pyfunction!(frame_events, m)?)?;
+    m.add_function(wrap_pyfunction!(message_answer, m)?)?;
     Ok(())
 }

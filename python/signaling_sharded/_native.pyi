@@ -3,7 +3,16 @@
 from collections.abc import Callable
 from typing import Any, final
 
-__all__ = ["Hub", "Peer", "parse_metadata", "topic_hash", "topic_owner", "upgrade_request"]
+__all__ = [
+    "Hub",
+    "Peer",
+    "frame_events",
+    "message_answer",
+    "parse_metadata",
+    "topic_hash",
+    "topic_owner",
+    "upgrade_request",
+]
 
 @final
 class Hub:
@@ -77,3 +86,14 @@ def upgrade_request(
     """``(target, accept_key, authorization)`` if ``head`` is a plain WebSocket
     upgrade that passes the Origin allow-list ``origins``; None for anything
     else."""
+
+def frame_events(data: bytes, max_message: int) -> tuple[list[tuple[str, Any]], int | None]:
+    """For tests: the events read from ``data`` (client frames) as
+    ``(kind, value)`` pairs (``text``: str, ``binary``: None, ``ping``: bytes,
+    ``pong``: None, ``close``: int or None), and the close code of the fault
+    that stopped reading, or None."""
+
+def message_answer(text: str) -> tuple[str, str | None, str | None]:
+    """For tests: ``("relay", type, msgId)``, ``("ping", None, msgId)`` or
+    ``("error", code, msgId)`` for one client text message; ``msgId`` is the
+    raw JSON text the server would echo."""
