@@ -340,6 +340,9 @@ fn parse_metadata(text: &str) -> Option<&str> {
     message::parse_metadata(text)
 }
 
+/// Events as `(kind, value)` pairs, and the close code of a fault.
+type FrameEvents<'py> = (Vec<(&'static str, Bound<'py, PyAny>)>, Option<u16>);
+
 /// The events a server reads from `data`, a stream of client frames, and
 /// the close code of the fault that stopped it, if any. Exposed for tests
 /// (property and differential tests from Python); the server itself never
@@ -349,7 +352,7 @@ fn frame_events<'py>(
     py: Python<'py>,
     data: &[u8],
     max_message: usize,
-) -> PyResult<(Vec<(&'static str, Bound<'py, PyAny>)>, Option<u16>)> {
+) -> PyResult<FrameEvents<'py>> {
     let mut events = Vec::new();
     let mut failure = None;
     let mut scratch = Vec::new();
