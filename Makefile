@@ -38,13 +38,15 @@ run: build ## Build and start the server with 4 workers on port $$PORT or 8081 (
 .PHONY: test
 test: build ## Run every test: cargo test, then pytest against the real server
 	cargo test --quiet
+	cargo build --release --quiet -p signaling-bench
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 .PHONY: lint
 lint: build ## ruff, mypy (with stubtest), cargo fmt --check, clippy -D warnings
-	$(BIN)/ruff check python tests
-	$(BIN)/ruff format --check python tests
+	$(BIN)/ruff check python tests bench
+	$(BIN)/ruff format --check python tests bench
 	$(BIN)/mypy
+	$(BIN)/mypy --strict bench/run.py bench/soak.py
 	$(PY) -m mypy.stubtest signaling_sharded._native
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
@@ -59,6 +61,11 @@ bench: build ## Every bench scenario, ours vs the Go design on one pinned core e
 	$(PY) -m pip install -q matplotlib
 	cargo build --release --quiet -p signaling-bench
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+.PHONY: soak
+soak: build ## Churn for 10 min (SOAK_SECONDS) against 2 workers; fail on leaks or ghosts
+	cargo build --release --quiet -p signaling-bench
+	$(PY) bench/soak.py
 
 .PHONY: clean
 clean: ## Remove build products and the venv

@@ -1,0 +1,123 @@
+"""signaling-bench against the real server: every scenario runs briefly and reports sane fields.
+
+Speed is not asserted here (`make bench` measures it); these tests keep the load
+generator and its report working. The binary is built once per test run if missing.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Server
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "target" / "release" / "signaling-bench"
+
+
+@pytest.fixture(scope="session")
+def bench_binary() -> Path:
+    """The release build of signaling-bench, built here if it is not there yet."""
+    if not BENCH.exists():
+        if shutil.which("cargo") is None:
+            pytest.fail(f"{BENCH} not found and cargo is not installed to build it")
+        subprocess.run(
+            ["cargo", "build", "--release", "--quiet", "-p", "signaling-bench"],
+            cwd=ROOT,
+            check=True,
+            timeout=900,
+        )
+    return BENCH
+
+
+def bench(binary: Path, server: Server, scenario: str, *args: str) -> dict[str, Any]:
+    """Runs one scenario against *server* and returns its JSON report."""
+    done = subprocess.run(
+        [
+            str(binary),
+            scenario,
+            f"--url=ws://127.0.0.1:{server.port}",
+            f"--server-pid={server.proc.pid}",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 1, done.stdout
+    report: dict[str, Any] = json.loads(lines[0])
+    assert report["scenario"] == scenario
+    assert report["server_pid"] == server.proc.pid
+    return report
+
+
+def test_relay(bench_binary: Path, server: Server) -> None:
+    r = bench(
+        bench_binary,
+        server,
+        "relay",
+        "--topics=2",
+        "--peers=2",
+        "--window=2",
+        "--duration=2",
+        "--warmup=1",
+    )
+    assert r["connections"] == 4
+    assert r["relays"] > 0
+    assert r["relays"] == 2 * r["round_trips"]
+    assert r["relays_per_s"] > 0
+    assert 0 < r["rtt_p50_us"] <= r["rtt_p90_us"] <= r["rtt_p99_us"] <= r["rtt_max_us"]
+    assert r["errors"] == {}
+    assert r["errors_total"] == 0
+    assert r["timeouts"] == 0
+    assert r["bad_messages"] == 0
+    assert r["disconnects"] == 0
+    assert r["server_processes"] >= 2  # the supervisor and its worker
+    assert r["server_cpu_s"] > 0
+    assert r["server_cpu_us_per_relay"] > 0
+    assert r["client_cpu_s"] > 0
+
+
+def test_connect(bench_binary: Path, server: Server) -> None:
+    r = bench(bench_binary, server, "connect", "--connections=50", "--concurrency=10", "--topics=5")
+    assert r["joined"] == r["connections"] == 50
+    assert r["failed"] == 0
+    assert r["failures"] == {}
+    assert r["connections_per_s"] > 0
+    assert 0 < r["join_p50_us"] <= r["join_p99_us"] <= r["join_max_us"]
+    assert r["rss_total_kib"] > 0
+    assert isinstance(r["rss_per_connection_bytes"], (int, float))
+    assert r["server_cpu_s"] is not None
+
+
+def test_churn(bench_binary: Path, server: Server) -> None:
+    r = bench(bench_binary, server, "churn", "--duration=2", "--clients=10", "--topics=3")
+    assert r["joins"] > 0
+    assert r["leaves_close"] + r["leaves_drop"] > 0
+    assert r["errors_total"] == 0
+    assert r["impossible_events"] == {}
+    assert r["observer_disconnects"] == 0
+    assert r["ghosts"] == 0
+    assert r["views_checked"] > 0
+    assert r["inconsistent_views"] == 0
+    assert r["missing_entries"] == r["extra_entries"] == 0
+
+
+def test_fanout(bench_binary: Path, server: Server) -> None:
+    r = bench(bench_binary, server, "fanout", "--peers=50", "--timeout=20")
+    assert r["joined"] == 50
+    assert r["join_failures"] == {}
+    assert not r["timed_out"]
+    assert r["all_complete_s"] is not None
+    assert r["views_checked"] == r["exact_views"] == r["complete"] == 50
+    assert r["incomplete_views"] == 0
+    assert r["missing_entries"] == r["extra_entries"] == 0
+    assert r["disconnected"] == 0
+    assert r["impossible_events"] == {}
+    assert r["error_messages"] == 0
