@@ -380,16 +380,9 @@ async fn peer_task(
             biased;
             item = ws.next() => {
                 let now = Instant::now();
-                match item {
-                    Some(Ok(msg)) => peer.handle(msg, now),
-                    other => {
-                        peer.stats.disconnect = Some(describe_end(other));
-                        open = false;
-                        break 'conn;
-                    }
-                }
                 // Everything already buffered is handled before writing.
-                while let Some(item) = ws.next().now_or_never() {
+                let mut next = Some(item);
+                while let Some(item) = next {
                     match item {
                         Some(Ok(msg)) => peer.handle(msg, now),
                         other => {
@@ -398,6 +391,7 @@ async fn peer_task(
                             break 'conn;
                         }
                     }
+                    next = ws.next().now_or_never();
                 }
             }
             _ = &mut tick => {
