@@ -21,7 +21,7 @@ $(BIN)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "maturin>=1.8,<2" "websockets>=16.0" "uvloop>=0.21.0" "PyJWT>=2.8.0" \
-		"pytest>=8.3" "pytest-timeout>=2.3" "ruff>=0.11" "mypy>=1.15"
+		"pytest>=8.3" "pytest-timeout>=2.3" "hypothesis>=6.100" "ruff>=0.11" "mypy>=1.15"
 	touch $@
 
 $(BIN)/.built: $(BIN)/.deps $(RUST_SOURCES) $(PY_SOURCES)

@@ -282,7 +282,9 @@ fn parse_close_payload(payload: &[u8]) -> Result<Option<u16>, Fault> {
         [_] => Err(Fault::Protocol),
         [high, low, reason @ ..] => {
             let code = u16::from_be_bytes([*high, *low]);
-            if !CloseCode::from(code).is_allowed() {
+            // tungstenite's table predates 1014 (Bad Gateway, in the IANA
+            // registry of RFC 6455 close codes); a peer may send it.
+            if !(CloseCode::from(code).is_allowed() || code == 1014) {
                 return Err(Fault::Protocol);
             }
             std::str::from_utf8(reason).map_err(|_| Fault::InvalidUtf8)?;

@@ -467,6 +467,21 @@ class RawClient:
             if frame.opcode == OP_CLOSE:
                 return close_code_of(frame.payload)
 
+    def read_until_close(self, timeout: float = TIMEOUT) -> tuple[list[dict[str, Any]], int]:
+        """Every text message up to the server's close frame, and the close's status code."""
+        deadline = time.monotonic() + timeout
+        messages: list[dict[str, Any]] = []
+        while True:
+            try:
+                frame = self.recv_frame(deadline - time.monotonic())
+            except EOFError:
+                raise AssertionError(f"no close frame after {messages}") from None
+            if frame.opcode == OP_CLOSE:
+                return messages, close_code_of(frame.payload)
+            if frame.opcode == OP_TEXT:
+                assert frame.fin, "the server fragments nothing"
+                messages.append(json.loads(frame.payload))
+
     def wait_disconnected(self, timeout: float = TIMEOUT) -> None:
         """Read (never answering pings) until the server closes the connection."""
         deadline = time.monotonic() + timeout

@@ -98,6 +98,9 @@ class Handshake(asyncio.Protocol):
             if len(self.buffer) > MAX_HEAD_BYTES:
                 self.refuse_raw(431, "request header fields too large")
             return
+        if end + 4 > MAX_HEAD_BYTES:
+            self.refuse_raw(431, "request header fields too large")
+            return
         head = bytes(self.buffer[: end + 4])
         rest = bytes(self.buffer[end + 4 :])
         self.buffer = bytearray()
@@ -149,7 +152,9 @@ class Handshake(asyncio.Protocol):
             return
         response.headers[WORKER_HEADER] = str(worker.index)
         protocol.send_response(response)
-        authorization = request.headers.get("Authorization")
+        # A repeated header is no credential (and .get() would raise on it).
+        values = request.headers.get_all("Authorization")
+        authorization = values[0] if len(values) == 1 else None
         self.upgrade(b"".join(protocol.data_to_send()), target, authorization, rest)
 
     def answer_endpoint(
