@@ -94,13 +94,12 @@ class Handshake(asyncio.Protocol):
             return  # answered already; the socket is closing
         self.buffer += data
         end = self.buffer.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self.buffer) > MAX_HEAD_BYTES:
-                self.refuse_raw(431, "request header fields too large")
-            return
-        if end + 4 > MAX_HEAD_BYTES:
+        head_length = len(self.buffer) if end < 0 else end + 4
+        if head_length > MAX_HEAD_BYTES:
             self.refuse_raw(431, "request header fields too large")
             return
+        if end < 0:
+            return  # wait for the rest of the head
         head = bytes(self.buffer[: end + 4])
         rest = bytes(self.buffer[end + 4 :])
         self.buffer = bytearray()
