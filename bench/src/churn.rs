@@ -512,13 +512,7 @@ fn summary(r: &Report, notes: &[(&str, String)]) -> Table {
             r.joins, r.duration_s, r.joins_per_s, r.leaves_close, r.leaves_drop
         ),
     );
-    t.line(
-        "join us",
-        format!(
-            "p50 {}  p99 {}  max {}",
-            r.join_p50_us, r.join_p99_us, r.join_max_us
-        ),
-    );
+    t.join_latency(r.join_p50_us, r.join_p99_us, r.join_max_us);
     t.line(
         "errors",
         format!("{}  ({})", r.errors_total, format_counts(&r.errors)),

@@ -302,6 +302,11 @@ impl Table {
         self.0.push_str(&format!("  {label:<12} {value}\n"));
     }
 
+    /// The `join us` line: join latency percentiles in microseconds.
+    pub fn join_latency(&mut self, p50: u32, p99: u32, max: u32) {
+        self.line("join us", format!("p50 {p50}  p99 {p99}  max {max}"));
+    }
+
     pub fn text(&self) -> &str {
         &self.0
     }

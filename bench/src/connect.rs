@@ -592,13 +592,7 @@ fn summary(r: &Report, first_failure: Option<&str>) -> Table {
             r.joined, r.connections, r.connect_s, r.connections_per_s
         ),
     );
-    t.line(
-        "join us",
-        format!(
-            "p50 {}  p99 {}  max {}",
-            r.join_p50_us, r.join_p99_us, r.join_max_us
-        ),
-    );
+    t.join_latency(r.join_p50_us, r.join_p99_us, r.join_max_us);
     t.line(
         "failures",
         format!("{}  ({})", r.failed, format_counts(&r.failures)),

@@ -303,13 +303,7 @@ fn summary(r: &Report, first_failure: Option<&str>) -> Table {
     if let Some(detail) = first_failure {
         t.line("first", detail);
     }
-    t.line(
-        "join us",
-        format!(
-            "p50 {}  p99 {}  max {}",
-            r.join_p50_us, r.join_p99_us, r.join_max_us
-        ),
-    );
+    t.join_latency(r.join_p50_us, r.join_p99_us, r.join_max_us);
     let all = match r.all_complete_s {
         Some(s) => format!("all complete after {s:.3} s"),
         None if r.timed_out => format!("NOT all complete after the {} s timeout", r.timeout_s),
