@@ -13,6 +13,13 @@ from signaling_sharded.config import Config
 from signaling_sharded.logs import configure
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (taskset, cpusets), not all the machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
 def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -50,10 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--workers",
         type=positive_int,
-        default=os.cpu_count() or 1,
+        default=usable_cpus(),
         help=(
             "worker processes; topics are sharded over them by a stable hash "
-            "(default: the number of CPUs)"
+            "(default: the number of CPUs this process may use)"
         ),
     )
     parser.add_argument(
