@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from signaling_sharded import __version__
 from signaling_sharded.config import Config
@@ -34,9 +35,36 @@ def positive_int(text: str) -> int:
     return value
 
 
+ENV_PREFIX = "SIGNALING_"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def env_name(flag: str) -> str:
+    """The environment variable of ``--some-flag``: ``SIGNALING_SOME_FLAG``."""
+    return ENV_PREFIX + flag.removeprefix("--").upper().replace("-", "_")
+
+
+class EnvArgumentParser(argparse.ArgumentParser):
+    """Every ``--flag`` also takes its default from ``SIGNALING_FLAG``, so
+    containers and service managers can configure the server without a
+    command line. A repeatable flag takes a comma-separated list; the
+    command line still wins."""
+
+    def add_argument(self, *names: Any, **kwargs: Any) -> argparse.Action:
+        flag = next((name for name in names if str(name).startswith("--")), None)
+        if flag is not None and kwargs.get("action") not in ("version", "help"):
+            variable = env_name(flag)
+            value = os.environ.get(variable)
+            if value is not None:
+                repeated = kwargs.get("action") == "append"
+                kwargs["default"] = [v for v in value.split(",") if v] if repeated else value
+            kwargs["help"] = f"{kwargs.get('help', '')} [env {variable}]"
+        return super().add_argument(*names, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = Config()
-    parser = argparse.ArgumentParser(
+    parser = EnvArgumentParser(
         prog="signaling-sharded",
         description=(
             "A WebRTC signaling server. Peers connect over WebSocket to /ws/{topic}, "
@@ -66,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level",
         default=defaults.log_level,
-        choices=["debug", "info", "warning", "error"],
+        choices=LOG_LEVELS,
         help="JSON-lines logs on stdout at this level and above",
     )
     parser.add_argument(
@@ -134,11 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--auth-secret",
-        default=os.environ.get("SIGNALING_AUTH_SECRET"),
+        default=None,
         metavar="SECRET",
         help=(
             "require an HS256 JWT signed with SECRET on every upgrade (query 'token' or "
-            "'Authorization: Bearer'); default: $SIGNALING_AUTH_SECRET, else no auth"
+            "'Authorization: Bearer'); default: no auth. Prefer the environment variable, "
+            "which keeps the secret out of the process list"
         ),
     )
     parser.add_argument(
@@ -155,7 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_config(argv: Sequence[str] | None = None) -> Config:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # argparse checks choices on the command line only, not on defaults.
+    if args.log_level not in LOG_LEVELS:
+        parser.error(f"--log-level: {args.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
     return Config(
         host=args.host,
         port=args.port,
