@@ -15,12 +15,13 @@
 
 use std::mem;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rustc_hash::FxHashMap;
 use serde_json::value::RawValue;
 
 use crate::frame::{self, Event, Flow, FrameReader};
+use crate::ice::IceServers;
 use crate::message::{self, ErrorCode, Inbound};
 use crate::registry::{PeerId, Registry};
 
@@ -45,6 +46,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Messages per second each connection may send; `None` for no limit.
     pub rate_limit: Option<RateLimit>,
+    /// STUN and TURN servers announced in `welcome`.
+    pub ice: IceServers,
 }
 
 /// A token bucket: `per_second` messages a second on average, bursts of up
@@ -70,6 +73,7 @@ impl Default for Config {
             max_peers_per_topic: 1000,
             max_connections: 50_000,
             rate_limit: None,
+            ice: IceServers::default(),
         }
     }
 }
@@ -337,7 +341,11 @@ impl<W> Engine<W> {
         let member = self.registry.member(conn).expect("just joined");
         let topic = Arc::clone(&member.topic);
         let greeting = out.private(conn);
-        message::push_welcome(greeting, peer.as_str(), &self.ping_interval_text);
+        let unix_now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let ice = self.config.ice.welcome_field(peer.as_str(), unix_now);
+        message::push_welcome(greeting, peer.as_str(), &self.ping_interval_text, &ice);
         let others = self.registry.members(&topic);
         let others = &others[..others.len() - 1];
         message::push_peer_list(

@@ -3,6 +3,7 @@
 //! Pure modules, tested by `cargo test` without Python:
 //! - [`frame`]: WebSocket frames of an open connection (RFC 6455);
 //! - [`message`]: the protocol's JSON messages, parsed and written;
+//! - [`ice`]: the ICE servers and TURN credentials of `welcome`;
 //! - [`registry`]: topics and their peers;
 //! - [`engine`]: one worker's connections and the relay hot path;
 //! - [`topic_hash`]: the stable topic hash that shards topics over workers;
@@ -13,6 +14,7 @@
 
 pub mod engine;
 pub mod frame;
+pub mod ice;
 pub mod message;
 pub mod registry;
 pub mod topic_hash;

@@ -281,8 +281,9 @@ pub fn push_pong_message(out: &mut Vec<u8>, msg_id: Option<&RawValue>) {
     push_text(out, &[b"{\"type\":\"pong\"", id_key, id, b"}"]);
 }
 
-/// `{"type":"welcome","selfId":...,"pingInterval":...}`
-pub fn push_welcome(out: &mut Vec<u8>, self_id: &str, ping_interval: &str) {
+/// `{"type":"welcome","selfId":...,"pingInterval":...}`, with `extra` (more
+/// fields, each with its leading comma) before the closing brace.
+pub fn push_welcome(out: &mut Vec<u8>, self_id: &str, ping_interval: &str, extra: &str) {
     push_text(
         out,
         &[
@@ -290,6 +291,7 @@ pub fn push_welcome(out: &mut Vec<u8>, self_id: &str, ping_interval: &str) {
             self_id.as_bytes(),
             b"\",\"pingInterval\":",
             ping_interval.as_bytes(),
+            extra.as_bytes(),
             b"}",
         ],
     );
@@ -492,7 +494,7 @@ mod tests {
         push_peer_left(&mut out, "A");
         assert_eq!(body(&out), r#"{"type":"peer-left","peerId":"A"}"#);
         out.clear();
-        push_welcome(&mut out, "A", "30");
+        push_welcome(&mut out, "A", "30", "");
         assert_eq!(
             body(&out),
             r#"{"type":"welcome","selfId":"A","pingInterval":30}"#

@@ -21,6 +21,7 @@ use pyo3::types::PyBytes;
 
 use crate::engine::{Action, Config, Engine, Outbox, RateLimit, Refusal};
 use crate::frame::{Event, Fault, Flow, FrameReader};
+use crate::ice::IceServers;
 use crate::message::{self, Inbound};
 use crate::topic_hash as hashing;
 use crate::upgrade;
@@ -136,6 +137,10 @@ impl Hub {
         max_connections = 50_000,
         rate_limit = None,
         rate_burst = None,
+        stun_uris = Vec::new(),
+        turn_uris = Vec::new(),
+        turn_secret = None,
+        turn_ttl = 86_400,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -149,7 +154,20 @@ impl Hub {
         max_connections: usize,
         rate_limit: Option<f64>,
         rate_burst: Option<f64>,
+        stun_uris: Vec<String>,
+        turn_uris: Vec<String>,
+        turn_secret: Option<String>,
+        turn_ttl: u64,
     ) -> PyResult<Self> {
+        if !turn_uris.is_empty() && turn_secret.is_none() {
+            return Err(PyValueError::new_err("turn_uris need a turn_secret"));
+        }
+        let ice = IceServers {
+            stun_uris,
+            turn_uris,
+            turn_secret: turn_secret.unwrap_or_default().into_bytes(),
+            turn_ttl,
+        };
         let rate_limit = match rate_limit {
             None => None,
             Some(per_second) if per_second > 0.0 && per_second.is_finite() => Some(RateLimit {
@@ -167,6 +185,7 @@ impl Hub {
             max_peers_per_topic,
             max_connections,
             rate_limit,
+            ice,
         };
         Ok(Self {
             core: Mutex::new(Core {

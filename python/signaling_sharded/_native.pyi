@@ -31,6 +31,10 @@ class Hub:
         max_connections: int = 50000,
         rate_limit: float | None = None,
         rate_burst: float | None = None,
+        stun_uris: list[str] = ...,
+        turn_uris: list[str] = ...,
+        turn_secret: str | None = None,
+        turn_ttl: int = 86400,
     ) -> Hub: ...
     def join(self, transport: Any, topic: str, metadata: str | None = None) -> Peer:
         """Add the upgraded connection on ``transport`` to ``topic``.

@@ -171,6 +171,36 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
+        "--stun-uri",
+        action="append",
+        default=[],
+        metavar="URI",
+        help="STUN server announced in welcome's iceServers (repeatable), e.g. stun:stun.example",
+    )
+    parser.add_argument(
+        "--turn-uri",
+        action="append",
+        default=[],
+        metavar="URI",
+        help=(
+            "TURN server announced in welcome's iceServers with per-peer credentials "
+            "(repeatable), e.g. turn:turn.example.org:3478?transport=udp; needs --turn-secret"
+        ),
+    )
+    parser.add_argument(
+        "--turn-secret",
+        default=None,
+        metavar="SECRET",
+        help="the TURN server's shared secret (coturn: use-auth-secret, static-auth-secret)",
+    )
+    parser.add_argument(
+        "--turn-ttl",
+        type=positive_int,
+        default=defaults.turn_ttl,
+        metavar="SECONDS",
+        help="seconds a TURN credential stays valid",
+    )
+    parser.add_argument(
         "--allowed-origin",
         action="append",
         default=[],
@@ -186,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_config(argv: Sequence[str] | None = None) -> Config:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.turn_uri and not args.turn_secret:
+        parser.error("--turn-uri needs --turn-secret")
     # argparse checks choices on the command line only, not on defaults.
     if args.log_level not in LOG_LEVELS:
         parser.error(f"--log-level: {args.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
@@ -204,6 +236,10 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         rate_limit=args.rate_limit,
         rate_burst=args.rate_burst,
         auth_secret=args.auth_secret or None,
+        stun_uris=tuple(args.stun_uri),
+        turn_uris=tuple(args.turn_uri),
+        turn_secret=args.turn_secret or None,
+        turn_ttl=args.turn_ttl,
         allowed_origins=tuple(args.allowed_origin),
     )
 

@@ -35,5 +35,13 @@ class Config:
     rate_burst: float | None = None
     #: HS256 secret that tokens are signed with; None: no auth.
     auth_secret: str | None = None
+    #: STUN server URIs announced in welcome's iceServers.
+    stun_uris: tuple[str, ...] = field(default_factory=tuple)
+    #: TURN server URIs; each peer gets time-limited credentials for them.
+    turn_uris: tuple[str, ...] = field(default_factory=tuple)
+    #: coturn's static-auth-secret (use-auth-secret) the credentials derive from.
+    turn_secret: str | None = None
+    #: Seconds a TURN credential stays valid.
+    turn_ttl: int = 86_400
     #: Origins allowed to connect; empty allows any.
     allowed_origins: tuple[str, ...] = field(default_factory=tuple)

@@ -87,6 +87,10 @@ class Worker:
             max_connections=config.max_connections,
             rate_limit=config.rate_limit,
             rate_burst=config.rate_burst,
+            stun_uris=list(config.stun_uris),
+            turn_uris=list(config.turn_uris),
+            turn_secret=config.turn_secret,
+            turn_ttl=config.turn_ttl,
         )
         # What ServerProtocol checks Origin against; None (no Origin header,
         # a native client) always passes the allow-list.
