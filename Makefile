@@ -35,6 +35,10 @@ build: $(BIN)/.built ## Build the Rust core and install the package into .venv
 run: build ## Build and start the server with 4 workers on port $$PORT or 8081 (ARGS= adds flags)
 	$(BIN)/signaling-sharded --workers 4 $(ARGS)
 
+.PHONY: wheel
+wheel: $(BIN)/.deps ## Build the abi3 wheel (one wheel for CPython 3.9+) into dist/
+	$(BIN)/maturin build --release --out dist
+
 .PHONY: test
 test: build ## Run every test: cargo test, then pytest against the real server
 	cargo test --quiet

@@ -41,9 +41,9 @@ def free_port() -> int:
 class Server:
     """A `signaling-sharded` process; its stdout and stderr go to files in *log_dir*."""
 
-    def __init__(self, log_dir: Path, *args: str) -> None:
-        if not EXECUTABLE.exists():
-            pytest.fail(f"{EXECUTABLE} not found: run `make build` first")
+    def __init__(self, log_dir: Path, *args: str, executable: Path = EXECUTABLE) -> None:
+        if not executable.exists():
+            pytest.fail(f"{executable} not found: run `make build` first")
         self.port = free_port()
         self.args = ("--host", "127.0.0.1", "--port", str(self.port), *args)
         self.stdout_path = log_dir / f"server-{self.port}.out"
@@ -51,7 +51,7 @@ class Server:
         with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
             # Its own process group, so that a forced kill reaches its workers too.
             self.proc = subprocess.Popen(
-                [str(EXECUTABLE), *self.args], stdout=out, stderr=err, start_new_session=True
+                [str(executable), *self.args], stdout=out, stderr=err, start_new_session=True
             )
 
     def url(self, topic: str, **query: str) -> str:
