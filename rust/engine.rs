@@ -452,13 +452,8 @@ impl<W> Engine<W> {
             }
             Event::Pong => {}
             Event::Close(code) => {
-                self.leave(conn, LeaveReason::Closed, out);
-                let c = self.conns.get_mut(&conn).expect("open connection");
-                c.state = State::Done;
-                c.queue = Vec::new();
-                let mut reply = Vec::new();
-                frame::push_close(&mut reply, code.unwrap_or(frame::CLOSE_NORMAL), "");
-                out.private(conn).extend_from_slice(&reply);
+                self.end(conn, LeaveReason::Closed, out);
+                frame::push_close(out.private(conn), code.unwrap_or(frame::CLOSE_NORMAL), "");
                 out.act(conn, Action::Close);
                 return Flow::Stop;
             }
@@ -670,13 +665,23 @@ impl<W> Engine<W> {
         }
     }
 
+    /// The peer leaves its topic (if it still was in one) and its socket is
+    /// on its way out: nothing more is read from or queued for it. Returns
+    /// whether the connection was not already ending so.
+    fn end(&mut self, conn: u64, reason: LeaveReason, out: &mut Outbox) -> bool {
+        self.leave(conn, reason, out);
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return false;
+        };
+        c.queue = Vec::new();
+        let was_done = c.state == State::Done;
+        c.state = State::Done;
+        !was_done
+    }
+
     /// The client half-closed its side (or finished our close handshake).
     pub fn eof(&mut self, conn: u64, out: &mut Outbox) {
-        self.leave(conn, LeaveReason::Disconnected, out);
-        if let Some(c) = self.conns.get_mut(&conn) {
-            c.state = State::Done;
-            c.queue = Vec::new();
-        }
+        self.end(conn, LeaveReason::Disconnected, out);
         self.close_doomed(Instant::now(), out);
     }
 
@@ -738,11 +743,7 @@ impl<W> Engine<W> {
             }
         }
         for (conn, reason) in dead {
-            self.leave(conn, reason, out);
-            if let Some(c) = self.conns.get_mut(&conn) {
-                c.state = State::Done;
-                c.queue = Vec::new();
-            }
+            self.end(conn, reason, out);
             out.act(conn, Action::Abort);
         }
         self.close_doomed(now, out);
@@ -765,12 +766,8 @@ impl<W> Engine<W> {
     pub fn abort_all(&mut self, out: &mut Outbox) {
         let conns: Vec<u64> = self.conns.keys().copied().collect();
         for conn in conns {
-            self.leave(conn, LeaveReason::Shutdown, out);
-            if let Some(c) = self.conns.get_mut(&conn) {
-                if c.state != State::Done {
-                    c.state = State::Done;
-                    out.act(conn, Action::Abort);
-                }
+            if self.end(conn, LeaveReason::Shutdown, out) {
+                out.act(conn, Action::Abort);
             }
         }
     }
