@@ -23,6 +23,7 @@ use serde_json::value::RawValue;
 use crate::frame::{self, Event, Flow, FrameReader};
 use crate::ice::IceServers;
 use crate::message::{self, ErrorCode, Inbound};
+use crate::metrics::{cell, family, relay, Recorder};
 use crate::registry::{PeerId, Registry};
 
 /// Close code for a peer that cannot keep up with what it is sent.
@@ -250,10 +251,17 @@ pub struct Engine<W> {
     /// Connections found over their bound by a must-deliver write; closed
     /// once the write that found them is done.
     doomed: Vec<u64>,
+    metrics: Recorder,
 }
 
 impl<W> Engine<W> {
     pub fn new(config: Config) -> Self {
+        Self::with_metrics(config, Recorder::default())
+    }
+
+    /// An engine counting into `metrics` (its worker's row of the table
+    /// every worker maps).
+    pub fn with_metrics(config: Config, metrics: Recorder) -> Self {
         let ping_interval_text = format!("{}", config.ping_interval.as_secs_f64());
         Self {
             config,
@@ -263,11 +271,36 @@ impl<W> Engine<W> {
             next_conn: 1,
             scratch: Vec::new(),
             doomed: Vec::new(),
+            metrics,
         }
     }
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    pub fn metrics(&self) -> &Recorder {
+        &self.metrics
+    }
+
+    /// Writes the gauges (connections, peers, topics) into the metrics.
+    pub fn record_gauges(&self) {
+        let connections = self.conns.len() as u64;
+        self.metrics.set(cell(family::CONNECTIONS, 0), connections);
+        self.metrics
+            .set(cell(family::WORKER_CONNECTIONS, 0), connections);
+        self.metrics
+            .set(cell(family::PEERS, 0), self.registry.member_count() as u64);
+        self.metrics
+            .set(cell(family::TOPICS, 0), self.registry.topic_count() as u64);
+    }
+
+    fn count_error(&self, code: ErrorCode) {
+        self.metrics.add(cell(family::ERRORS, code as usize), 1);
+    }
+
+    fn count_relay(&self, result: usize) {
+        self.metrics.add(cell(family::RELAYS, result), 1);
     }
 
     pub fn transport(&self, conn: u64) -> Option<&W> {
@@ -358,6 +391,7 @@ impl<W> Engine<W> {
         let mut joined = Vec::new();
         message::push_peer_joined(&mut joined, peer.as_str(), metadata);
         self.broadcast(&topic, Some(conn), joined, out);
+        self.metrics.add(cell(family::JOINED, 0), 1);
         self.close_doomed(now, out);
         (conn, Ok(peer))
     }
@@ -393,6 +427,8 @@ impl<W> Engine<W> {
 
     /// Handles bytes read from `conn`'s socket.
     pub fn receive(&mut self, conn: u64, data: &[u8], now: Instant, out: &mut Outbox) {
+        self.metrics
+            .add(cell(family::RECEIVED_BYTES, 0), data.len() as u64);
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
@@ -508,6 +544,7 @@ impl<W> Engine<W> {
                 msg_id,
             }) => {
                 let Some(target) = self.registry.find_in_topic_of(conn, &to) else {
+                    self.count_relay(relay::TARGET_NOT_FOUND);
                     return self.send_error(conn, ErrorCode::TargetNotFound, msg_id, out);
                 };
                 let from = self
@@ -519,7 +556,10 @@ impl<W> Engine<W> {
                     message::push_relay(buf, kind, from.as_str(), payload, msg_id);
                 });
                 if let Queued::OverBound = delivered {
+                    self.count_relay(relay::DROPPED);
                     self.send_error(conn, ErrorCode::Dropped, msg_id, out);
+                } else {
+                    self.count_relay(relay::DELIVERED);
                 }
             }
             Ok(Inbound::Ping { msg_id }) => {
@@ -538,6 +578,7 @@ impl<W> Engine<W> {
         msg_id: Option<&RawValue>,
         out: &mut Outbox,
     ) {
+        self.count_error(code);
         let mut bytes = Vec::new();
         message::push_error(&mut bytes, code, msg_id);
         self.send_must(conn, &bytes, out);
@@ -618,6 +659,7 @@ impl<W> Engine<W> {
         let mut left = Vec::new();
         message::push_peer_left(&mut left, member.peer.as_str());
         self.broadcast(&member.topic, None, left, out);
+        self.metrics.add(cell(family::LEFT, reason as usize), 1);
         out.left.push((member.peer, member.topic, reason));
     }
 
@@ -646,6 +688,7 @@ impl<W> Engine<W> {
         let buf = out.private(conn);
         if let Some(error) = error {
             message::push_error(buf, error, None);
+            self.count_error(error);
         }
         frame::push_close(buf, code, reason);
         out.act(conn, Action::Finish);

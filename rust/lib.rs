@@ -6,6 +6,7 @@
 //! - [`ice`]: the ICE servers and TURN credentials of `welcome`;
 //! - [`registry`]: topics and their peers;
 //! - [`engine`]: one worker's connections and the relay hot path;
+//! - [`metrics`]: every worker's counters, in one table all of them map;
 //! - [`topic_hash`]: the stable topic hash that shards topics over workers;
 //! - [`upgrade`]: the common WebSocket upgrade request, recognised fast.
 //!
@@ -16,6 +17,7 @@ pub mod engine;
 pub mod frame;
 pub mod ice;
 pub mod message;
+pub mod metrics;
 pub mod registry;
 pub mod topic_hash;
 pub mod upgrade;

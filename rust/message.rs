@@ -72,6 +72,22 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, in declaration order (`code as usize` indexes it).
+    pub const ALL: [Self; 12] = [
+        Self::InvalidType,
+        Self::MissingTarget,
+        Self::TargetNotFound,
+        Self::Dropped,
+        Self::InvalidJson,
+        Self::InvalidMessage,
+        Self::UnsupportedFrame,
+        Self::RateLimited,
+        Self::Unauthorized,
+        Self::TopicFull,
+        Self::ServerFull,
+        Self::SlowConsumer,
+    ];
+
     pub fn code(self) -> &'static str {
         match self {
             Self::InvalidType => "invalid_type",

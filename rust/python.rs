@@ -11,7 +11,10 @@
 //! The engine's lock is released before any Python code runs: a
 //! `transport.write` may call back into `Peer.pause_writing` at once.
 
-use std::sync::{Mutex, MutexGuard};
+use std::fs::File;
+use std::mem::ManuallyDrop;
+use std::os::fd::FromRawFd;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use pyo3::exceptions::PyValueError;
@@ -23,6 +26,7 @@ use crate::engine::{Action, Config, Engine, Outbox, RateLimit, Refusal};
 use crate::frame::{Event, Fault, Flow, FrameReader};
 use crate::ice::IceServers;
 use crate::message::{self, Inbound};
+use crate::metrics::{self, cell, family, Table};
 use crate::topic_hash as hashing;
 use crate::upgrade;
 
@@ -77,24 +81,28 @@ impl Hub {
             let mut guard = self.lock();
             let Core { engine, outbox } = &mut *guard;
             let result = step(engine, outbox);
+            engine.record_gauges();
             if !outbox.is_empty() {
                 let mut bytes: Vec<Option<Bound<'_, PyBytes>>> = vec![None; outbox.bufs.len()];
+                let mut sent = 0;
                 for &(conn, action) in &outbox.actions {
                     let Some(transport) = engine.transport(conn) else {
                         continue;
                     };
                     let op = match action {
-                        Action::Write(index) => Op::Write(
+                        Action::Write(index) => Op::Write({
+                            sent += outbox.bufs[index].len() as u64;
                             bytes[index]
                                 .get_or_insert_with(|| PyBytes::new(py, &outbox.bufs[index]))
-                                .clone(),
-                        ),
+                                .clone()
+                        }),
                         Action::Finish => Op::Finish,
                         Action::Close => Op::Close,
                         Action::Abort => Op::Abort,
                     };
                     ops.push((transport.bind(py).clone(), op));
                 }
+                engine.metrics().add(cell(family::SENT_BYTES, 0), sent);
                 left.extend(outbox.left.drain(..).map(|(peer, topic, reason)| {
                     (peer.as_str().to_owned(), topic.to_string(), reason.as_str())
                 }));
@@ -141,6 +149,8 @@ impl Hub {
         turn_uris = Vec::new(),
         turn_secret = None,
         turn_ttl = 86_400,
+        metrics = None,
+        worker = 0,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -158,7 +168,18 @@ impl Hub {
         turn_uris: Vec<String>,
         turn_secret: Option<String>,
         turn_ttl: u64,
+        metrics: Option<PyRef<'_, MetricsTable>>,
+        worker: usize,
     ) -> PyResult<Self> {
+        let table = match metrics {
+            Some(table) => Arc::clone(&table.table),
+            None => Arc::new(Table::local(worker + 1)),
+        };
+        if worker >= table.workers() {
+            return Err(PyValueError::new_err(
+                "worker is not a row of the metrics table",
+            ));
+        }
         if !turn_uris.is_empty() && turn_secret.is_none() {
             return Err(PyValueError::new_err("turn_uris need a turn_secret"));
         }
@@ -189,7 +210,7 @@ impl Hub {
         };
         Ok(Self {
             core: Mutex::new(Core {
-                engine: Engine::new(config),
+                engine: Engine::with_metrics(config, table.recorder(worker)),
                 outbox: Outbox::default(),
             }),
             on_left,
@@ -273,6 +294,93 @@ impl Hub {
 
     fn topic_count(&self) -> usize {
         self.lock().engine.topic_count()
+    }
+
+    /// Counts a connection that did not become a peer, by HTTP status or
+    /// reason (`"timeout"`, `"404"`, `"unauthorized"`, ...).
+    fn count_handshake_failure(&self, reason: &str) {
+        self.count(
+            family::HANDSHAKE_FAILURES,
+            metrics::HANDSHAKE_FAILURES,
+            reason,
+        );
+    }
+
+    /// Counts a hand-off between workers: `"sent"`, `"failed"`,
+    /// `"received"` or `"refused"`.
+    fn count_handoff(&self, result: &str) {
+        self.count(family::HANDOFFS, metrics::HANDOFF_RESULTS, result);
+    }
+
+    /// Every worker's metrics in the Prometheus text format.
+    fn metrics_text(&self) -> String {
+        let table = Arc::clone(self.lock().engine.metrics().table());
+        table.render()
+    }
+}
+
+impl Hub {
+    fn count(&self, family: usize, values: &[&str], label: &str) {
+        let engine = &self.lock().engine;
+        engine
+            .metrics()
+            .add(cell(family, metrics::value_index(values, label)), 1);
+    }
+}
+
+/// The metrics table every process of a server maps (a `memfd` made by the
+/// supervisor): one row per worker.
+#[pyclass(frozen, module = "signaling_sharded._native")]
+pub struct MetricsTable {
+    table: Arc<Table>,
+}
+
+#[pymethods]
+impl MetricsTable {
+    /// Maps the table of `workers` rows in the file open as `fd`, which
+    /// stays the caller's to close.
+    #[new]
+    fn new(fd: i32, workers: usize) -> PyResult<Self> {
+        // SAFETY: the caller keeps `fd` open for the call; ManuallyDrop
+        // leaves it open afterwards.
+        let file = ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
+        let table = Table::map(&file, workers)?;
+        Ok(Self {
+            table: Arc::new(table),
+        })
+    }
+
+    /// Bytes a table of `workers` rows needs.
+    #[staticmethod]
+    fn size(workers: usize) -> usize {
+        Table::size(workers)
+    }
+
+    /// Marks worker `worker` running or gone (its gauges drop to zero).
+    fn set_up(&self, worker: usize, up: bool) -> PyResult<()> {
+        self.check(worker)?;
+        self.table.set_up(worker, up);
+        Ok(())
+    }
+
+    fn count_restart(&self, worker: usize) -> PyResult<()> {
+        self.check(worker)?;
+        self.table.count_restart(worker);
+        Ok(())
+    }
+
+    fn render(&self) -> String {
+        self.table.render()
+    }
+}
+
+impl MetricsTable {
+    fn check(&self, worker: usize) -> PyResult<()> {
+        if worker < self.table.workers() {
+            Ok(())
+        } else {
+            Err(PyValueError::new_err("no such worker"))
+        }
     }
 }
 
@@ -419,6 +527,7 @@ fn message_answer(text: &str) -> (&'static str, Option<&'static str>, Option<Str
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Hub>()?;
     m.add_class::<Peer>()?;
+    m.add_class::<MetricsTable>()?;
     m.add_function(wrap_pyfunction!(topic_hash, m)?)?;
     m.add_function(wrap_pyfunction!(topic_owner, m)?)?;
     m.add_function(wrap_pyfunction!(parse_metadata, m)?)?;

@@ -17,7 +17,7 @@ def test_healthz_and_readyz(server: Server) -> None:
     assert server.status("/readyz") == 200
 
 
-@pytest.mark.parametrize("path", ["/", "/nope", "/healthz/x", "/ws", "/wss/room"])
+@pytest.mark.parametrize("path", ["/nope", "/index.html", "/healthz/x", "/ws", "/wss/room"])
 def test_unknown_path_is_404(server: Server, path: str) -> None:
     assert server.status(path) == 404
 

@@ -65,6 +65,9 @@ class Peer:
         self.departed: set[str] = set()
         self._pending: deque[str] = deque()
         self._paused = False
+        #: WebSocket bytes (frame headers included) read and sent so far.
+        self.wire_in = 0
+        self.wire_out = 0
         for entry in peers:
             assert isinstance(entry, dict), entry
             assert set(entry) <= {"id", "metadata"}, entry
@@ -89,8 +92,8 @@ class Peer:
             **kwargs,
         )
         try:
-            welcome = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
-            peer_list = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+            greeting = [await asyncio.wait_for(ws.recv(), TIMEOUT) for _ in range(2)]
+            welcome, peer_list = (json.loads(text) for text in greeting)
         except BaseException:
             ws.transport.abort()
             raise
@@ -102,7 +105,11 @@ class Peer:
         assert peer_list.get("type") == "peer-list", peer_list
         assert set(peer_list) == {"type", "peers"}, peer_list
         assert isinstance(peer_list["peers"], list), peer_list
-        return cls(ws, welcome, peer_list["peers"])
+        peer = cls(ws, welcome, peer_list["peers"])
+        peer.wire_in = sum(
+            frame_size(len(text.encode() if isinstance(text, str) else text)) for text in greeting
+        )
+        return peer
 
     def response_header(self, name: str) -> str | None:
         """A header of the server's answer to the upgrade request, or None."""
@@ -115,6 +122,8 @@ class Peer:
         """Send a JSON object, or a text (str) or binary (bytes) frame as is."""
         if isinstance(message, Mapping):
             message = json.dumps(message)
+        data = message.encode() if isinstance(message, str) else message
+        self.wire_out += frame_size(len(data), masked=True)
         await self.ws.send(message)
 
     async def relay(
@@ -179,6 +188,7 @@ class Peer:
     async def _read(self) -> None:
         frame = await self.ws.recv()
         assert isinstance(frame, str), f"server sent a binary frame: {frame!r}"
+        self.wire_in += frame_size(len(frame.encode()))
         message = json.loads(frame)
         assert isinstance(message, dict), frame
         if message.get("type") in PRESENCE_TYPES:
@@ -246,6 +256,12 @@ class Peers:
         await asyncio.gather(*(peer.close() for peer in self.opened), return_exceptions=True)
 
 
+def frame_size(payload: int, *, masked: bool = False) -> int:
+    """Bytes of one unfragmented WebSocket frame carrying *payload* bytes."""
+    header = 2 if payload < 126 else 4 if payload < 1 << 16 else 10
+    return header + (4 if masked else 0) + payload
+
+
 # --- HTTP --------------------------------------------------------------------
 
 
@@ -254,6 +270,8 @@ class Response:
     status: int
     headers: dict[str, str]
     """Header names are lowercased."""
+    body: bytes = b""
+    """The body, as long as ``Content-Length`` said (``http_get`` only)."""
 
 
 def websocket_headers() -> dict[str, str]:
@@ -281,8 +299,13 @@ def http_get(
     else:
         sock = connect_from(port, source_port)
     with sock:
-        response, _ = _request(sock, port, path, headers or {"Connection": "close"})
-        return response
+        response, body = _request(sock, port, path, headers or {"Connection": "close"})
+        length = int(response.headers.get("content-length", "0"))
+        while len(body) < length:
+            chunk = sock.recv(65536)
+            assert chunk, f"connection closed {length - len(body)} bytes before the body's end"
+            body += chunk
+        return Response(response.status, response.headers, body[:length])
 
 
 def connect_from(port: int, source_port: int) -> socket.socket:

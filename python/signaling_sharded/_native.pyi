@@ -5,6 +5,7 @@ from typing import Any, final
 
 __all__ = [
     "Hub",
+    "MetricsTable",
     "Peer",
     "frame_events",
     "message_answer",
@@ -35,6 +36,8 @@ class Hub:
         turn_uris: list[str] = ...,
         turn_secret: str | None = None,
         turn_ttl: int = 86400,
+        metrics: MetricsTable | None = None,
+        worker: int = 0,
     ) -> Hub: ...
     def join(self, transport: Any, topic: str, metadata: str | None = None) -> Peer:
         """Add the upgraded connection on ``transport`` to ``topic``.
@@ -57,6 +60,27 @@ class Hub:
     def connection_count(self) -> int: ...
     def peer_count(self) -> int: ...
     def topic_count(self) -> int: ...
+    def count_handshake_failure(self, reason: str) -> None:
+        """Count a connection that did not become a peer, by HTTP status or
+        reason (``"timeout"``, ``"404"``, ``"unauthorized"``, ...)."""
+    def count_handoff(self, result: str) -> None:
+        """Count a hand-off: ``"sent"``, ``"failed"``, ``"received"``, ``"refused"``."""
+    def metrics_text(self) -> str:
+        """Every worker's metrics in the Prometheus text format."""
+
+@final
+class MetricsTable:
+    """The metrics table all processes of a server map: a row per worker."""
+
+    def __new__(cls, fd: int, workers: int) -> MetricsTable:
+        """Map the table in the file open as ``fd`` (still the caller's)."""
+    @staticmethod
+    def size(workers: int) -> int:
+        """Bytes a table of ``workers`` rows needs."""
+    def set_up(self, worker: int, up: bool) -> None:
+        """Mark ``worker`` running, or gone (its gauges drop to zero)."""
+    def count_restart(self, worker: int) -> None: ...
+    def render(self) -> str: ...
 
 @final
 class Peer:

@@ -42,14 +42,18 @@ class Acceptor:
         self.worker = worker
         self.listener = listener
         self.group = group
-        self.inbox = Inbox(group, worker.index, backlog=2 * worker.config.workers)
+        self.inbox = Inbox(
+            group,
+            worker.index,
+            backlog=2 * worker.config.workers,
+            on_refused=lambda: worker.hub.count_handoff("refused"),
+        )
         self.links: list[socket.socket] = []
         self.courier = Courier(group)
         self.loop = asyncio.get_running_loop()
         #: Connections whose request line has not arrived, by descriptor.
         self.waiting: dict[int, asyncio.TimerHandle] = {}
         self.adoptions: set[asyncio.Task[object]] = set()
-        self.handoffs = 0
 
     async def start(self) -> None:
         """Take hand-offs at once; accept once every worker can take them
@@ -104,6 +108,7 @@ class Acceptor:
     def on_handoff(self, link: socket.socket) -> None:
         arrivals, open_ = self.inbox.receive(link)
         for arrival in arrivals:
+            self.worker.hub.count_handoff("received")
             self.adopt(arrival.sock, arrival.deadline)
         if not open_:
             self.loop.remove_reader(link.fileno())
@@ -132,10 +137,11 @@ class Acceptor:
         if owner == self.worker.index:
             self.adopt(conn, deadline)
         elif self.courier.send(conn, owner, deadline):
-            self.handoffs += 1
+            self.worker.hub.count_handoff("sent")
             conn.close()
         else:
             log(logging.WARNING, "hand-off failed", owner=owner, topic=topic)
+            self.worker.hub.count_handoff("failed")
             self.adopt(conn, deadline, unavailable=True)
 
     def wait(self, conn: socket.socket, deadline: float, *, readable: bool) -> None:

@@ -25,6 +25,7 @@ import array
 import contextlib
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 #: Payload of a hand-off: the handshake deadline (time.monotonic(), which is
@@ -66,12 +67,14 @@ class Arrival:
 class Inbox:
     """Where worker ``index`` of ``group`` takes links from the others."""
 
-    def __init__(self, group: str, index: int, backlog: int) -> None:
+    def __init__(
+        self, group: str, index: int, backlog: int, on_refused: Callable[[], None] = lambda: None
+    ) -> None:
         self.sock = _seqpacket()
         self.sock.bind(address(group, index))
         self.sock.listen(backlog)
-        #: Messages refused since start (truncated, malformed).
-        self.refused = 0
+        #: Called for each message refused (truncated, malformed).
+        self.on_refused = on_refused
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -109,14 +112,14 @@ class Inbox:
             ):
                 for fd in fds:
                     _close_fd(fd)
-                self.refused += 1
+                self.on_refused()
                 continue
             (deadline,) = _PAYLOAD.unpack(data)
             try:
                 sock = socket.socket(fileno=fds[0])
             except OSError:
                 _close_fd(fds[0])
-                self.refused += 1
+                self.on_refused()
                 continue
             sock.setblocking(False)
             arrivals.append(Arrival(sock, deadline))

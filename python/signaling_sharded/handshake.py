@@ -14,9 +14,11 @@ from there on no Python code runs per message.
 from __future__ import annotations
 
 import asyncio
+import functools
 import http
 import logging
 import time
+from importlib import resources
 from typing import TYPE_CHECKING, cast
 
 from websockets.datastructures import Headers
@@ -40,6 +42,13 @@ WRITE_HIGH_WATER = 64 * 1024
 WORKER_HEADER = "X-Signaling-Worker"
 #: Seconds a refused client is told to wait before retrying.
 RETRY_AFTER = "1"
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@functools.cache
+def static_file(name: str) -> bytes:
+    """A file of the browser demo, read once from the package."""
+    return (resources.files("signaling_sharded") / "static" / name).read_bytes()
 
 
 class Handshake(asyncio.Protocol):
@@ -163,8 +172,30 @@ class Handshake(asyncio.Protocol):
             self.respond(protocol, request, 405, "method not allowed", allow="GET, HEAD")
         elif endpoint.path == "/readyz" and self.worker.draining:
             self.respond(protocol, request, 503, "draining", retry_after=True)
+        elif endpoint.path == "/metrics":
+            body = self.worker.metrics_text().encode()
+            self.respond_body(protocol, request, body, METRICS_CONTENT_TYPE)
+        elif endpoint.path in routing.STATIC_FILES:
+            name, content_type = routing.STATIC_FILES[endpoint.path]
+            self.respond_body(protocol, request, static_file(name), content_type)
         else:
             self.respond(protocol, request, 200, "ok")
+
+    def respond_body(
+        self, protocol: ServerProtocol, request: Request, body: bytes, content_type: str
+    ) -> None:
+        """Answer 200 with ``body`` (only its length for HEAD)."""
+        headers = Headers(
+            [
+                ("Content-Type", content_type),
+                ("Content-Length", str(len(body))),
+                ("Cache-Control", "no-cache"),
+                ("Connection", "close"),
+            ]
+        )
+        if request.method == "HEAD":
+            body = b""
+        self.send(protocol, Response(200, "OK", headers, body))
 
     def respond(
         self,

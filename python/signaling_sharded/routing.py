@@ -19,7 +19,12 @@ MAX_TOPIC_BYTES = 256
 MAX_METADATA_BYTES = 1024
 
 WS_PREFIX = "/ws/"
-ENDPOINTS = frozenset({"/healthz", "/readyz"})
+#: Files of the browser demo, served from the package's ``static`` folder.
+STATIC_FILES = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/signaling.js": ("signaling.js", "text/javascript; charset=utf-8"),
+}
+ENDPOINTS = frozenset({"/healthz", "/readyz", "/metrics", *STATIC_FILES})
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.process
+import multiprocessing.reduction
 import os
 import signal
 import time
@@ -28,6 +29,7 @@ from pathlib import Path
 from types import FrameType
 
 from signaling_sharded import auth
+from signaling_sharded._native import MetricsTable
 from signaling_sharded.config import Config
 from signaling_sharded.logs import log
 from signaling_sharded.worker import EXIT_BOOT_ERROR, run
@@ -37,6 +39,34 @@ CRASH_LIMIT = 3
 #: Seconds past the workers' drain timeout before they are killed.
 KILL_GRACE = 2.0
 MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
+
+
+class InheritedFd:
+    """A descriptor that a worker started with the ``spawn`` method
+    inherits: pickled for it, the descriptor is passed to the new process
+    (as multiprocessing passes sockets) and arrives as an ``int``."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[object, tuple[object]]:
+        return _inherited, (multiprocessing.reduction.DupFd(self.fd),)
+
+
+def _inherited(dup: object) -> int:
+    fd: int = dup.detach()  # type: ignore[attr-defined]
+    return fd
+
+
+def metrics_memory(workers: int) -> tuple[int, MetricsTable]:
+    """A zeroed, anonymous file for the metrics table, and the table."""
+    fd = os.memfd_create("signaling-sharded-metrics", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, MetricsTable.size(workers))
+        return fd, MetricsTable(fd, workers)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 @dataclass
@@ -72,14 +102,17 @@ class Supervisor:
         self.signals: list[int] = []
         self.stopping_since: float | None = None
         self.exit_code = 0
+        self.metrics_fd, self.metrics = metrics_memory(config.workers)
 
     def spawn(self, index: int, quick_deaths: int = 0) -> None:
+        metrics = InheritedFd(self.metrics_fd)
         process = self.context.Process(
             target=run,
-            args=(self.config, index, self.group, os.getpid()),
+            args=(self.config, index, self.group, os.getpid(), metrics),
             name=f"signaling-sharded-worker-{index}",
         )
         process.start()
+        self.metrics.set_up(index, True)
         self.slots[index] = Slot(index, process, quick_deaths=quick_deaths)
         log(logging.INFO, "worker started", worker=index, pid=process.pid)
 
@@ -123,6 +156,7 @@ class Supervisor:
             signal.set_wakeup_fd(-1)
             os.close(wake_read)
             os.close(wake_write)
+            os.close(self.metrics_fd)
         log(logging.INFO, "stopped", exit_code=self.exit_code)
         return self.exit_code
 
@@ -158,6 +192,7 @@ class Supervisor:
                 continue
             slot.process.join()
             del self.slots[index]
+            self.metrics.set_up(index, False)
             if self.stopping_since is not None:
                 continue
             log(logging.ERROR, "worker died", worker=index, pid=slot.process.pid, exit_code=code)
@@ -169,6 +204,7 @@ class Supervisor:
             if quick_deaths >= CRASH_LIMIT:
                 self.fail(f"worker {index} died {quick_deaths} times within {CRASH_WINDOW} s")
                 return
+            self.metrics.count_restart(index)
             self.spawn(index, quick_deaths)
 
     def fail(self, reason: str) -> None:

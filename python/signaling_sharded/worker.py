@@ -23,11 +23,10 @@ import os
 import signal
 import socket
 import sys
-from collections import Counter
 
 from websockets.typing import Origin
 
-from signaling_sharded._native import Hub
+from signaling_sharded._native import Hub, MetricsTable
 from signaling_sharded.config import Config
 from signaling_sharded.handshake import WORKER_HEADER, Handshake
 from signaling_sharded.logs import configure, flush, log
@@ -71,7 +70,13 @@ def bind_listener(config: Config) -> socket.socket:
 
 
 class Worker:
-    def __init__(self, config: Config, index: int = 0, group: str = "") -> None:
+    def __init__(
+        self,
+        config: Config,
+        index: int = 0,
+        group: str = "",
+        metrics: MetricsTable | None = None,
+    ) -> None:
         self.config = config
         self.index = index
         #: Names this server's hand-off sockets (see handoff.py).
@@ -91,6 +96,8 @@ class Worker:
             turn_uris=list(config.turn_uris),
             turn_secret=config.turn_secret,
             turn_ttl=config.turn_ttl,
+            metrics=metrics,
+            worker=index,
         )
         # What ServerProtocol checks Origin against; None (no Origin header,
         # a native client) always passes the allow-list.
@@ -101,7 +108,6 @@ class Worker:
         )
         self.allowed_origins = list(config.allowed_origins) or None
         self.handshakes: set[Handshake] = set()
-        self.handshake_failures: Counter[str] = Counter()
         self.draining = False
         self.done: asyncio.Future[None] | None = None
 
@@ -116,8 +122,12 @@ class Worker:
     def on_left(self, peer: str, topic: str, reason: str) -> None:
         log(logging.INFO, "peer left", peer=peer, topic=topic, reason=reason)
 
+    def metrics_text(self) -> str:
+        """Every worker's metrics, as Prometheus text."""
+        return self.hub.metrics_text()
+
     def count_handshake_failure(self, reason: str) -> None:
-        self.handshake_failures[reason] += 1
+        self.hub.count_handshake_failure(reason)
 
     async def serve(self, listener: socket.socket) -> None:
         from signaling_sharded.acceptor import Acceptor
@@ -204,9 +214,16 @@ def die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def run(config: Config, index: int = 0, group: str = "", parent: int | None = None) -> None:
+def run(
+    config: Config,
+    index: int = 0,
+    group: str = "",
+    parent: int | None = None,
+    metrics_fd: int | None = None,
+) -> None:
     """Run worker ``index`` until it is drained; the entry point of a worker
-    process (started by the supervisor with the ``spawn`` method)."""
+    process (started by the supervisor with the ``spawn`` method).
+    ``metrics_fd`` is the supervisor's metrics table, inherited."""
     configure(config.log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if parent is not None:
@@ -216,7 +233,11 @@ def run(config: Config, index: int = 0, group: str = "", parent: int | None = No
     except OSError as exc:
         log(logging.ERROR, "cannot listen", host=config.host, port=config.port, error=str(exc))
         sys.exit(EXIT_BOOT_ERROR)
-    worker = Worker(config, index, group)
+    metrics = None
+    if metrics_fd is not None:
+        metrics = MetricsTable(metrics_fd, config.workers)
+        os.close(metrics_fd)
+    worker = Worker(config, index, group, metrics)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - platforms without uvloop

@@ -1,0 +1,532 @@
+//! Counters and gauges of every worker, in one table that all of a server's
+//! processes map, so that any worker can answer `/metrics` with exact sums.
+//!
+//! The table is an array of 64-bit cells: one row per worker, one cell per
+//! (metric, label value). A worker writes only its own row and the
+//! supervisor only the per-worker status cells (`up`, `restarts`), so a
+//! cell has one writer and is updated with plain relaxed loads and stores
+//! (no locked instruction on the hot path); readers in other processes see
+//! every store whole because the cells are aligned atomics. A row outlives
+//! the process that wrote it: a restarted worker carries on from its
+//! predecessor's counters, so the sums never go backwards.
+//!
+//! The supervisor creates the table in a `memfd` and passes the descriptor
+//! to every worker it spawns; a lone engine (the tests) uses a heap table.
+
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use memmap2::{MmapOptions, MmapRaw};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+}
+
+/// One metric: a name, and the values of its one label (none: `&[""]`).
+#[derive(Debug)]
+pub struct Family {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub kind: Kind,
+    pub label: &'static str,
+    pub values: &'static [&'static str],
+    /// Exposed per worker (a `worker` label) instead of summed.
+    pub per_worker: bool,
+}
+
+const NONE: &[&str] = &[""];
+
+/// Peers leave for these reasons, in [`crate::engine::LeaveReason`] order.
+pub const LEAVE_REASONS: &[&str] = &[
+    "closed",
+    "disconnected",
+    "ping_timeout",
+    "slow_consumer",
+    "rate_abuse",
+    "protocol_error",
+    "shutdown",
+];
+
+/// Error codes, in [`crate::message::ErrorCode`] order.
+pub const ERROR_CODES: &[&str] = &[
+    "invalid_type",
+    "missing_target",
+    "target_not_found",
+    "dropped",
+    "invalid_json",
+    "invalid_message",
+    "unsupported_frame",
+    "rate_limited",
+    "unauthorized",
+    "topic_full",
+    "server_full",
+    "slow_consumer",
+];
+
+/// Why a connection did not become a peer; the last one takes any other.
+pub const HANDSHAKE_FAILURES: &[&str] = &[
+    "timeout",
+    "400",
+    "403",
+    "404",
+    "405",
+    "414",
+    "426",
+    "431",
+    "503",
+    "unauthorized",
+    "topic_full",
+    "server_full",
+    "other",
+];
+
+/// What became of a connection sent to (or received from) another worker.
+pub const HANDOFF_RESULTS: &[&str] = &["sent", "failed", "received", "refused"];
+
+/// What became of a relayed message.
+pub const RELAY_RESULTS: &[&str] = &["delivered", "dropped", "target_not_found"];
+
+pub const FAMILIES: &[Family] = &[
+    Family {
+        name: "signaling_worker_up",
+        help: "1 while the worker process runs, 0 once it has exited.",
+        kind: Kind::Gauge,
+        label: "",
+        values: NONE,
+        per_worker: true,
+    },
+    Family {
+        name: "signaling_worker_restarts_total",
+        help: "Times the worker was restarted after it died.",
+        kind: Kind::Counter,
+        label: "",
+        values: NONE,
+        per_worker: true,
+    },
+    Family {
+        name: "signaling_worker_connections",
+        help: "WebSocket connections held by the worker, closing ones included.",
+        kind: Kind::Gauge,
+        label: "",
+        values: NONE,
+        per_worker: true,
+    },
+    Family {
+        name: "signaling_connections",
+        help: "WebSocket connections open, closing ones included.",
+        kind: Kind::Gauge,
+        label: "",
+        values: NONE,
+        per_worker: false,
+    },
+    Family {
+        name: "signaling_peers",
+        help: "Peers joined to a topic.",
+        kind: Kind::Gauge,
+        label: "",
+        values: NONE,
+        per_worker: false,
+    },
+    Family {
+        name: "signaling_topics",
+        help: "Topics with at least one peer.",
+        kind: Kind::Gauge,
+        label: "",
+        values: NONE,
+        per_worker: false,
+    },
+    Family {
+        name: "signaling_peers_joined_total",
+        help: "Peers that joined a topic.",
+        kind: Kind::Counter,
+        label: "",
+        values: NONE,
+        per_worker: false,
+    },
+    Family {
+        name: "signaling_peers_left_total",
+        help: "Peers that left their topic, by reason.",
+        kind: Kind::Counter,
+        label: "reason",
+        values: LEAVE_REASONS,
+        per_worker: false,
+    },
+    Family {
+        name: "signaling_relays_total",
+        help: "Offers, answers and ICE candidates relayed, by result.",
+        kind: Kind::Counter,
+        label: "result",
+        values: RELAY_RESULTS,
+        per_worker: false,
+    },
+    Family {
+        name: "signaling_errors_total",
+        help: "Error messages sent to clients, by code.",
+        kind: Kind::Counter,
+        label: "code",
+        values: ERROR_CODES,
+        per_worker: false,
+    },
+    Family {
+        name: "signaling_handshake_failures_total",
+        help: "Connections that did not become peers, by HTTP status or reason.",
+        kind: Kind::Counter,
+        label: "reason",
+        values: HANDSHAKE_FAILURES,
+        per_worker: false,
+    },
+    Family {
+        name: "signaling_handoffs_total",
+        help: "Connections handed between workers to their topic's owner, by result.",
+        kind: Kind::Counter,
+        label: "result",
+        values: HANDOFF_RESULTS,
+        per_worker: false,
+    },
+    Family {
+        name: "signaling_received_bytes_total",
+        help: "Bytes received on WebSocket connections after the upgrade.",
+        kind: Kind::Counter,
+        label: "",
+        values: NONE,
+        per_worker: false,
+    },
+    Family {
+        name: "signaling_sent_bytes_total",
+        help: "Bytes handed to WebSocket connections' sockets after the upgrade.",
+        kind: Kind::Counter,
+        label: "",
+        values: NONE,
+        per_worker: false,
+    },
+];
+
+/// Indexes into [`FAMILIES`].
+pub mod family {
+    pub const UP: usize = 0;
+    pub const RESTARTS: usize = 1;
+    pub const WORKER_CONNECTIONS: usize = 2;
+    pub const CONNECTIONS: usize = 3;
+    pub const PEERS: usize = 4;
+    pub const TOPICS: usize = 5;
+    pub const JOINED: usize = 6;
+    pub const LEFT: usize = 7;
+    pub const RELAYS: usize = 8;
+    pub const ERRORS: usize = 9;
+    pub const HANDSHAKE_FAILURES: usize = 10;
+    pub const HANDOFFS: usize = 11;
+    pub const RECEIVED_BYTES: usize = 12;
+    pub const SENT_BYTES: usize = 13;
+}
+
+/// Relay results, as indexes into [`RELAY_RESULTS`].
+pub mod relay {
+    pub const DELIVERED: usize = 0;
+    pub const DROPPED: usize = 1;
+    pub const TARGET_NOT_FOUND: usize = 2;
+}
+
+const fn family_offsets() -> [usize; FAMILIES.len() + 1] {
+    let mut offsets = [0; FAMILIES.len() + 1];
+    let mut i = 0;
+    while i < FAMILIES.len() {
+        offsets[i + 1] = offsets[i] + FAMILIES[i].values.len();
+        i += 1;
+    }
+    offsets
+}
+
+const OFFSETS: [usize; FAMILIES.len() + 1] = family_offsets();
+/// Cells of one worker's row, padded to whole cache lines so that two
+/// workers never write the same line.
+pub const ROW: usize = OFFSETS[FAMILIES.len()].div_ceil(8) * 8;
+
+/// The cell of `family`'s `value`-th label value.
+pub const fn cell(family: usize, value: usize) -> usize {
+    OFFSETS[family] + value
+}
+
+/// The index of `label` among `values`, or of the last value ("other").
+pub fn value_index(values: &[&str], label: &str) -> usize {
+    values
+        .iter()
+        .position(|v| *v == label)
+        .unwrap_or(values.len() - 1)
+}
+
+enum Backing {
+    Heap(#[allow(dead_code)] Box<[AtomicU64]>),
+    Mapped(#[allow(dead_code)] MmapRaw),
+}
+
+/// Every worker's row.
+pub struct Table {
+    cells: NonNull<AtomicU64>,
+    workers: usize,
+    _backing: Backing,
+}
+
+// SAFETY: the cells are atomics, shared only through `&`.
+unsafe impl Send for Table {}
+unsafe impl Sync for Table {}
+
+impl std::fmt::Debug for Table {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Table")
+            .field("workers", &self.workers)
+            .finish()
+    }
+}
+
+impl Table {
+    /// Bytes a table of `workers` rows takes.
+    pub fn size(workers: usize) -> usize {
+        workers * ROW * 8
+    }
+
+    /// A table in this process only.
+    pub fn local(workers: usize) -> Self {
+        let mut cells: Box<[AtomicU64]> = (0..workers.max(1) * ROW)
+            .map(|_| AtomicU64::new(0))
+            .collect();
+        Self {
+            cells: NonNull::new(cells.as_mut_ptr()).expect("boxes are not null"),
+            workers: workers.max(1),
+            _backing: Backing::Heap(cells),
+        }
+    }
+
+    /// Maps the table of `workers` rows shared through `file` (at least
+    /// [`Table::size`] bytes, zeroed when new).
+    pub fn map(file: &File, workers: usize) -> io::Result<Self> {
+        let size = Self::size(workers);
+        if workers == 0 || file.metadata()?.len() < size as u64 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the metrics table is smaller than its rows",
+            ));
+        }
+        let map = MmapOptions::new().len(size).map_raw(file)?;
+        let cells = NonNull::new(map.as_mut_ptr().cast::<AtomicU64>()).expect("maps are not null");
+        Ok(Self {
+            cells,
+            workers,
+            _backing: Backing::Mapped(map),
+        })
+    }
+
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+
+    fn at(&self, worker: usize, cell: usize) -> &AtomicU64 {
+        assert!(worker < self.workers && cell < ROW);
+        // SAFETY: in bounds (checked above) of memory that lives as long as
+        // `self`, page-aligned, and only ever accessed as atomics.
+        unsafe { &*self.cells.as_ptr().add(worker * ROW + cell) }
+    }
+
+    pub fn get(&self, worker: usize, cell: usize) -> u64 {
+        self.at(worker, cell).load(Ordering::Relaxed)
+    }
+
+    /// Marks a worker started (`up`) or gone: a gone worker holds no
+    /// connections, so its gauges are zeroed.
+    pub fn set_up(&self, worker: usize, up: bool) {
+        self.at(worker, cell(family::UP, 0))
+            .store(u64::from(up), Ordering::Relaxed);
+        if !up {
+            for family in [
+                family::WORKER_CONNECTIONS,
+                family::CONNECTIONS,
+                family::PEERS,
+                family::TOPICS,
+            ] {
+                self.at(worker, cell(family, 0)).store(0, Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub fn count_restart(&self, worker: usize) {
+        let restarts = self.at(worker, cell(family::RESTARTS, 0));
+        restarts.store(restarts.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    }
+
+    /// A handle on row `worker`, for its one writer.
+    pub fn recorder(self: &Arc<Self>, worker: usize) -> Recorder {
+        assert!(worker < self.workers);
+        Recorder {
+            table: Arc::clone(self),
+            worker,
+        }
+    }
+
+    /// The Prometheus text exposition (format 0.0.4) of every family:
+    /// summed over the workers, or one sample per worker.
+    pub fn render(&self) -> String {
+        let mut text = String::with_capacity(8 * 1024);
+        for (index, family) in FAMILIES.iter().enumerate() {
+            let kind = match family.kind {
+                Kind::Counter => "counter",
+                Kind::Gauge => "gauge",
+            };
+            let _ = writeln!(text, "# HELP {} {}", family.name, family.help);
+            let _ = writeln!(text, "# TYPE {} {kind}", family.name);
+            for (value_index, value) in family.values.iter().enumerate() {
+                let cell = cell(index, value_index);
+                if family.per_worker {
+                    for worker in 0..self.workers {
+                        let sample = self.get(worker, cell);
+                        let _ = writeln!(text, "{}{{worker=\"{worker}\"}} {sample}", family.name);
+                    }
+                    continue;
+                }
+                let sum: u64 = (0..self.workers).map(|w| self.get(w, cell)).sum();
+                if family.label.is_empty() {
+                    let _ = writeln!(text, "{} {sum}", family.name);
+                } else {
+                    let _ = writeln!(
+                        text,
+                        "{}{{{}=\"{value}\"}} {sum}",
+                        family.name, family.label
+                    );
+                }
+            }
+        }
+        text
+    }
+}
+
+/// The writer of one worker's row.
+#[derive(Debug, Clone)]
+pub struct Recorder {
+    table: Arc<Table>,
+    worker: usize,
+}
+
+impl Default for Recorder {
+    fn default() -> Self {
+        Arc::new(Table::local(1)).recorder(0)
+    }
+}
+
+impl Recorder {
+    pub fn table(&self) -> &Arc<Table> {
+        &self.table
+    }
+
+    pub fn worker(&self) -> usize {
+        self.worker
+    }
+
+    /// Adds `n` to a cell of this row (its only writer: no locked add).
+    #[inline]
+    pub fn add(&self, cell: usize, n: u64) {
+        let slot = self.table.at(self.worker, cell);
+        slot.store(
+            slot.load(Ordering::Relaxed).wrapping_add(n),
+            Ordering::Relaxed,
+        );
+    }
+
+    #[inline]
+    pub fn set(&self, cell: usize, value: u64) {
+        self.table
+            .at(self.worker, cell)
+            .store(value, Ordering::Relaxed);
+    }
+
+    pub fn get(&self, cell: usize) -> u64 {
+        self.table.get(self.worker, cell)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::LeaveReason;
+    use crate::message::ErrorCode;
+
+    #[test]
+    fn label_values_follow_the_enums() {
+        let reasons = [
+            LeaveReason::Closed,
+            LeaveReason::Disconnected,
+            LeaveReason::PingTimeout,
+            LeaveReason::SlowConsumer,
+            LeaveReason::RateAbuse,
+            LeaveReason::ProtocolError,
+            LeaveReason::Shutdown,
+        ];
+        assert_eq!(reasons.len(), LEAVE_REASONS.len());
+        for reason in reasons {
+            assert_eq!(
+                LEAVE_REASONS[reason as usize],
+                reason.as_str().replace(' ', "_")
+            );
+        }
+        for (index, code) in ERROR_CODES.iter().enumerate() {
+            assert_eq!(ErrorCode::ALL[index].code(), *code);
+        }
+        assert_eq!(ErrorCode::ALL.len(), ERROR_CODES.len());
+    }
+
+    #[test]
+    fn rows_sum_and_survive_their_writer() {
+        let mut file = tempfile_in_memory();
+        file.set_len(Table::size(2) as u64).unwrap();
+        let a = Arc::new(Table::map(&file, 2).unwrap());
+        let b = Arc::new(Table::map(&file, 2).unwrap());
+        let joined = cell(family::JOINED, 0);
+        a.recorder(0).add(joined, 3);
+        b.recorder(1).add(joined, 4);
+        b.recorder(1).set(cell(family::CONNECTIONS, 0), 9);
+        assert!(a.render().contains("\nsignaling_peers_joined_total 7\n"));
+        assert!(a.render().contains("\nsignaling_connections 9\n"));
+        a.set_up(1, false);
+        let text = b.render();
+        assert!(text.contains("\nsignaling_connections 0\n"));
+        assert!(text.contains("\nsignaling_peers_joined_total 7\n"));
+        assert!(text.contains("signaling_worker_up{worker=\"1\"} 0\n"));
+        let _ = &mut file;
+    }
+
+    #[test]
+    fn unknown_labels_count_as_other() {
+        assert_eq!(
+            value_index(HANDSHAKE_FAILURES, "418"),
+            HANDSHAKE_FAILURES.len() - 1
+        );
+        assert_eq!(value_index(HANDSHAKE_FAILURES, "404"), 3);
+    }
+
+    #[test]
+    fn a_short_file_is_refused() {
+        let file = tempfile_in_memory();
+        file.set_len(8).unwrap();
+        assert!(Table::map(&file, 1).is_err());
+    }
+
+    fn tempfile_in_memory() -> File {
+        let path = std::env::temp_dir().join(format!(
+            "metrics-test-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        file
+    }
+}
