@@ -21,8 +21,27 @@ $(BIN)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "maturin>=1.8,<2" "websockets>=16.0" "uvloop>=0.21.0" "PyJWT>=2.8.0" \
-		"pytest>=8.3" "pytest-timeout>=2.3" "hypothesis>=6.100" "ruff>=0.11" "mypy>=1.15"
+		"pytest>=8.3" "pytest-timeout>=2.3" "hypothesis>=6.100" "prometheus_client>=0.20" \
+		"playwright>=1.45" "aiortc>=1.9" "ruff>=0.11" "mypy>=1.15"
 	touch $@
+
+# Programs the tests drive: Debian's chromium (the browser test) and
+# redis-server (cluster mode). Installed with apt-get when missing and
+# possible (root, or sudo without a password); otherwise the tests that need
+# them say why they are skipped.
+SYSTEM_PACKAGES := chromium:chromium redis-server:redis-server
+
+.PHONY: system-deps
+system-deps: ## Install the programs the tests drive (chromium, redis-server) with apt-get
+	@missing=""; for entry in $(SYSTEM_PACKAGES); do \
+		command -v $${entry%%:*} >/dev/null 2>&1 || missing="$$missing $${entry#*:}"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then sudo=""; elif sudo -n true 2>/dev/null; then sudo="sudo -n"; \
+	else echo "not root and no sudo: cannot install$$missing; tests that need it are skipped"; exit 0; fi; \
+	echo "installing$$missing"; \
+	$$sudo apt-get update -q >/dev/null && \
+	DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q --no-install-recommends $$missing >/dev/null
 
 $(BIN)/.built: $(BIN)/.deps $(RUST_SOURCES) $(PY_SOURCES)
 	$(BIN)/maturin develop --release --quiet
@@ -40,7 +59,7 @@ wheel: $(BIN)/.deps ## Build the abi3 wheel (one wheel for CPython 3.9+) into di
 	$(BIN)/maturin build --release --out dist
 
 .PHONY: test
-test: build ## Run every test: cargo test, then pytest against the real server
+test: build system-deps ## Run every test: cargo test, then pytest against the real server
 	cargo test --quiet
 	cargo build --release --quiet -p signaling-bench
 	$(PY) -m pytest -q $(PYTEST_ARGS)

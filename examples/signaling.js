@@ -1,0 +1,1 @@
+../python/signaling_sharded/static/signaling.js
