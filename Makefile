@@ -20,7 +20,7 @@ help: ## Show this help
 $(BIN)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "maturin>=1.8,<2" "websockets>=16.0" "uvloop>=0.21.0" "PyJWT>=2.8.0" \
+	$(PY) -m pip install -q "maturin>=1.8,<2" "websockets>=16.0" "uvloop>=0.21.0" "PyJWT>=2.8.0" "redis[hiredis]>=5.0.1" \
 		"pytest>=8.3" "pytest-timeout>=2.3" "hypothesis>=6.100" "prometheus_client>=0.20" \
 		"playwright>=1.45" "aiortc>=1.9" "ruff>=0.11" "mypy>=1.15"
 	touch $@

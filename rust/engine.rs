@@ -13,6 +13,7 @@
 //! see (presence, errors, pongs) disconnects it with 4008 instead, so a
 //! connected peer's view of its topic is never wrong.
 
+use std::collections::VecDeque;
 use std::mem;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -20,6 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rustc_hash::FxHashMap;
 use serde_json::value::RawValue;
 
+use crate::cluster::{self, ClusterOp, RemotePeer, RemoteTopic};
 use crate::frame::{self, Event, Flow, FrameReader};
 use crate::ice::IceServers;
 use crate::message::{self, ErrorCode, Inbound};
@@ -28,6 +30,25 @@ use crate::registry::{PeerId, Registry};
 
 /// Close code for a peer that cannot keep up with what it is sent.
 pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
+/// Close code for a client that sent too much before its `welcome`.
+const CLOSE_POLICY: u16 = 1008;
+/// Bytes past the largest message a joining connection may send before it
+/// has joined (cluster mode; it joins within a Redis round trip).
+const MAX_HELD_EXTRA: usize = 4096;
+/// Relays forwarded to other nodes are remembered this long, and at most
+/// this many, so that if the target's node is found dead meanwhile their
+/// senders are told `target_not_found` (the relay may have died with it).
+const FORWARD_MEMORY: Duration = Duration::from_secs(5);
+const FORWARD_MEMORY_LEN: usize = 16 * 1024;
+
+/// A relay forwarded to another node, as remembered.
+#[derive(Debug)]
+struct Forward {
+    at: Instant,
+    to: PeerId,
+    from: PeerId,
+    msg_id: Option<Box<RawValue>>,
+}
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -49,6 +70,8 @@ pub struct Config {
     pub rate_limit: Option<RateLimit>,
     /// STUN and TURN servers announced in `welcome`.
     pub ice: IceServers,
+    /// This worker's node name in cluster mode; `None`: one machine.
+    pub cluster_node: Option<Arc<str>>,
 }
 
 /// A token bucket: `per_second` messages a second on average, bursts of up
@@ -75,6 +98,7 @@ impl Default for Config {
             max_connections: 50_000,
             rate_limit: None,
             ice: IceServers::default(),
+            cluster_node: None,
         }
     }
 }
@@ -157,6 +181,8 @@ pub struct Outbox {
     pub actions: Vec<(u64, Action)>,
     /// Peers that left their topic during the call.
     pub left: Vec<(PeerId, Arc<str>, LeaveReason)>,
+    /// Work for the cluster's Redis connection (cluster mode only).
+    pub cluster: Vec<ClusterOp>,
     /// The buffer each connection is still appending to: written only to
     /// that connection and its last action, so later bytes can join it.
     open: FxHashMap<u64, usize>,
@@ -167,11 +193,12 @@ impl Outbox {
         self.bufs.clear();
         self.actions.clear();
         self.left.clear();
+        self.cluster.clear();
         self.open.clear();
     }
 
     pub fn is_empty(&self) -> bool {
-        self.actions.is_empty() && self.left.is_empty()
+        self.actions.is_empty() && self.left.is_empty() && self.cluster.is_empty()
     }
 
     /// The buffer for bytes to `conn`, coalesced with what it was already
@@ -223,6 +250,17 @@ struct Conn<W> {
     /// Rate-limit violations since `violations_since`.
     violations: u32,
     violations_since: Instant,
+    /// Input held while the connection waits to join (cluster mode).
+    held: Vec<u8>,
+}
+
+/// A connection that will join `topic` as `peer` once the cluster's
+/// snapshot of the topic is here.
+#[derive(Debug)]
+struct Joining {
+    topic: Arc<str>,
+    peer: PeerId,
+    metadata: Option<Box<str>>,
 }
 
 /// What the rate limit says of one more message.
@@ -252,6 +290,10 @@ pub struct Engine<W> {
     /// once the write that found them is done.
     doomed: Vec<u64>,
     metrics: Recorder,
+    /// Cluster mode: each topic's members on other nodes.
+    remote: FxHashMap<Arc<str>, RemoteTopic>,
+    joining: FxHashMap<u64, Joining>,
+    forwards: VecDeque<Forward>,
 }
 
 impl<W> Engine<W> {
@@ -272,6 +314,9 @@ impl<W> Engine<W> {
             scratch: Vec::new(),
             doomed: Vec::new(),
             metrics,
+            remote: FxHashMap::default(),
+            joining: FxHashMap::default(),
+            forwards: VecDeque::new(),
         }
     }
 
@@ -341,6 +386,7 @@ impl<W> Engine<W> {
                 refilled: now,
                 violations: 0,
                 violations_since: now,
+                held: Vec::new(),
             },
         );
         conn
@@ -361,7 +407,7 @@ impl<W> Engine<W> {
         let conn = self.add_conn(transport, now);
         let refusal = if self.conns.len() > self.config.max_connections {
             Some(Refusal::ServerFull)
-        } else if self.registry.members(topic).len() >= self.config.max_peers_per_topic {
+        } else if self.topic_size(topic) >= self.config.max_peers_per_topic {
             Some(Refusal::TopicFull)
         } else {
             None
@@ -370,7 +416,68 @@ impl<W> Engine<W> {
             self.refuse_conn(conn, refusal, now, out);
             return (conn, Err(refusal));
         }
-        let peer = self.registry.join(conn, topic, metadata.map(Box::from));
+        let metadata = metadata.map(Box::from);
+        let peer = self.registry.new_peer_id();
+        if self.config.cluster_node.is_none() {
+            self.enter(conn, topic, peer, metadata, now, out);
+            return (conn, Ok(peer));
+        }
+        let topic: Arc<str> = match self.remote.get_key_value(topic) {
+            Some((name, _)) => Arc::clone(name),
+            None => Arc::from(topic),
+        };
+        let fresh = !self.remote.contains_key(&topic);
+        let remote = self
+            .remote
+            .entry(Arc::clone(&topic))
+            .or_insert_with(|| RemoteTopic {
+                pending: Some(Vec::new()),
+                ..RemoteTopic::default()
+            });
+        out.cluster.push(ClusterOp::Join {
+            topic: Arc::clone(&topic),
+            peer,
+            metadata: metadata.clone(),
+            snapshot: fresh,
+        });
+        if remote.pending.is_some() {
+            remote.waiting.push(conn);
+            self.joining.insert(
+                conn,
+                Joining {
+                    topic,
+                    peer,
+                    metadata,
+                },
+            );
+        } else {
+            self.enter(conn, &topic, peer, metadata, now, out);
+        }
+        (conn, Ok(peer))
+    }
+
+    /// Peers in `topic`, here and (cluster mode) on other nodes, counting
+    /// those about to join.
+    fn topic_size(&self, topic: &str) -> usize {
+        let remote = self
+            .remote
+            .get(topic)
+            .map_or(0, |r| r.members.len() + r.waiting.len());
+        self.registry.members(topic).len() + remote
+    }
+
+    /// Makes `conn` a member of `topic` as `peer`: it is sent `welcome` and
+    /// `peer-list` (every local and remote member), the others `peer-joined`.
+    fn enter(
+        &mut self,
+        conn: u64,
+        topic: &str,
+        peer: PeerId,
+        metadata: Option<Box<str>>,
+        now: Instant,
+        out: &mut Outbox,
+    ) {
+        self.registry.join_as(conn, topic, metadata, peer);
         let member = self.registry.member(conn).expect("just joined");
         let topic = Arc::clone(&member.topic);
         let greeting = out.private(conn);
@@ -381,19 +488,29 @@ impl<W> Engine<W> {
         message::push_welcome(greeting, peer.as_str(), &self.ping_interval_text, &ice);
         let others = self.registry.members(&topic);
         let others = &others[..others.len() - 1];
-        message::push_peer_list(
-            greeting,
-            others.iter().map(|other| {
-                let member = self.registry.member(*other).expect("listed members exist");
-                (member.peer.as_str(), member.metadata.as_deref())
-            }),
-        );
+        let local = others.iter().map(|other| {
+            let member = self.registry.member(*other).expect("listed members exist");
+            (member.peer.as_str(), member.metadata.as_deref())
+        });
+        let remote = self.remote.get(&topic).into_iter().flat_map(|r| {
+            r.members
+                .iter()
+                .map(|(peer, remote)| (peer.as_str(), remote.metadata.as_deref()))
+        });
+        message::push_peer_list(greeting, local.chain(remote));
         let mut joined = Vec::new();
+        let metadata = self
+            .registry
+            .member(conn)
+            .and_then(|m| m.metadata.as_deref());
         message::push_peer_joined(&mut joined, peer.as_str(), metadata);
         self.broadcast(&topic, Some(conn), joined, out);
         self.metrics.add(cell(family::JOINED, 0), 1);
         self.close_doomed(now, out);
-        (conn, Ok(peer))
+        let held = self.conns.get_mut(&conn).map(|c| mem::take(&mut c.held));
+        if let Some(held) = held.filter(|held| !held.is_empty()) {
+            self.feed(conn, &held, now, out);
+        }
     }
 
     /// Takes an upgraded connection that may not join (e.g. its token was
@@ -429,6 +546,38 @@ impl<W> Engine<W> {
     pub fn receive(&mut self, conn: u64, data: &[u8], now: Instant, out: &mut Outbox) {
         self.metrics
             .add(cell(family::RECEIVED_BYTES, 0), data.len() as u64);
+        if self.joining.contains_key(&conn) {
+            self.hold(conn, data, now, out);
+        } else {
+            self.feed(conn, data, now, out);
+        }
+    }
+
+    /// Keeps what a joining connection sent until it has joined: nothing
+    /// may reach it before its `welcome`, not even a `pong`.
+    fn hold(&mut self, conn: u64, data: &[u8], now: Instant, out: &mut Outbox) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if c.state != State::Open {
+            return;
+        }
+        c.held.extend_from_slice(data);
+        if c.held.len() > self.config.max_message + MAX_HELD_EXTRA {
+            let why = LeaveReason::ProtocolError;
+            self.close(
+                conn,
+                CLOSE_POLICY,
+                "too much data before welcome",
+                None,
+                why,
+                now,
+                out,
+            );
+        }
+    }
+
+    fn feed(&mut self, conn: u64, data: &[u8], now: Instant, out: &mut Outbox) {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
@@ -543,15 +692,18 @@ impl<W> Engine<W> {
                 payload,
                 msg_id,
             }) => {
-                let Some(target) = self.registry.find_in_topic_of(conn, &to) else {
-                    self.count_relay(relay::TARGET_NOT_FOUND);
-                    return self.send_error(conn, ErrorCode::TargetNotFound, msg_id, out);
-                };
                 let from = self
                     .registry
                     .member(conn)
                     .expect("open connections are members")
                     .peer;
+                let Some(target) = self.registry.find_in_topic_of(conn, &to) else {
+                    if let Some((node, to)) = self.remote_target(conn, &to) {
+                        return self.forward(node, to, from, kind, payload, msg_id, out);
+                    }
+                    self.count_relay(relay::TARGET_NOT_FOUND);
+                    return self.send_error(conn, ErrorCode::TargetNotFound, msg_id, out);
+                };
                 let delivered = self.queue_or_write(target, out, |buf| {
                     message::push_relay(buf, kind, from.as_str(), payload, msg_id);
                 });
@@ -569,6 +721,48 @@ impl<W> Engine<W> {
             }
             Err(rejected) => self.send_error(conn, rejected.code, rejected.msg_id, out),
         }
+    }
+
+    /// The node holding peer `to` of `conn`'s topic, if another does.
+    fn remote_target(&self, conn: u64, to: &str) -> Option<(Arc<str>, PeerId)> {
+        let topic = &self.registry.member(conn)?.topic;
+        let to = PeerId::parse(to)?;
+        let remote = self.remote.get(topic)?.members.get(&to)?;
+        Some((Arc::clone(&remote.node), to))
+    }
+
+    /// Publishes a relay to the inbox of the node that holds its target.
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &mut self,
+        node: Arc<str>,
+        to: PeerId,
+        from: PeerId,
+        kind: message::RelayKind,
+        payload: Option<&RawValue>,
+        msg_id: Option<&RawValue>,
+        out: &mut Outbox,
+    ) {
+        let origin = self.config.cluster_node.as_deref().unwrap_or_default();
+        let mut message = Vec::new();
+        cluster::push_relay(&mut message, &to, &from, origin, msg_id, |frame| {
+            message::push_relay(frame, kind, from.as_str(), payload, msg_id)
+        });
+        self.count_relay(relay::FORWARDED);
+        out.cluster.push(ClusterOp::Publish { node, message });
+        let now = Instant::now();
+        while self.forwards.front().is_some_and(|f| {
+            self.forwards.len() >= FORWARD_MEMORY_LEN
+                || now.saturating_duration_since(f.at) > FORWARD_MEMORY
+        }) {
+            self.forwards.pop_front();
+        }
+        self.forwards.push_back(Forward {
+            at: now,
+            to,
+            from,
+            msg_id: msg_id.map(|id| id.to_owned()),
+        });
     }
 
     fn send_error(
@@ -653,6 +847,14 @@ impl<W> Engine<W> {
 
     /// Removes `conn` from its topic and tells the others.
     fn leave(&mut self, conn: u64, reason: LeaveReason, out: &mut Outbox) {
+        if let Some(joining) = self.joining.remove(&conn) {
+            // It never joined here, but the cluster was told it would.
+            if let Some(remote) = self.remote.get_mut(&joining.topic) {
+                remote.waiting.retain(|waiting| *waiting != conn);
+            }
+            self.left_cluster(joining.topic, joining.peer, out);
+            return;
+        }
         let Some(member) = self.registry.leave(conn) else {
             return;
         };
@@ -660,7 +862,24 @@ impl<W> Engine<W> {
         message::push_peer_left(&mut left, member.peer.as_str());
         self.broadcast(&member.topic, None, left, out);
         self.metrics.add(cell(family::LEFT, reason as usize), 1);
+        if self.config.cluster_node.is_some() {
+            self.left_cluster(Arc::clone(&member.topic), member.peer, out);
+        }
         out.left.push((member.peer, member.topic, reason));
+    }
+
+    /// Tells the cluster a local peer left; forgets the topic's remote
+    /// members once no local peer is in it or waiting for it.
+    fn left_cluster(&mut self, topic: Arc<str>, peer: PeerId, out: &mut Outbox) {
+        let idle = self.registry.members(&topic).is_empty()
+            && self
+                .remote
+                .get(&topic)
+                .is_some_and(|r| r.waiting.is_empty());
+        if idle {
+            self.remote.remove(&topic);
+        }
+        out.cluster.push(ClusterOp::Leave { topic, peer });
     }
 
     /// Server-side close: the peer leaves at once, is sent an optional
@@ -813,6 +1032,259 @@ impl<W> Engine<W> {
                 out.act(conn, Action::Abort);
             }
         }
+    }
+
+    // --- cluster mode -------------------------------------------------------
+
+    /// The other nodes' members of `topic` as of `version`, which the
+    /// cluster answered to a `Join` with `snapshot` or to a resync; `None`
+    /// when it could not be asked (Redis is down), in which case what was
+    /// known stands. Local peers are told what changed, and connections
+    /// waiting to join the topic join it.
+    pub fn snapshot(
+        &mut self,
+        topic: &str,
+        snapshot: Option<(u64, FxHashMap<PeerId, RemotePeer>)>,
+        now: Instant,
+        out: &mut Outbox,
+    ) {
+        let Some(topic) = self
+            .remote
+            .get_key_value(topic)
+            .map(|(name, _)| Arc::clone(name))
+        else {
+            return; // nobody here follows the topic any more
+        };
+        let remote = self.remote.get_mut(&topic).expect("just found");
+        let (left, joined) = match snapshot {
+            Some((version, _)) if remote.pending.is_none() && version <= remote.version => {
+                return; // older than what was applied since
+            }
+            Some((version, members)) => remote.replace(version, members),
+            None if remote.pending.is_none() => return,
+            None => {
+                let members = mem::take(&mut remote.members);
+                remote.replace(remote.version, members)
+            }
+        };
+        let waiting = mem::take(&mut remote.waiting);
+        self.announce(&topic, left, joined, out);
+        for conn in waiting {
+            if let Some(joining) = self.joining.remove(&conn) {
+                self.enter(
+                    conn,
+                    &joining.topic,
+                    joining.peer,
+                    joining.metadata,
+                    now,
+                    out,
+                );
+            }
+        }
+        self.close_doomed(now, out);
+    }
+
+    /// Handles a message from this node's inbox: a relay or a frame for a
+    /// local peer, or a presence event of a topic.
+    pub fn deliver(&mut self, data: &[u8], now: Instant, out: &mut Outbox) {
+        match data.first() {
+            Some(&cluster::RELAY) => self.deliver_relay(data, out),
+            Some(&cluster::DIRECT) => {
+                if let Some((to, frame)) = cluster::parse_direct(data) {
+                    if let Some(conn) = self.registry.conn_of(&to) {
+                        self.send_must(conn, frame, out);
+                    }
+                }
+            }
+            Some(b'{') => {
+                if let Some((topic, event)) = cluster::parse_presence(data) {
+                    self.presence(&topic, event, out);
+                }
+            }
+            _ => {}
+        }
+        self.close_doomed(now, out);
+    }
+
+    fn presence(&mut self, topic: &str, event: cluster::Presence, out: &mut Outbox) {
+        if event.dead {
+            self.answer_lost(&event.left, out);
+        }
+        let Some(topic) = self
+            .remote
+            .get_key_value(topic)
+            .map(|(name, _)| Arc::clone(name))
+        else {
+            return;
+        };
+        let remote = self.remote.get_mut(&topic).expect("just found");
+        if let Some(pending) = &mut remote.pending {
+            pending.push(event);
+            return;
+        }
+        let (left, joined) = remote.apply(event);
+        self.announce(&topic, left, joined, out);
+    }
+
+    /// Answers `target_not_found` to the recent relays to `gone` peers,
+    /// whose node died: they may have been lost with it.
+    fn answer_lost(&mut self, gone: &[PeerId], out: &mut Outbox) {
+        let now = Instant::now();
+        let mut lost = Vec::new();
+        self.forwards.retain_mut(|forward| {
+            let fresh = now.saturating_duration_since(forward.at) <= FORWARD_MEMORY;
+            if fresh && gone.contains(&forward.to) {
+                lost.push((forward.from, forward.msg_id.take()));
+                return false;
+            }
+            fresh
+        });
+        for (from, msg_id) in lost {
+            if let Some(sender) = self.registry.conn_of(&from) {
+                self.count_relay(relay::TARGET_NOT_FOUND);
+                self.send_error(sender, ErrorCode::TargetNotFound, msg_id.as_deref(), out);
+            }
+        }
+    }
+
+    /// Tells the local members of `topic` of remote peers that left or joined.
+    fn announce(
+        &mut self,
+        topic: &str,
+        left: Vec<PeerId>,
+        joined: Vec<(PeerId, RemotePeer)>,
+        out: &mut Outbox,
+    ) {
+        for peer in left {
+            let mut bytes = Vec::new();
+            message::push_peer_left(&mut bytes, peer.as_str());
+            self.broadcast(topic, None, bytes, out);
+        }
+        for (peer, remote) in joined {
+            let mut bytes = Vec::new();
+            message::push_peer_joined(&mut bytes, peer.as_str(), remote.metadata.as_deref());
+            self.broadcast(topic, None, bytes, out);
+        }
+    }
+
+    fn deliver_relay(&mut self, data: &[u8], out: &mut Outbox) {
+        let Some(relay) = cluster::parse_relay(data) else {
+            return;
+        };
+        let bounce = match self.registry.conn_of(&relay.to) {
+            Some(conn) => {
+                let write = |buf: &mut Vec<u8>| buf.extend_from_slice(relay.frame);
+                match self.queue_or_write(conn, out, write) {
+                    Queued::Yes => {
+                        self.count_relay(relay::DELIVERED);
+                        return;
+                    }
+                    Queued::OverBound => {
+                        self.count_relay(relay::DROPPED);
+                        ErrorCode::Dropped
+                    }
+                }
+            }
+            None => {
+                self.count_relay(relay::TARGET_NOT_FOUND);
+                ErrorCode::TargetNotFound
+            }
+        };
+        self.count_error(bounce);
+        let mut message = Vec::new();
+        cluster::push_direct(&mut message, &relay.from, |frame| {
+            message::push_error(frame, bounce, relay.msg_id)
+        });
+        out.cluster.push(ClusterOp::Publish {
+            node: Arc::from(relay.origin),
+            message,
+        });
+    }
+
+    /// A relay this node published did not arrive: no node listens on the
+    /// target's inbox (`unreachable`: the target is gone, its sender gets
+    /// `target_not_found` and everyone here a `peer-left`), or Redis could
+    /// not be reached (its sender gets `dropped`).
+    pub fn undeliverable(
+        &mut self,
+        data: &[u8],
+        unreachable: bool,
+        now: Instant,
+        out: &mut Outbox,
+    ) {
+        let Some(relay) = cluster::parse_relay(data) else {
+            return;
+        };
+        let Some(sender) = self.registry.conn_of(&relay.from) else {
+            return;
+        };
+        let (code, result) = if unreachable {
+            (ErrorCode::TargetNotFound, relay::TARGET_NOT_FOUND)
+        } else {
+            (ErrorCode::Dropped, relay::DROPPED)
+        };
+        self.count_relay(result);
+        self.send_error(sender, code, relay.msg_id, out);
+        let topic = match self.registry.member(sender) {
+            Some(member) if unreachable => Arc::clone(&member.topic),
+            _ => return self.close_doomed(now, out),
+        };
+        let gone = self
+            .remote
+            .get_mut(&topic)
+            .and_then(|remote| remote.members.remove(&relay.to));
+        if gone.is_some() {
+            self.announce(&topic, vec![relay.to], Vec::new(), out);
+            out.cluster.push(ClusterOp::Leave {
+                topic,
+                peer: relay.to,
+            });
+        }
+        self.close_doomed(now, out);
+    }
+
+    /// Every topic this node follows, with its local peers (and those
+    /// about to join): what the cluster must hold of this node.
+    #[allow(clippy::type_complexity)]
+    pub fn local_members(&self) -> Vec<(Arc<str>, Vec<(PeerId, Option<&str>)>)> {
+        self.remote
+            .iter()
+            .map(|(topic, remote)| {
+                let members = self.registry.members(topic).iter().map(|conn| {
+                    let member = self.registry.member(*conn).expect("listed members exist");
+                    (member.peer, member.metadata.as_deref())
+                });
+                let waiting = remote.waiting.iter().filter_map(|conn| {
+                    let joining = self.joining.get(conn)?;
+                    Some((joining.peer, joining.metadata.as_deref()))
+                });
+                (Arc::clone(topic), members.chain(waiting).collect())
+            })
+            .collect()
+    }
+
+    /// Starts resynchronising every topic (after Redis came back): presence
+    /// events wait until the topic's snapshot is here.
+    pub fn begin_resync(&mut self) {
+        for remote in self.remote.values_mut() {
+            remote.pending.get_or_insert_with(Vec::new);
+        }
+    }
+
+    /// The other nodes that hold members of this node's topics.
+    pub fn remote_nodes(&self) -> Vec<Arc<str>> {
+        let mut nodes: Vec<Arc<str>> = Vec::new();
+        for remote in self.remote.values() {
+            for peer in remote.members.values() {
+                if !nodes
+                    .iter()
+                    .any(|node| Arc::ptr_eq(node, &peer.node) || *node == peer.node)
+                {
+                    nodes.push(Arc::clone(&peer.node));
+                }
+            }
+        }
+        nodes
     }
 }
 

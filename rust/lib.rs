@@ -5,6 +5,7 @@
 //! - [`message`]: the protocol's JSON messages, parsed and written;
 //! - [`ice`]: the ICE servers and TURN credentials of `welcome`;
 //! - [`registry`]: topics and their peers;
+//! - [`cluster`]: remote members of topics, and the messages between nodes;
 //! - [`engine`]: one worker's connections and the relay hot path;
 //! - [`metrics`]: every worker's counters, in one table all of them map;
 //! - [`topic_hash`]: the stable topic hash that shards topics over workers;
@@ -13,6 +14,7 @@
 //! `python` (feature `python`, on in the maturin build) is the thin PyO3
 //! glue that exposes them as `signaling_sharded._native`.
 
+pub mod cluster;
 pub mod engine;
 pub mod frame;
 pub mod ice;

@@ -90,7 +90,9 @@ pub const HANDSHAKE_FAILURES: &[&str] = &[
 pub const HANDOFF_RESULTS: &[&str] = &["sent", "failed", "received", "refused"];
 
 /// What became of a relayed message.
-pub const RELAY_RESULTS: &[&str] = &["delivered", "dropped", "target_not_found"];
+/// `forwarded`: published to the target's node (cluster mode), which
+/// counts the delivery.
+pub const RELAY_RESULTS: &[&str] = &["delivered", "dropped", "target_not_found", "forwarded"];
 
 pub const FAMILIES: &[Family] = &[
     Family {
@@ -230,6 +232,7 @@ pub mod relay {
     pub const DELIVERED: usize = 0;
     pub const DROPPED: usize = 1;
     pub const TARGET_NOT_FOUND: usize = 2;
+    pub const FORWARDED: usize = 3;
 }
 
 const fn family_offsets() -> [usize; FAMILIES.len() + 1] {

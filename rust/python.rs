@@ -20,13 +20,16 @@ use std::time::{Duration, Instant};
 use pyo3::exceptions::PyValueError;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyList, PyTuple};
+use rustc_hash::FxHashMap;
 
+use crate::cluster::{self, ClusterOp};
 use crate::engine::{Action, Config, Engine, Outbox, RateLimit, Refusal};
 use crate::frame::{Event, Fault, Flow, FrameReader};
 use crate::ice::IceServers;
 use crate::message::{self, Inbound};
 use crate::metrics::{self, cell, family, Table};
+use crate::registry::PeerId;
 use crate::topic_hash as hashing;
 use crate::upgrade;
 
@@ -41,6 +44,36 @@ pub struct Hub {
     core: Mutex<Core>,
     /// Called as `on_left(peer_id, topic, reason)` when a peer leaves.
     on_left: Py<PyAny>,
+    /// Cluster mode: called with a list of work for Redis (see
+    /// `cluster_op`), after each call that produced some.
+    on_cluster: Option<Py<PyAny>>,
+}
+
+/// A cluster operation as the Python side takes it: `("join", topic,
+/// peer, metadata, snapshot)`, `("leave", topic, peer)` or
+/// `("publish", node, message)`.
+fn cluster_op<'py>(py: Python<'py>, op: &ClusterOp) -> PyResult<Bound<'py, PyTuple>> {
+    match op {
+        ClusterOp::Join {
+            topic,
+            peer,
+            metadata,
+            snapshot,
+        } => (
+            intern!(py, "join"),
+            &**topic,
+            peer.as_str(),
+            metadata.as_deref(),
+            *snapshot,
+        )
+            .into_pyobject(py),
+        ClusterOp::Leave { topic, peer } => {
+            (intern!(py, "leave"), &**topic, peer.as_str()).into_pyobject(py)
+        }
+        ClusterOp::Publish { node, message } => {
+            (intern!(py, "publish"), &**node, PyBytes::new(py, message)).into_pyobject(py)
+        }
+    }
 }
 
 /// A socket operation decided under the lock, carried out after it.
@@ -76,6 +109,7 @@ impl Hub {
         step: impl FnOnce(&mut Engine<Py<PyAny>>, &mut Outbox) -> R,
     ) -> R {
         let mut left = Vec::new();
+        let mut cluster_ops = None;
         let mut ops: Vec<(Bound<'_, PyAny>, Op<'_>)> = Vec::new();
         let result = {
             let mut guard = self.lock();
@@ -106,6 +140,10 @@ impl Hub {
                 left.extend(outbox.left.drain(..).map(|(peer, topic, reason)| {
                     (peer.as_str().to_owned(), topic.to_string(), reason.as_str())
                 }));
+                if !outbox.cluster.is_empty() {
+                    let list = outbox.cluster.iter().map(|op| cluster_op(py, op));
+                    cluster_ops = Some(list.collect::<PyResult<Vec<_>>>());
+                }
                 outbox.clear();
             }
             result
@@ -124,6 +162,14 @@ impl Hub {
         for (peer, topic, reason) in left {
             if let Err(err) = self.on_left.call1(py, (peer, topic, reason)) {
                 err.write_unraisable(py, Some(self.on_left.bind(py)));
+            }
+        }
+        if let (Some(ops), Some(on_cluster)) = (cluster_ops, &self.on_cluster) {
+            let called = ops
+                .and_then(|ops| PyList::new(py, ops))
+                .and_then(|list| on_cluster.call1(py, (list,)));
+            if let Err(err) = called {
+                err.write_unraisable(py, Some(on_cluster.bind(py)));
             }
         }
         result
@@ -151,6 +197,8 @@ impl Hub {
         turn_ttl = 86_400,
         metrics = None,
         worker = 0,
+        cluster_node = None,
+        on_cluster = None,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -170,7 +218,14 @@ impl Hub {
         turn_ttl: u64,
         metrics: Option<PyRef<'_, MetricsTable>>,
         worker: usize,
+        cluster_node: Option<String>,
+        on_cluster: Option<Py<PyAny>>,
     ) -> PyResult<Self> {
+        if cluster_node.is_some() != on_cluster.is_some() {
+            return Err(PyValueError::new_err(
+                "cluster_node and on_cluster go together",
+            ));
+        }
         let table = match metrics {
             Some(table) => Arc::clone(&table.table),
             None => Arc::new(Table::local(worker + 1)),
@@ -207,6 +262,7 @@ impl Hub {
             max_connections,
             rate_limit,
             ice,
+            cluster_node: cluster_node.map(Into::into),
         };
         Ok(Self {
             core: Mutex::new(Core {
@@ -214,6 +270,7 @@ impl Hub {
                 outbox: Outbox::default(),
             }),
             on_left,
+            on_cluster,
         })
     }
 
@@ -310,6 +367,81 @@ impl Hub {
     /// `"received"` or `"refused"`.
     fn count_handoff(&self, result: &str) {
         self.count(family::HANDOFFS, metrics::HANDOFF_RESULTS, result);
+    }
+
+    /// Cluster mode: a message from this node's inbox.
+    fn deliver(&self, py: Python<'_>, data: &[u8]) {
+        self.run(py, |engine, out| engine.deliver(data, Instant::now(), out));
+    }
+
+    /// Cluster mode: the other nodes' members of `topic` at `version`, as
+    /// `(peer, node, metadata)`; `None` when Redis could not be asked.
+    #[pyo3(signature = (topic, version=None, members=None))]
+    fn snapshot(
+        &self,
+        py: Python<'_>,
+        topic: &str,
+        version: Option<u64>,
+        members: Option<Vec<(String, String, Option<String>)>>,
+    ) {
+        let snapshot = version.zip(members).map(|(version, members)| {
+            let members: FxHashMap<_, _> = members
+                .into_iter()
+                .filter_map(|(peer, node, metadata)| {
+                    let metadata = metadata.filter(|text| !text.is_empty());
+                    let remote = cluster::RemotePeer {
+                        node: node.into(),
+                        metadata: metadata.map(Into::into),
+                    };
+                    Some((PeerId::parse(&peer)?, remote))
+                })
+                .collect();
+            (version, members)
+        });
+        self.run(py, |engine, out| {
+            engine.snapshot(topic, snapshot, Instant::now(), out)
+        });
+    }
+
+    /// Cluster mode: a relay this node published reached nobody
+    /// (`unreachable`), or could not be published.
+    fn undeliverable(&self, py: Python<'_>, message: &[u8], unreachable: bool) {
+        self.run(py, |engine, out| {
+            engine.undeliverable(message, unreachable, Instant::now(), out)
+        });
+    }
+
+    /// Cluster mode: every followed topic with its local peers (and those
+    /// about to join), as `(topic, [(peer, metadata)])`.
+    #[allow(clippy::type_complexity)]
+    fn local_members(&self) -> Vec<(String, Vec<(String, Option<String>)>)> {
+        let core = self.lock();
+        core.engine
+            .local_members()
+            .into_iter()
+            .map(|(topic, peers)| {
+                let peers = peers
+                    .into_iter()
+                    .map(|(peer, metadata)| (peer.as_str().to_owned(), metadata.map(Into::into)))
+                    .collect();
+                (topic.to_string(), peers)
+            })
+            .collect()
+    }
+
+    /// Cluster mode: hold presence events until each topic's snapshot.
+    fn begin_resync(&self) {
+        self.lock().engine.begin_resync();
+    }
+
+    /// Cluster mode: the other nodes holding members of this node's topics.
+    fn remote_nodes(&self) -> Vec<String> {
+        let core = self.lock();
+        core.engine
+            .remote_nodes()
+            .iter()
+            .map(|node| node.to_string())
+            .collect()
     }
 
     /// Every worker's metrics in the Prometheus text format.

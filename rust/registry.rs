@@ -62,11 +62,18 @@ impl Registry {
     ///
     /// Panics if `conn` is already a member: a connection joins once.
     pub fn join(&mut self, conn: u64, topic: &str, metadata: Option<Box<str>>) -> PeerId {
+        let peer = self.new_peer_id();
+        self.join_as(conn, topic, metadata, peer);
+        peer
+    }
+
+    /// Like [`Registry::join`], under an id from [`Registry::new_peer_id`]
+    /// (given out before the join, while the cluster is asked about it).
+    pub fn join_as(&mut self, conn: u64, topic: &str, metadata: Option<Box<str>>, peer: PeerId) {
         assert!(
             !self.members.contains_key(&conn),
             "connection {conn} joined twice"
         );
-        let peer = self.new_peer_id();
         let topic: Arc<str> = match self.topics.get_key_value(topic) {
             Some((name, _)) => Arc::clone(name),
             None => Arc::from(topic),
@@ -84,10 +91,10 @@ impl Registry {
             },
         );
         self.by_peer.insert(peer, conn);
-        peer
     }
 
-    fn new_peer_id(&mut self) -> PeerId {
+    /// A fresh peer id, unused by any member.
+    pub fn new_peer_id(&mut self) -> PeerId {
         loop {
             // Monotonic within a millisecond; on the (2^80 per ms) overflow,
             // wait for the next millisecond rather than break ordering.
@@ -121,6 +128,11 @@ impl Registry {
             self.topics.remove(&member.topic);
         }
         Some(member)
+    }
+
+    /// The connection of peer `peer`, wherever it is.
+    pub fn conn_of(&self, peer: &PeerId) -> Option<u64> {
+        self.by_peer.get(peer).copied()
     }
 
     pub fn member(&self, conn: u64) -> Option<&Member> {

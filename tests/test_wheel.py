@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Server
-from wsclient import RawClient
+from wsclient import RawClient, http_get
 
 ROOT = Path(__file__).resolve().parent.parent
 MATURIN = Path(sys.executable).parent / "maturin"
@@ -50,3 +50,10 @@ def test_the_installed_wheel_serves_peers(wheel_server: Server) -> None:
     with RawClient.connect(wheel_server.port, "/ws/from-the-wheel") as client:
         assert client.recv_json()["type"] == "welcome"
         assert client.recv_json() == {"type": "peer-list", "peers": []}
+
+
+def test_the_installed_wheel_carries_the_browser_demo(wheel_server: Server) -> None:
+    for path in ("/", "/signaling.js"):
+        response = http_get(wheel_server.port, path)
+        assert response.status == 200, path
+        assert len(response.body) > 1000, path

@@ -38,6 +38,8 @@ class Hub:
         turn_ttl: int = 86400,
         metrics: MetricsTable | None = None,
         worker: int = 0,
+        cluster_node: str | None = None,
+        on_cluster: Callable[[list[tuple[Any, ...]]], object] | None = None,
     ) -> Hub: ...
     def join(self, transport: Any, topic: str, metadata: str | None = None) -> Peer:
         """Add the upgraded connection on ``transport`` to ``topic``.
@@ -67,6 +69,24 @@ class Hub:
         """Count a hand-off: ``"sent"``, ``"failed"``, ``"received"``, ``"refused"``."""
     def metrics_text(self) -> str:
         """Every worker's metrics in the Prometheus text format."""
+    def deliver(self, data: bytes) -> None:
+        """Cluster mode: a message from this node's inbox."""
+    def snapshot(
+        self,
+        topic: str,
+        version: int | None = None,
+        members: list[tuple[str, str, str | None]] | None = None,
+    ) -> None:
+        """Cluster mode: the other nodes' members of ``topic`` at ``version``
+        as ``(peer, node, metadata)``; no version: Redis could not be asked."""
+    def undeliverable(self, message: bytes, unreachable: bool) -> None:
+        """Cluster mode: a published relay reached nobody, or was not sent."""
+    def local_members(self) -> list[tuple[str, list[tuple[str, str | None]]]]:
+        """Cluster mode: each followed topic with its local peers."""
+    def begin_resync(self) -> None:
+        """Cluster mode: hold presence events until each topic's snapshot."""
+    def remote_nodes(self) -> list[str]:
+        """Cluster mode: the other nodes holding members of this node's topics."""
 
 @final
 class MetricsTable:

@@ -210,6 +210,22 @@ def build_parser() -> argparse.ArgumentParser:
             "default: any. Requests without Origin (native clients) always pass"
         ),
     )
+    parser.add_argument(
+        "--redis-url",
+        "--redis",
+        default=None,
+        metavar="URL",
+        help=(
+            "cluster mode: share topics with every server on this Redis "
+            "(redis://host:port/db, rediss:// for TLS); default: this machine alone"
+        ),
+    )
+    parser.add_argument(
+        "--redis-prefix",
+        default=defaults.redis_prefix,
+        metavar="PREFIX",
+        help="prefix of the cluster's Redis keys and channels (clusters can share a Redis)",
+    )
     return parser
 
 
@@ -241,6 +257,8 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         turn_secret=args.turn_secret or None,
         turn_ttl=args.turn_ttl,
         allowed_origins=tuple(args.allowed_origin),
+        redis_url=args.redis_url or None,
+        redis_prefix=args.redis_prefix,
     )
 
 

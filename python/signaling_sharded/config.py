@@ -45,3 +45,7 @@ class Config:
     turn_ttl: int = 86_400
     #: Origins allowed to connect; empty allows any.
     allowed_origins: tuple[str, ...] = field(default_factory=tuple)
+    #: Cluster mode: the Redis shared by every server (redis://host:port/db).
+    redis_url: str | None = None
+    #: Prefix of every Redis key and channel, so clusters can share a Redis.
+    redis_prefix: str = "signaling:"

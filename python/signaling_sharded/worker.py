@@ -23,10 +23,12 @@ import os
 import signal
 import socket
 import sys
+from typing import Any
 
 from websockets.typing import Origin
 
 from signaling_sharded._native import Hub, MetricsTable
+from signaling_sharded.cluster import Cluster
 from signaling_sharded.config import Config
 from signaling_sharded.handshake import WORKER_HEADER, Handshake
 from signaling_sharded.logs import configure, flush, log
@@ -81,6 +83,11 @@ class Worker:
         self.index = index
         #: Names this server's hand-off sockets (see handoff.py).
         self.group = group or f"{os.getpid()}.{config.port}"
+        self.cluster: Cluster | None = None
+        cluster_options: dict[str, Any] = {}
+        if config.redis_url is not None:
+            self.cluster = Cluster(config.redis_url, config.redis_prefix, index)
+            cluster_options = {"cluster_node": self.cluster.node, "on_cluster": self.cluster.submit}
         self.hub = Hub(
             max_message_size=config.max_message_size,
             max_queue_bytes=config.max_queue_bytes,
@@ -98,6 +105,7 @@ class Worker:
             turn_ttl=config.turn_ttl,
             metrics=metrics,
             worker=index,
+            **cluster_options,
         )
         # What ServerProtocol checks Origin against; None (no Origin header,
         # a native client) always passes the allow-list.
@@ -145,6 +153,8 @@ class Worker:
             )
         loop.add_signal_handler(signal.SIGTERM, self.on_signal, signal.SIGTERM)
         ticker = loop.call_later(tick_period(self.config), self.tick)
+        if self.cluster is not None:
+            self.cluster.start(self.hub)
         log(
             logging.INFO,
             "listening",
@@ -163,6 +173,8 @@ class Worker:
                 server.close()
             for handshake in list(self.handshakes):
                 handshake.close()
+            if self.cluster is not None:
+                await self.cluster.close()
         log(logging.INFO, "stopped", worker=self.index)
 
     def tick(self) -> None:

@@ -1,0 +1,273 @@
+#!lua name=signaling_sharded_1
+--[[
+Presence of cluster mode, as Redis functions (Redis 7.0+). Every change to a
+topic's members goes through one of these, so that it is atomic: it changes
+the members, gives the topic a new version and publishes the change, with
+that version, to the inbox of every other node holding members of the topic.
+Redis runs one function at a time and delivers what each published in that
+order, so every node sees a topic's changes in one order, and a snapshot
+(the members at version v) is exact.
+
+Keys, under the cluster's prefix P:
+  P t:{topic}  hash   peer id -> node .. "\n" .. metadata JSON ("" for none)
+  P e:{topic}  zset   peer id -> expiry (ms); the owner refreshes it
+  P c:{topic}  hash   node -> its member count; "~v" -> the topic's version
+  P n:{node}   set    the topics where node has members
+A topic's keys are deleted with its last member. Every key also expires on
+its own (TTL) unless refreshed, so a cluster whose nodes all died leaves
+nothing behind. Versions are Redis' clock in microseconds, made strictly
+increasing per topic, so they also increase across a topic's deletion.
+
+Presence event (published):
+  {"topic":..,"v":..,"joined":[[peer,node,metadata|null],..],"left":[peer,..]}
+with "dead":true added when the peers left because their node died.
+
+Arguments common to every function: P (prefix), then the function's own.
+Snapshots are flat arrays: version, then peer, node, metadata per member of
+other nodes.
+]]
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function keys_of(p, topic)
+  return p .. 't:' .. topic, p .. 'e:' .. topic, p .. 'c:' .. topic
+end
+
+local function number(v)
+  return string.format('%.0f', v)
+end
+
+-- The topic's next version: the clock in us, above the last one.
+local function bump(ck)
+  local t = redis.call('TIME')
+  local v = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local last = tonumber(redis.call('HGET', ck, '~v') or '0')
+  if v <= last then
+    v = last + 1
+  end
+  redis.call('HSET', ck, '~v', number(v))
+  return v
+end
+
+local function split(value)
+  local cut = string.find(value, '\n', 1, true)
+  return string.sub(value, 1, cut - 1), string.sub(value, cut + 1)
+end
+
+local function joined_entry(peer, node, meta)
+  if meta == '' then
+    meta = 'null'
+  end
+  return '[' .. cjson.encode(peer) .. ',' .. cjson.encode(node) .. ',' .. meta .. ']'
+end
+
+-- Adds a member; true if it was not there yet.
+local function add(p, topic, peer, node, meta, expiry, ttl)
+  local tk, ek, ck = keys_of(p, topic)
+  local added = redis.call('HSETNX', tk, peer, node .. '\n' .. meta) == 1
+  if added and redis.call('HINCRBY', ck, node, 1) == 1 then
+    redis.call('SADD', p .. 'n:' .. node, topic)
+    redis.call('PEXPIRE', p .. 'n:' .. node, ttl)
+  end
+  redis.call('ZADD', ek, expiry, peer)
+  return added
+end
+
+-- Removes a member; its node, or nil if it was not there.
+local function remove(p, topic, peer)
+  local tk, ek, ck = keys_of(p, topic)
+  local value = redis.call('HGET', tk, peer)
+  redis.call('ZREM', ek, peer)
+  if not value then
+    return nil
+  end
+  local node = split(value)
+  redis.call('HDEL', tk, peer)
+  if redis.call('HINCRBY', ck, node, -1) <= 0 then
+    redis.call('HDEL', ck, node)
+    redis.call('SREM', p .. 'n:' .. node, topic)
+  end
+  return node
+end
+
+-- Removes the members whose expiry has passed; appends them to `left`.
+local function prune(p, topic, now, left)
+  local _, ek = keys_of(p, topic)
+  for _, peer in ipairs(redis.call('ZRANGEBYSCORE', ek, '-inf', now)) do
+    if remove(p, topic, peer) then
+      table.insert(left, cjson.encode(peer))
+    end
+  end
+end
+
+-- Publishes a change to the nodes holding members of the topic but
+-- `except`; `dead`: the peers left because their node died.
+local function notify(p, topic, v, joined, left, except, dead)
+  if #joined == 0 and #left == 0 then
+    return
+  end
+  local _, _, ck = keys_of(p, topic)
+  local event = '{"topic":' .. cjson.encode(topic) .. ',"v":' .. number(v)
+    .. ',"joined":[' .. table.concat(joined, ',') .. '],"left":['
+    .. table.concat(left, ',') .. ']' .. (dead and ',"dead":true}' or '}')
+  for _, node in ipairs(redis.call('HKEYS', ck)) do
+    if node ~= '~v' and node ~= except then
+      redis.call('PUBLISH', p .. 'node:' .. node, event)
+    end
+  end
+end
+
+-- Deletes an empty topic's keys, or refreshes their TTL.
+local function settle(p, topic, ttl)
+  local tk, ek, ck = keys_of(p, topic)
+  if redis.call('HLEN', tk) == 0 then
+    redis.call('DEL', tk, ek, ck)
+    return
+  end
+  redis.call('PEXPIRE', tk, ttl)
+  redis.call('PEXPIRE', ek, ttl)
+  redis.call('PEXPIRE', ck, ttl)
+end
+
+-- The members of other nodes than `node`, after the version.
+local function snapshot(p, topic, node, v)
+  local tk = keys_of(p, topic)
+  local out = { v }
+  local all = redis.call('HGETALL', tk)
+  for i = 1, #all, 2 do
+    local owner, meta = split(all[i + 1])
+    if owner ~= node then
+      table.insert(out, all[i])
+      table.insert(out, owner)
+      table.insert(out, meta)
+    end
+  end
+  return out
+end
+
+-- join(P, topic, peer, node, metadata, want_snapshot, ttl_ms)
+-- A local peer of `node` joins `topic`. Returns the version, then (when
+-- asked) the snapshot of the other nodes' members.
+local function join(_, args)
+  local p, topic, peer, node, meta, want, ttl = args[1], args[2], args[3], args[4], args[5],
+    args[6] == '1', tonumber(args[7])
+  local now = now_ms()
+  local left = {}
+  prune(p, topic, now, left)
+  local added = add(p, topic, peer, node, meta, now + ttl, ttl)
+  local v = bump(select(3, keys_of(p, topic)))
+  notify(p, topic, v, added and { joined_entry(peer, node, meta) } or {}, left, node)
+  if #left > 0 and not want then
+    -- The joiner's node follows the topic too: tell it who expired.
+    local event = '{"topic":' .. cjson.encode(topic) .. ',"v":' .. number(v)
+      .. ',"joined":[],"left":[' .. table.concat(left, ',') .. ']}'
+    redis.call('PUBLISH', p .. 'node:' .. node, event)
+  end
+  settle(p, topic, ttl)
+  if want then
+    return snapshot(p, topic, node, v)
+  end
+  return { v }
+end
+
+-- leave(P, topic, peer, node, ttl_ms)
+-- Peer `peer` leaves `topic`: a local peer of `node`, or one that `node`
+-- found gone. Returns the version, or 0 if it was not a member.
+local function leave(_, args)
+  local p, topic, peer, node, ttl = args[1], args[2], args[3], args[4], tonumber(args[5])
+  if not remove(p, topic, peer) then
+    settle(p, topic, ttl)
+    return 0
+  end
+  local v = bump(select(3, keys_of(p, topic)))
+  notify(p, topic, v, {}, { cjson.encode(peer) }, node)
+  settle(p, topic, ttl)
+  return v
+end
+
+-- sync(P, topic, node, ttl_ms, peer1, metadata1, peer2, metadata2, ...)
+-- Makes `node`'s members of `topic` exactly the given peers (after Redis
+-- came back, or lost them). Returns the snapshot of the other nodes' members.
+local function sync(_, args)
+  local p, topic, node, ttl = args[1], args[2], args[3], tonumber(args[4])
+  local tk = keys_of(p, topic)
+  local now = now_ms()
+  local wanted = {}
+  for i = 5, #args, 2 do
+    wanted[args[i]] = args[i + 1]
+  end
+  local joined, left = {}, {}
+  prune(p, topic, now, left)
+  local all = redis.call('HGETALL', tk)
+  for i = 1, #all, 2 do
+    local owner = split(all[i + 1])
+    if owner == node and wanted[all[i]] == nil then
+      remove(p, topic, all[i])
+      table.insert(left, cjson.encode(all[i]))
+    end
+  end
+  for peer, meta in pairs(wanted) do
+    if add(p, topic, peer, node, meta, now + ttl, ttl) then
+      table.insert(joined, joined_entry(peer, node, meta))
+    end
+  end
+  local v = bump(select(3, keys_of(p, topic)))
+  notify(p, topic, v, joined, left, node)
+  settle(p, topic, ttl)
+  return snapshot(p, topic, node, v)
+end
+
+-- touch(P, topic, node, ttl_ms, peer1, peer2, ...)
+-- Refreshes the expiry of `node`'s peers. Returns how many were missing
+-- (expired or removed meanwhile): the node must then sync.
+local function touch(_, args)
+  local p, topic, node, ttl = args[1], args[2], args[3], tonumber(args[4])
+  local tk, ek = keys_of(p, topic)
+  local expiry = now_ms() + ttl
+  local missing = 0
+  for i = 5, #args do
+    if redis.call('HEXISTS', tk, args[i]) == 1 then
+      redis.call('ZADD', ek, expiry, args[i])
+    else
+      missing = missing + 1
+    end
+  end
+  redis.call('PEXPIRE', p .. 'n:' .. node, ttl)
+  settle(p, topic, ttl)
+  return missing
+end
+
+-- reap(P, node, ttl_ms, dead)
+-- Removes every member of `node` (a node found dead: dead = "1", or one
+-- leaving) and tells the others. Returns how many members were removed.
+local function reap(_, args)
+  local p, node, ttl, dead = args[1], args[2], tonumber(args[3]), args[4] == '1'
+  local removed = 0
+  for _, topic in ipairs(redis.call('SMEMBERS', p .. 'n:' .. node)) do
+    local tk = keys_of(p, topic)
+    local left = {}
+    local all = redis.call('HGETALL', tk)
+    for i = 1, #all, 2 do
+      if split(all[i + 1]) == node then
+        remove(p, topic, all[i])
+        table.insert(left, cjson.encode(all[i]))
+      end
+    end
+    if #left > 0 then
+      removed = removed + #left
+      notify(p, topic, bump(select(3, keys_of(p, topic))), {}, left, node, dead)
+    end
+    settle(p, topic, ttl)
+  end
+  redis.call('DEL', p .. 'n:' .. node)
+  return removed
+end
+
+redis.register_function('signaling_join', join)
+redis.register_function('signaling_leave', leave)
+redis.register_function('signaling_sync', sync)
+redis.register_function('signaling_touch', touch)
+redis.register_function('signaling_reap', reap)

@@ -1,0 +1,385 @@
+//! Cluster mode: what one worker knows of the peers other nodes hold, and
+//! the messages nodes send each other through their Redis inboxes.
+//!
+//! Each worker process is a node. A topic's members on other nodes are its
+//! *remote* members; the engine keeps them per topic beside its own, so a
+//! joiner's `peer-list` and every relay lookup see the whole topic. Remote
+//! membership changes arrive as presence events, published by the Redis
+//! functions that change the topic (see `python/signaling_sharded/cluster.lua`)
+//! in the order Redis ran them, each with the topic's version then. A
+//! worker that starts following a topic takes a snapshot (version `v`) and
+//! applies only later events; events that arrive while the snapshot is on
+//! its way wait for it.
+//!
+//! Inbox messages, by their first byte:
+//! - `R`: a relay for a local peer: `to` (26), `from` (26), the origin
+//!   node's name (u8 length, then bytes), the sender's `msgId` JSON (u16
+//!   big-endian length, then bytes; 0 for none), then the WebSocket frame to
+//!   write to `to`, ready to send;
+//! - `D`: a frame that a local peer must receive (an error bounced back to
+//!   a relay's sender): `to` (26), then the frame;
+//! - `{`: a presence event, JSON:
+//!   `{"topic":..,"v":..,"joined":[[peer,node,metadata|null],..],"left":[peer,..]}`,
+//!   with `"dead":true` when the peers left because their node died.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use rustc_hash::FxHashMap;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::registry::PeerId;
+
+/// A member of a topic held by another node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemotePeer {
+    pub node: Arc<str>,
+    pub metadata: Option<Box<str>>,
+}
+
+/// Membership changes of one topic, made by one Redis function call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presence {
+    pub version: u64,
+    pub left: Vec<PeerId>,
+    pub joined: Vec<(PeerId, RemotePeer)>,
+    /// The peers left because their node died: relays sent to them lately
+    /// may have been lost with it.
+    pub dead: bool,
+}
+
+/// What a worker knows of one topic's remote members. It exists while the
+/// worker has members of the topic, or connections waiting to become so.
+#[derive(Debug, Default)]
+pub struct RemoteTopic {
+    pub members: FxHashMap<PeerId, RemotePeer>,
+    /// The version of the last snapshot or event applied.
+    pub version: u64,
+    /// `Some` while a snapshot is awaited: the events that came meanwhile.
+    pub pending: Option<Vec<Presence>>,
+    /// Connections to greet once the snapshot is here, in arrival order.
+    pub waiting: Vec<u64>,
+}
+
+/// Work for the worker's Redis connection, in the order it must be done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterOp {
+    /// Add a local peer to the topic; `snapshot`: the caller wants the
+    /// topic's members back (through `Engine::snapshot`).
+    Join {
+        topic: Arc<str>,
+        peer: PeerId,
+        metadata: Option<Box<str>>,
+        snapshot: bool,
+    },
+    /// Remove a peer from the topic: a local one, or a remote one found gone.
+    Leave { topic: Arc<str>, peer: PeerId },
+    /// Publish `message` to `node`'s inbox.
+    Publish { node: Arc<str>, message: Vec<u8> },
+}
+
+pub const RELAY: u8 = b'R';
+pub const DIRECT: u8 = b'D';
+const ID: usize = ulid::ULID_LEN;
+
+/// A relay on its way to another node.
+#[derive(Debug)]
+pub struct Relay<'a> {
+    pub to: PeerId,
+    pub from: PeerId,
+    pub origin: &'a str,
+    pub msg_id: Option<&'a RawValue>,
+    pub frame: &'a [u8],
+}
+
+/// Writes an `R` message; `frame` writes the WebSocket frame for `to`.
+pub fn push_relay(
+    out: &mut Vec<u8>,
+    to: &PeerId,
+    from: &PeerId,
+    origin: &str,
+    msg_id: Option<&RawValue>,
+    frame: impl FnOnce(&mut Vec<u8>),
+) {
+    let origin = &origin.as_bytes()[..origin.len().min(255)];
+    let msg_id = msg_id.map_or("", |id| id.get()).as_bytes();
+    let msg_id = &msg_id[..msg_id.len().min(usize::from(u16::MAX))];
+    out.push(RELAY);
+    out.extend_from_slice(to.as_str().as_bytes());
+    out.extend_from_slice(from.as_str().as_bytes());
+    out.push(origin.len() as u8);
+    out.extend_from_slice(origin);
+    out.extend_from_slice(&(msg_id.len() as u16).to_be_bytes());
+    out.extend_from_slice(msg_id);
+    frame(out);
+}
+
+pub fn parse_relay(data: &[u8]) -> Option<Relay<'_>> {
+    let rest = data.strip_prefix(&[RELAY])?;
+    let (to, rest) = split(rest, ID)?;
+    let (from, rest) = split(rest, ID)?;
+    let (&origin_len, rest) = rest.split_first()?;
+    let (origin, rest) = split(rest, usize::from(origin_len))?;
+    let (id_len, rest) = split(rest, 2)?;
+    let (msg_id, frame) = split(
+        rest,
+        usize::from(u16::from_be_bytes([id_len[0], id_len[1]])),
+    )?;
+    let msg_id = match msg_id {
+        [] => None,
+        text => Some(serde_json::from_slice::<&RawValue>(text).ok()?),
+    };
+    Some(Relay {
+        to: peer_id(to)?,
+        from: peer_id(from)?,
+        origin: std::str::from_utf8(origin).ok()?,
+        msg_id,
+        frame,
+    })
+}
+
+/// Writes a `D` message: `frame` must reach local peer `to`.
+pub fn push_direct(out: &mut Vec<u8>, to: &PeerId, frame: impl FnOnce(&mut Vec<u8>)) {
+    out.push(DIRECT);
+    out.extend_from_slice(to.as_str().as_bytes());
+    frame(out);
+}
+
+pub fn parse_direct(data: &[u8]) -> Option<(PeerId, &[u8])> {
+    let rest = data.strip_prefix(&[DIRECT])?;
+    let (to, frame) = split(rest, ID)?;
+    Some((peer_id(to)?, frame))
+}
+
+fn split(data: &[u8], at: usize) -> Option<(&[u8], &[u8])> {
+    (data.len() >= at).then(|| data.split_at(at))
+}
+
+fn peer_id(bytes: &[u8]) -> Option<PeerId> {
+    PeerId::parse(std::str::from_utf8(bytes).ok()?)
+}
+
+#[derive(Deserialize)]
+struct WirePresence<'a> {
+    #[serde(borrow)]
+    topic: Cow<'a, str>,
+    v: u64,
+    #[serde(default, borrow)]
+    joined: Vec<(Cow<'a, str>, Cow<'a, str>, Option<&'a RawValue>)>,
+    #[serde(default, borrow)]
+    left: Vec<Cow<'a, str>>,
+    #[serde(default)]
+    dead: bool,
+}
+
+/// A presence event: its topic and its changes. Malformed: `None`.
+pub fn parse_presence(data: &[u8]) -> Option<(String, Presence)> {
+    let wire: WirePresence<'_> = serde_json::from_slice(data).ok()?;
+    let mut joined = Vec::with_capacity(wire.joined.len());
+    for (peer, node, metadata) in wire.joined {
+        joined.push((PeerId::parse(&peer)?, remote_peer(&node, metadata)));
+    }
+    let left = wire
+        .left
+        .iter()
+        .map(|peer| PeerId::parse(peer))
+        .collect::<Option<Vec<_>>>()?;
+    Some((
+        wire.topic.into_owned(),
+        Presence {
+            version: wire.v,
+            left,
+            joined,
+            dead: wire.dead,
+        },
+    ))
+}
+
+/// A remote member; JSON `null` metadata is none at all.
+pub fn remote_peer(node: &str, metadata: Option<&RawValue>) -> RemotePeer {
+    RemotePeer {
+        node: Arc::from(node),
+        metadata: metadata
+            .map(RawValue::get)
+            .filter(|text| *text != "null")
+            .map(Box::from),
+    }
+}
+
+impl RemoteTopic {
+    /// Applies `event` if it is newer than what is known; returns the
+    /// changes that were news (peers that left, peers that joined).
+    pub fn apply(&mut self, event: Presence) -> (Vec<PeerId>, Vec<(PeerId, RemotePeer)>) {
+        if event.version <= self.version {
+            return (Vec::new(), Vec::new());
+        }
+        self.version = event.version;
+        let left = event
+            .left
+            .into_iter()
+            .filter(|peer| self.members.remove(peer).is_some())
+            .collect();
+        let joined = event
+            .joined
+            .into_iter()
+            .filter(|(peer, remote)| self.members.insert(*peer, remote.clone()).is_none())
+            .collect();
+        (left, joined)
+    }
+
+    /// Replaces the members with a snapshot taken at `version`, then
+    /// applies the events that waited for it; returns what changed.
+    pub fn replace(
+        &mut self,
+        version: u64,
+        members: FxHashMap<PeerId, RemotePeer>,
+    ) -> (Vec<PeerId>, Vec<(PeerId, RemotePeer)>) {
+        let mut left: Vec<PeerId> = self
+            .members
+            .keys()
+            .filter(|peer| !members.contains_key(peer))
+            .copied()
+            .collect();
+        let mut joined: Vec<(PeerId, RemotePeer)> = members
+            .iter()
+            .filter(|(peer, _)| !self.members.contains_key(peer))
+            .map(|(peer, remote)| (*peer, remote.clone()))
+            .collect();
+        self.members = members;
+        self.version = version;
+        for event in self.pending.take().unwrap_or_default() {
+            let (gone, came) = self.apply(event);
+            for peer in gone {
+                // Joined then left before anyone was told: no news at all.
+                match joined.iter().position(|(p, _)| *p == peer) {
+                    Some(index) => {
+                        joined.swap_remove(index);
+                    }
+                    None => left.push(peer),
+                }
+            }
+            for (peer, remote) in came {
+                match left.iter().position(|p| *p == peer) {
+                    Some(index) => {
+                        left.swap_remove(index);
+                    }
+                    None => joined.push((peer, remote)),
+                }
+            }
+        }
+        (left, joined)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u8) -> PeerId {
+        PeerId::parse(&format!("01J5{:022}", n)).unwrap()
+    }
+
+    fn remote(node: &str) -> RemotePeer {
+        RemotePeer {
+            node: Arc::from(node),
+            metadata: None,
+        }
+    }
+
+    #[test]
+    fn relay_messages_round_trip() {
+        let msg_id: &RawValue = serde_json::from_str(r#""abc""#).unwrap();
+        let mut out = Vec::new();
+        push_relay(&mut out, &id(1), &id(2), "node-a", Some(msg_id), |buf| {
+            buf.extend_from_slice(b"frame bytes")
+        });
+        let relay = parse_relay(&out).unwrap();
+        assert_eq!(relay.to, id(1));
+        assert_eq!(relay.from, id(2));
+        assert_eq!(relay.origin, "node-a");
+        assert_eq!(relay.msg_id.unwrap().get(), r#""abc""#);
+        assert_eq!(relay.frame, b"frame bytes");
+        for cut in 0..out.len() - b"frame bytes".len() {
+            assert!(parse_relay(&out[..cut]).is_none(), "cut at {cut}");
+        }
+        let mut out = Vec::new();
+        push_relay(&mut out, &id(1), &id(2), "n", None, |_| {});
+        assert!(parse_relay(&out).unwrap().msg_id.is_none());
+    }
+
+    #[test]
+    fn direct_messages_round_trip() {
+        let mut out = Vec::new();
+        push_direct(&mut out, &id(7), |buf| buf.extend_from_slice(b"x"));
+        assert_eq!(parse_direct(&out), Some((id(7), &b"x"[..])));
+        assert_eq!(parse_direct(b"D123"), None);
+    }
+
+    #[test]
+    fn presence_events_parse() {
+        let text = format!(
+            r#"{{"topic":"room","v":17,"joined":[["{}","n1",{{"a":1}}],["{}","n2",null]],"left":["{}"]}}"#,
+            id(1).as_str(),
+            id(2).as_str(),
+            id(3).as_str()
+        );
+        let (topic, event) = parse_presence(text.as_bytes()).unwrap();
+        assert_eq!(topic, "room");
+        assert_eq!(event.version, 17);
+        assert_eq!(event.left, vec![id(3)]);
+        assert_eq!(event.joined[0].1.metadata.as_deref(), Some(r#"{"a":1}"#));
+        assert_eq!(event.joined[1].1, remote("n2"));
+        assert!(parse_presence(br#"{"topic":"room","v":1,"left":["short"]}"#).is_none());
+    }
+
+    #[test]
+    fn stale_events_are_ignored_and_pending_ones_wait_for_the_snapshot() {
+        let mut topic = RemoteTopic {
+            pending: Some(Vec::new()),
+            ..RemoteTopic::default()
+        };
+        // Came before the snapshot: one older than it, two newer.
+        let events = vec![
+            Presence {
+                version: 4,
+                left: vec![],
+                joined: vec![(id(9), remote("n"))],
+                dead: false,
+            },
+            Presence {
+                version: 6,
+                left: vec![id(1)],
+                joined: vec![(id(2), remote("n"))],
+                dead: false,
+            },
+            Presence {
+                version: 7,
+                left: vec![id(2)],
+                joined: vec![(id(3), remote("n"))],
+                dead: false,
+            },
+        ];
+        topic.pending = Some(events);
+        let snapshot = [(id(1), remote("n"))].into_iter().collect();
+        let (left, joined) = topic.replace(5, snapshot);
+        // Before: nothing; snapshot: 1; then 1 left, 2 came and went, 3 came.
+        assert_eq!(left, Vec::<PeerId>::new());
+        assert_eq!(joined, vec![(id(3), remote("n"))]);
+        assert_eq!(
+            topic.members.keys().copied().collect::<Vec<_>>(),
+            vec![id(3)]
+        );
+        assert_eq!(topic.version, 7);
+        let (left, joined) = topic.apply(Presence {
+            version: 7,
+            left: vec![id(3)],
+            joined: vec![],
+            dead: false,
+        });
+        assert!(
+            left.is_empty() && joined.is_empty(),
+            "a replayed event is news again"
+        );
+    }
+}
