@@ -25,17 +25,18 @@ $(BIN)/.deps: pyproject.toml
 		"playwright>=1.45" "aiortc>=1.9" "ruff>=0.11" "mypy>=1.15"
 	touch $@
 
-# Programs the tests drive: Debian's chromium (the browser test) and
-# redis-server (cluster mode). Installed with apt-get when missing and
+# Programs the tests drive: a Chromium (the browser test; CHROMIUM names
+# another build, e.g. /usr/bin/google-chrome) and redis-server (cluster
+# mode). Debian's packages are installed with apt-get when missing and
 # possible (root, or sudo without a password); otherwise the tests that need
 # them say why they are skipped.
-SYSTEM_PACKAGES := chromium:chromium redis-server:redis-server
+export CHROMIUM ?= /usr/bin/chromium
 
 .PHONY: system-deps
 system-deps: ## Install the programs the tests drive (chromium, redis-server) with apt-get
-	@missing=""; for entry in $(SYSTEM_PACKAGES); do \
-		command -v $${entry%%:*} >/dev/null 2>&1 || missing="$$missing $${entry#*:}"; \
-	done; \
+	@missing=""; \
+	[ -x "$(CHROMIUM)" ] || missing="$$missing chromium"; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ]; then sudo=""; elif sudo -n true 2>/dev/null; then sudo="sudo -n"; \
 	else echo "not root and no sudo: cannot install$$missing; tests that need it are skipped"; exit 0; fi; \
@@ -69,7 +70,7 @@ lint: build ## ruff, mypy (with stubtest), cargo fmt --check, clippy -D warnings
 	$(BIN)/ruff check python tests bench
 	$(BIN)/ruff format --check python tests bench
 	$(BIN)/mypy
-	$(BIN)/mypy --strict bench/run.py bench/soak.py
+	$(BIN)/mypy --strict bench/run.py bench/soak.py bench/cluster.py
 	$(PY) -m mypy.stubtest signaling_sharded._native
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
@@ -84,6 +85,11 @@ bench: build ## Every bench scenario, ours vs the Go design on one pinned core e
 	$(PY) -m pip install -q matplotlib
 	cargo build --release --quiet -p signaling-bench
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+.PHONY: bench-cluster
+bench-cluster: build system-deps ## Cluster mode: relays/s of topics split over two servers vs one (Redis)
+	cargo build --release --quiet -p signaling-bench
+	$(PY) bench/cluster.py
 
 .PHONY: soak
 soak: build ## Churn for 10 min (SOAK_SECONDS) against 2 workers; fail on leaks or ghosts

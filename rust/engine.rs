@@ -984,6 +984,10 @@ impl<W> Engine<W> {
         for conn in conns {
             let c = self.conns.get_mut(&conn).expect("listed");
             match c.state {
+                // Held until the cluster answers its join (a Redis round
+                // trip, bounded by the command timeout): nothing may reach
+                // it before its welcome, and its pongs are held too.
+                State::Open if self.joining.contains_key(&conn) => {}
                 State::Open if c.awaiting_pong => {
                     if now.saturating_duration_since(c.ping_sent) >= self.config.ping_timeout {
                         dead.push((conn, LeaveReason::PingTimeout));
@@ -1289,13 +1293,17 @@ impl<W> Engine<W> {
 }
 
 #[cfg(test)]
+#[path = "engine_cluster_tests.rs"]
+mod cluster_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::frame::apply_mask;
 
     /// Text of the frames written to `conn`, decoded; "<close N>" for a
     /// close frame, "<ping>"/"<pong>" for control frames.
-    fn written(out: &Outbox, conn: u64) -> Vec<String> {
+    pub(super) fn written(out: &Outbox, conn: u64) -> Vec<String> {
         let mut bytes = Vec::new();
         for (c, action) in &out.actions {
             if let (true, Action::Write(i)) = (*c == conn, action) {
@@ -1329,11 +1337,11 @@ mod tests {
         frames
     }
 
-    fn text(payload: &str) -> Vec<u8> {
+    pub(super) fn text(payload: &str) -> Vec<u8> {
         masked(0x81, payload.as_bytes())
     }
 
-    fn masked(first: u8, payload: &[u8]) -> Vec<u8> {
+    pub(super) fn masked(first: u8, payload: &[u8]) -> Vec<u8> {
         assert!(payload.len() < 126);
         let key = [1, 2, 3, 4];
         let mut out = vec![first, 0x80 | payload.len() as u8];

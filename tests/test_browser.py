@@ -20,7 +20,8 @@ from wsclient import http_get
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
 
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = os.environ.get("CHROMIUM") or "/usr/bin/chromium"
+"""The browser: Debian's chromium by default (``make test`` installs it)."""
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",

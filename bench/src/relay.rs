@@ -26,8 +26,10 @@ use crate::view::View;
 #[derive(Args, Debug, Clone)]
 pub struct RelayArgs {
     /// Server base URL, e.g. ws://127.0.0.1:8081 (peers join {url}/ws/{topic}).
-    #[arg(long)]
-    url: String,
+    /// Repeat it for the servers of a cluster: the peers of each topic
+    /// alternate between them.
+    #[arg(long, required = true)]
+    url: Vec<String>,
     /// Number of topics.
     #[arg(long, default_value_t = 10)]
     topics: usize,
@@ -46,9 +48,13 @@ pub struct RelayArgs {
     /// Size of the filler string carried in each offer's payload.
     #[arg(long, default_value_t = 200)]
     payload_bytes: usize,
-    /// Server process whose CPU time (with its descendants) is measured.
+    /// Server process whose CPU time (with its descendants) is measured;
+    /// repeat it for several servers (their CPU is summed).
     #[arg(long)]
-    server_pid: Option<u32>,
+    server_pid: Vec<u32>,
+    /// A Redis server whose CPU time is measured apart (cluster mode).
+    #[arg(long)]
+    redis_pid: Option<u32>,
     /// Runtime worker threads of the load generator.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
@@ -450,6 +456,7 @@ struct Report {
     server_cpu_s: Option<f64>,
     server_cpu_share: Option<f64>,
     server_cpu_us_per_relay: Option<f64>,
+    redis_cpu_share: Option<f64>,
     client_cpu_s: f64,
     client_cpu_share: f64,
     client_cpu_us_per_relay: Option<f64>,
@@ -487,8 +494,15 @@ type PeerHandle = (JoinHandle<PeerStats>, oneshot::Sender<()>);
 
 pub async fn run(args: RelayArgs) -> Result<(), String> {
     validate(&args)?;
-    let server = Server::resolve(&args.url).await?;
-    let (base, addr) = (server.base.clone(), server.addr);
+    let mut servers = Vec::with_capacity(args.url.len());
+    for url in &args.url {
+        servers.push(Server::resolve(url).await?);
+    }
+    let base = servers
+        .iter()
+        .map(|s| s.base.as_str())
+        .collect::<Vec<_>>()
+        .join(" ");
 
     let seed = seed_from_clock();
     let run_id = format!("{:08x}", seed as u32);
@@ -511,7 +525,11 @@ pub async fn run(args: RelayArgs) -> Result<(), String> {
     let mut topic_tasks: JoinSet<Result<Vec<PeerHandle>, String>> = JoinSet::new();
     for t in 0..args.topics {
         let limit = Arc::clone(&limit);
-        let url = server.topic_url(&client::topic_name(&run_id, t));
+        let topic = client::topic_name(&run_id, t);
+        let urls: Vec<_> = servers
+            .iter()
+            .map(|server| (server.addr, server.topic_url(&topic)))
+            .collect();
         let shared = Arc::clone(&shared);
         let filler = Arc::clone(&filler);
         let start_rx = start_rx.clone();
@@ -525,8 +543,9 @@ pub async fn run(args: RelayArgs) -> Result<(), String> {
             let mut handles = Vec::with_capacity(peers);
             for p in 0..peers {
                 let index = t * peers + p;
+                let (addr, url) = &urls[p % urls.len()];
                 let mut view = View::default();
-                let ws = client::join(addr, &url, &mut view)
+                let ws = client::join(*addr, url, &mut view)
                     .await
                     .map_err(|e| format!("{url}: {e}"))?;
                 let self_id = view.self_id().unwrap_or_default().to_owned();
@@ -588,22 +607,30 @@ pub async fn run(args: RelayArgs) -> Result<(), String> {
         }
     }
 
-    let server = match args.server_pid {
+    let mut server = Vec::with_capacity(args.server_pid.len());
+    for pid in &args.server_pid {
+        server.push(ProcessTree::discover(*pid)?);
+    }
+    let server = (!server.is_empty()).then_some(server);
+    let redis = match args.redis_pid {
         Some(pid) => Some(ProcessTree::discover(pid)?),
         None => None,
     };
+    let cpu = |trees: &Vec<ProcessTree>| trees.iter().map(ProcessTree::cpu_seconds).sum::<f64>();
 
     let _ = start_tx.send(true);
     tokio::time::sleep(Duration::from_secs_f64(args.warmup)).await;
 
     shared.phase.store(PHASE_MEASURE, Ordering::Relaxed);
     let t0 = Instant::now();
-    let server_cpu0 = server.as_ref().map(ProcessTree::cpu_seconds);
+    let server_cpu0 = server.as_ref().map(cpu);
+    let redis_cpu0 = redis.as_ref().map(ProcessTree::cpu_seconds);
     let client_cpu0 = own_cpu_seconds();
     tokio::time::sleep(Duration::from_secs_f64(args.duration)).await;
     shared.phase.store(PHASE_DRAIN, Ordering::Relaxed);
     let elapsed = t0.elapsed().as_secs_f64();
-    let server_cpu1 = server.as_ref().map(ProcessTree::cpu_seconds);
+    let server_cpu1 = server.as_ref().map(cpu);
+    let redis_cpu1 = redis.as_ref().map(ProcessTree::cpu_seconds);
     let client_cpu1 = own_cpu_seconds();
 
     // Let the round trips in flight finish before anyone leaves.
@@ -681,11 +708,16 @@ pub async fn run(args: RelayArgs) -> Result<(), String> {
         stale_answers: stale,
         bad_messages: bad,
         disconnects,
-        server_pid: args.server_pid,
-        server_processes: server.as_ref().map(ProcessTree::process_count),
+        server_pid: args.server_pid.first().copied(),
+        server_processes: server
+            .as_ref()
+            .map(|trees| trees.iter().map(ProcessTree::process_count).sum()),
         server_cpu_s: server_cpu.map(|c| round(c, 3)),
         server_cpu_share: server_cpu.map(|c| round(c / elapsed, 3)),
         server_cpu_us_per_relay: server_cpu.and_then(per_relay),
+        redis_cpu_share: redis_cpu0
+            .zip(redis_cpu1)
+            .map(|(a, b)| round((b - a) / elapsed, 3)),
         client_cpu_s: round(client_cpu, 3),
         client_cpu_share: round(client_cpu / elapsed, 3),
         client_cpu_us_per_relay: per_relay(client_cpu),
@@ -742,6 +774,9 @@ fn summary(r: &Report, first_disconnect: Option<&str>) -> Table {
                 r.server_processes.unwrap_or(0)
             ),
         );
+    }
+    if let Some(share) = r.redis_cpu_share {
+        line("redis cpu", format!("{:.1}% of a core", share * 100.0));
     }
     line(
         "client cpu",
