@@ -152,6 +152,26 @@ pub fn parse_direct(data: &[u8]) -> Option<(PeerId, &[u8])> {
     Some((peer_id(to)?, frame))
 }
 
+/// The Redis command `PUBLISH {channel_prefix}{node} {message}`, encoded
+/// (RESP), and the offset of `message` in it: the hot path of a relay to
+/// another node writes it to Redis as is.
+pub fn publish_command(channel_prefix: &[u8], node: &str, message: &[u8]) -> (Vec<u8>, usize) {
+    let channel_len = channel_prefix.len() + node.len();
+    let mut out = Vec::with_capacity(48 + channel_len + message.len());
+    out.extend_from_slice(b"*3\r\n$7\r\nPUBLISH\r\n$");
+    out.extend_from_slice(channel_len.to_string().as_bytes());
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(channel_prefix);
+    out.extend_from_slice(node.as_bytes());
+    out.extend_from_slice(b"\r\n$");
+    out.extend_from_slice(message.len().to_string().as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let offset = out.len();
+    out.extend_from_slice(message);
+    out.extend_from_slice(b"\r\n");
+    (out, offset)
+}
+
 fn split(data: &[u8], at: usize) -> Option<(&[u8], &[u8])> {
     (data.len() >= at).then(|| data.split_at(at))
 }
@@ -306,6 +326,16 @@ mod tests {
         let mut out = Vec::new();
         push_relay(&mut out, &id(1), &id(2), "n", None, |_| {});
         assert!(parse_relay(&out).unwrap().msg_id.is_none());
+    }
+
+    #[test]
+    fn publish_commands_are_resp() {
+        let (command, offset) = publish_command(b"p:node:", "n1", b"R\r\nx");
+        assert_eq!(
+            command,
+            b"*3\r\n$7\r\nPUBLISH\r\n$9\r\np:node:n1\r\n$4\r\nR\r\nx\r\n".to_vec()
+        );
+        assert_eq!(&command[offset..command.len() - 2], b"R\r\nx");
     }
 
     #[test]

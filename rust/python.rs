@@ -47,12 +47,19 @@ pub struct Hub {
     /// Cluster mode: called with a list of work for Redis (see
     /// `cluster_op`), after each call that produced some.
     on_cluster: Option<Py<PyAny>>,
+    /// What every node's inbox channel name starts with (cluster mode).
+    channel_prefix: Vec<u8>,
 }
 
 /// A cluster operation as the Python side takes it: `("join", topic,
-/// peer, metadata, snapshot)`, `("leave", topic, peer)` or
-/// `("publish", node, message)`.
-fn cluster_op<'py>(py: Python<'py>, op: &ClusterOp) -> PyResult<Bound<'py, PyTuple>> {
+/// peer, metadata, snapshot)`, `("leave", topic, peer)` or `("publish",
+/// command, offset)`: the encoded `PUBLISH` to the node's inbox, and where
+/// the message starts in it when it is a relay (else -1).
+fn cluster_op<'py>(
+    py: Python<'py>,
+    channel_prefix: &[u8],
+    op: &ClusterOp,
+) -> PyResult<Bound<'py, PyTuple>> {
     match op {
         ClusterOp::Join {
             topic,
@@ -71,7 +78,10 @@ fn cluster_op<'py>(py: Python<'py>, op: &ClusterOp) -> PyResult<Bound<'py, PyTup
             (intern!(py, "leave"), &**topic, peer.as_str()).into_pyobject(py)
         }
         ClusterOp::Publish { node, message } => {
-            (intern!(py, "publish"), &**node, PyBytes::new(py, message)).into_pyobject(py)
+            let (command, offset) = cluster::publish_command(channel_prefix, node, message);
+            let relay = message.first() == Some(&cluster::RELAY);
+            let offset = if relay { offset as isize } else { -1 };
+            (intern!(py, "publish"), PyBytes::new(py, &command), offset).into_pyobject(py)
         }
     }
 }
@@ -141,7 +151,8 @@ impl Hub {
                     (peer.as_str().to_owned(), topic.to_string(), reason.as_str())
                 }));
                 if !outbox.cluster.is_empty() {
-                    let list = outbox.cluster.iter().map(|op| cluster_op(py, op));
+                    let prefix = &self.channel_prefix;
+                    let list = outbox.cluster.iter().map(|op| cluster_op(py, prefix, op));
                     cluster_ops = Some(list.collect::<PyResult<Vec<_>>>());
                 }
                 outbox.clear();
@@ -199,6 +210,7 @@ impl Hub {
         worker = 0,
         cluster_node = None,
         on_cluster = None,
+        cluster_prefix = String::new(),
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -220,6 +232,7 @@ impl Hub {
         worker: usize,
         cluster_node: Option<String>,
         on_cluster: Option<Py<PyAny>>,
+        cluster_prefix: String,
     ) -> PyResult<Self> {
         if cluster_node.is_some() != on_cluster.is_some() {
             return Err(PyValueError::new_err(
@@ -271,6 +284,7 @@ impl Hub {
             }),
             on_left,
             on_cluster,
+            channel_prefix: format!("{cluster_prefix}node:").into_bytes(),
         })
     }
 
@@ -369,9 +383,14 @@ impl Hub {
         self.count(family::HANDOFFS, metrics::HANDOFF_RESULTS, result);
     }
 
-    /// Cluster mode: a message from this node's inbox.
-    fn deliver(&self, py: Python<'_>, data: &[u8]) {
-        self.run(py, |engine, out| engine.deliver(data, Instant::now(), out));
+    /// Cluster mode: messages from this node's inbox, in order.
+    fn deliver(&self, py: Python<'_>, messages: Vec<Bound<'_, PyBytes>>) {
+        self.run(py, |engine, out| {
+            let now = Instant::now();
+            for message in &messages {
+                engine.deliver(message.as_bytes(), now, out);
+            }
+        });
     }
 
     /// Cluster mode: the other nodes' members of `topic` at `version`, as

@@ -40,6 +40,7 @@ class Hub:
         worker: int = 0,
         cluster_node: str | None = None,
         on_cluster: Callable[[list[tuple[Any, ...]]], object] | None = None,
+        cluster_prefix: str = "",
     ) -> Hub: ...
     def join(self, transport: Any, topic: str, metadata: str | None = None) -> Peer:
         """Add the upgraded connection on ``transport`` to ``topic``.
@@ -69,8 +70,8 @@ class Hub:
         """Count a hand-off: ``"sent"``, ``"failed"``, ``"received"``, ``"refused"``."""
     def metrics_text(self) -> str:
         """Every worker's metrics in the Prometheus text format."""
-    def deliver(self, data: bytes) -> None:
-        """Cluster mode: a message from this node's inbox."""
+    def deliver(self, messages: list[bytes]) -> None:
+        """Cluster mode: messages from this node's inbox, in order."""
     def snapshot(
         self,
         topic: str,

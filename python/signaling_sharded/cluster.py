@@ -9,11 +9,13 @@ Rust core keeps each topic's remote members and turns those events into
 ``peer-joined``/``peer-left`` for the local peers.
 
 The hub hands this module its work (``submit``): joins, leaves and
-publishes, in the order they must happen. They go to Redis on one
-connection, pipelined: what was submitted while a batch was on its way
-goes in the next one, so per-pair FIFO holds. Replies come back to the hub:
-a join's snapshot, and relays that reached no subscriber (the target's node
-is gone: its sender gets ``target_not_found``).
+publishes (the latter already encoded by the Rust core), in the order they
+must happen. They are written to Redis at once, on one connection, so Redis
+applies and delivers them in that order and per-pair FIFO holds. Replies
+come back to the hub: a join's snapshot, and relays that reached no
+subscriber (the target's node is gone: its sender gets
+``target_not_found``). The writer and the inbox are raw connections
+(:class:`Link`, replies parsed by hiredis); redis-py serves the rest.
 
 Failure handling:
 
@@ -35,15 +37,18 @@ import logging
 import os
 import random
 import socket
+import ssl
 import traceback
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
+import hiredis
 from redis import asyncio as aioredis
+from redis.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from signaling_sharded.logs import log
 
@@ -75,6 +80,99 @@ def node_name() -> str:
     return f"{host}-{os.getpid()}-{os.urandom(3).hex()}"
 
 
+class Link(asyncio.Protocol):
+    """A raw Redis connection: commands written as encoded, replies parsed
+    by hiredis and handed over in batches. The two hot connections (the
+    writer and the inbox) use it: redis-py's per-command machinery cost more
+    than everything else a relay between nodes does."""
+
+    def __init__(self, on_replies: Callable[[list[Any]], None]) -> None:
+        self.on_replies = on_replies
+        self.reader = hiredis.Reader()
+        self.transport: asyncio.Transport | None = None
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    @classmethod
+    async def open(
+        cls, url: str, on_replies: Callable[[list[Any]], None], *, db: bool = True
+    ) -> Link:
+        """Connects to the Redis of ``url``, with its password and (``db``)
+        database; ``rediss://`` uses TLS."""
+        options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+        loop = asyncio.get_running_loop()
+        tls = ssl.create_default_context() if "connection_class" in options else None
+        host, port = options.get("host", "localhost"), options.get("port", 6379)
+        _, link = await asyncio.wait_for(
+            loop.create_connection(lambda: cls(on_replies), host, port, ssl=tls),
+            COMMAND_TIMEOUT,
+        )
+        setup = []
+        if options.get("password") is not None:
+            credentials = [options.get("username"), options["password"]]
+            setup.append(command("AUTH", *[c for c in credentials if c is not None]))
+        if db and options.get("db"):
+            setup.append(command("SELECT", options["db"]))
+        if setup:
+            await link.call(setup)
+        return link
+
+    async def call(self, commands: list[bytes]) -> list[Any]:
+        """Sends ``commands`` and waits for their replies (setup only:
+        nothing else may be in flight)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[list[Any]] = loop.create_future()
+        replies: list[Any] = []
+
+        def collect(batch: list[Any]) -> None:
+            replies.extend(batch)
+            if len(replies) >= len(commands) and not done.done():
+                done.set_result(replies)
+
+        self.on_replies, keep = collect, self.on_replies
+        try:
+            self.write(b"".join(commands))
+            result = await asyncio.wait_for(done, COMMAND_TIMEOUT)
+        finally:
+            self.on_replies = keep
+        for reply in result:
+            if isinstance(reply, hiredis.ReplyError):
+                raise RedisError(str(reply))
+        return result
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        replies = []
+        while (reply := self.reader.gets()) is not False:
+            replies.append(reply)
+        if replies:
+            self.on_replies(replies)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    def write(self, data: bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
+            raise RedisConnectionError("the connection to Redis is closed")
+        self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+def command(*parts: str | bytes | int) -> bytes:
+    """A Redis command, RESP-encoded."""
+    out = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        data = part if isinstance(part, bytes) else str(part).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
 class Cluster:
     """One worker's link to the cluster."""
 
@@ -83,51 +181,134 @@ class Cluster:
         self.prefix = prefix
         self.worker = worker
         self.node = node_name()
-        self.inbox = f"{prefix}node:{self.node}".encode()
+        self.inbox = f"{prefix}node:{self.node}"
         self.hub: Hub | None = None
         self.up = False
         self.closing = False
-        self.queue: list[Op] = []
-        #: Set when the queue has work; made in `start`, inside the loop.
-        self.wakeup: asyncio.Event = None  # type: ignore[assignment]
-        #: A batch is on its way to Redis.
-        self.busy = False
-        self.writer: aioredis.Redis | None = None
+        #: Work sent to Redis whose replies have not come back, in order.
+        self.waiting: deque[Op] = deque()
+        self.writer: Link | None = None
+        self.subscriber: Link | None = None
         self.control: aioredis.Redis | None = None
         #: Consecutive checks each remote node was found without a subscriber.
         self.silent: dict[str, int] = {}
         self.task: asyncio.Task[None] | None = None
+        self.subscribed: asyncio.Future[None] | None = None
         self.library = (resources.files("signaling_sharded") / "cluster.lua").read_text()
 
     # --- the hub's side --------------------------------------------------
 
     def submit(self, ops: list[Op]) -> None:
-        """Work from the hub, in order (called by the Rust core)."""
-        if self.up:
-            self.queue.extend(ops)
-            self.wakeup.set()
+        """Work from the hub, in order (called by the Rust core). It is
+        written to Redis at once: one connection, so Redis applies (and
+        delivers) it in this order."""
+        if self.up and self.writer is not None:
+            self.send(ops)
         else:
             # Not from inside the hub's call: answering may call it again.
             asyncio.get_running_loop().call_soon(self.refuse, ops)
 
-    def refuse(self, ops: list[Op]) -> None:
+    def refuse(self, ops: Iterable[Op]) -> None:
         """Answer work that cannot reach Redis: joins are served with what
         is known, relays to remote peers are ``dropped``; leaves and the
         rest are rewritten by the next sync."""
         hub = self.hub
         assert hub is not None
         for op in ops:
-            kind = op[0]
             if wants_snapshot(op):
                 hub.snapshot(op[1])
-            elif kind == "publish" and op[2][:1] == b"R":
-                hub.undeliverable(op[2], False)
+            elif op[0] == "publish" and op[2] >= 0:
+                hub.undeliverable(relay_of(op), False)
+
+    def send(self, ops: list[Op]) -> None:
+        writer = self.writer
+        assert writer is not None
+        ttl = ms(ENTRY_TTL)
+        chunks = []
+        for op in ops:
+            kind = op[0]
+            if kind == "publish":
+                chunks.append(op[1])
+            elif kind == "join":
+                _, topic, peer, metadata, want = op
+                chunks.append(
+                    command(
+                        "FCALL",
+                        "signaling_join",
+                        0,
+                        self.prefix,
+                        topic,
+                        peer,
+                        self.node,
+                        metadata or "",
+                        1 if want else 0,
+                        ttl,
+                    )
+                )
+            elif kind == "leave":
+                _, topic, peer = op
+                chunks.append(
+                    command("FCALL", "signaling_leave", 0, self.prefix, topic, peer, self.node, ttl)
+                )
+            elif kind == "sync":
+                _, topic, members = op
+                flat = [item for peer, metadata in members for item in (peer, metadata or "")]
+                chunks.append(
+                    command("FCALL", "signaling_sync", 0, self.prefix, topic, self.node, ttl, *flat)
+                )
+            elif kind == "touch":
+                _, topic, peers = op
+                chunks.append(
+                    command(
+                        "FCALL", "signaling_touch", 0, self.prefix, topic, self.node, ttl, *peers
+                    )
+                )
+            else:  # "ready": a marker, answered once everything before it was
+                chunks.append(command("PING"))
+            self.waiting.append(op)
+        writer.write(b"".join(chunks))
+
+    def on_replies(self, replies: list[Any]) -> None:
+        """The writer's replies, in the order of `waiting`."""
+        hub = self.hub
+        assert hub is not None
+        resync = False
+        for reply in replies:
+            op = self.waiting.popleft()
+            kind = op[0]
+            if isinstance(reply, hiredis.ReplyError):
+                log(logging.ERROR, "cluster command failed", op=kind, error=str(reply))
+                if wants_snapshot(op):
+                    hub.snapshot(op[1])
+            elif kind == "publish":
+                if reply == 0 and op[2] >= 0:
+                    hub.undeliverable(relay_of(op), True)
+            elif wants_snapshot(op):
+                hub.snapshot(op[1], *snapshot(reply))
+            elif kind == "touch" and reply:
+                resync = True
+            elif kind == "ready":
+                log(logging.INFO, "cluster ready", worker=self.worker, node=self.node)
+        if resync:
+            log(logging.WARNING, "cluster lost some of this node's presence; resyncing")
+            self.resync()
+
+    def on_inbox(self, replies: list[Any]) -> None:
+        """Messages published to this node, in order."""
+        messages = []
+        for reply in replies:
+            if reply[0] == b"message":
+                messages.append(reply[2])
+            elif reply[0] == b"subscribe" and self.subscribed and not self.subscribed.done():
+                self.subscribed.set_result(None)
+        if messages:
+            assert self.hub is not None
+            self.hub.deliver(messages)
 
     # --- lifecycle ---------------------------------------------------------
 
     def start(self, hub: Hub) -> None:
         self.hub = hub
-        self.wakeup = asyncio.Event()
         self.task = asyncio.get_running_loop().create_task(self.run())
 
     async def close(self) -> None:
@@ -149,7 +330,7 @@ class Cluster:
         await self.disconnect()
 
     async def drained(self) -> None:
-        while self.queue or self.wakeup.is_set() or self.busy:
+        while self.waiting and self.up:
             await asyncio.sleep(0.01)
 
     def key(self, kind: str, name: str) -> str:
@@ -184,68 +365,60 @@ class Cluster:
             delay = min(delay * 2, BACKOFF[1])
 
     async def connect(self) -> None:
-        options: dict[str, Any] = {
-            "socket_timeout": COMMAND_TIMEOUT,
-            "socket_connect_timeout": COMMAND_TIMEOUT,
-            "health_check_interval": 0,
-        }
-        # One connection each, never a pool: the writer's order is the
-        # order Redis applies (and delivers) the work in.
-        self.writer = aioredis.Redis.from_url(self.url, single_connection_client=True, **options)
-        self.control = aioredis.Redis.from_url(self.url, single_connection_client=True, **options)
+        self.control = aioredis.Redis.from_url(
+            self.url,
+            single_connection_client=True,
+            socket_timeout=COMMAND_TIMEOUT,
+            socket_connect_timeout=COMMAND_TIMEOUT,
+            health_check_interval=0,
+        )
         await self.control.function_load(self.library, replace=True)
         await self.control.set(self.key("alive", self.node), b"1", px=ms(ALIVE_TTL))
-        await self.writer.ping()
+        self.writer = await Link.open(self.url, self.on_replies)
+        self.subscribed = asyncio.get_running_loop().create_future()
+        self.subscriber = await Link.open(self.url, self.on_inbox, db=False)
+        self.subscriber.write(command("SUBSCRIBE", self.inbox))
+        await asyncio.wait_for(self.subscribed, COMMAND_TIMEOUT)
 
     async def serve(self) -> None:
         """Subscribed and resynchronised, until a connection fails."""
-        assert self.control is not None and self.hub is not None
-        pubsub = self.control.pubsub()
-        await pubsub.subscribe(self.inbox)
+        assert self.writer is not None and self.subscriber is not None
+        self.up = True
+        self.resync(announce=True)
+        lost = [self.writer.lost, self.subscriber.lost]
+        tasks = [
+            asyncio.ensure_future(self.every(HEARTBEAT, self.heartbeat)),
+            asyncio.ensure_future(self.every(CHECK_EVERY, self.check_nodes)),
+            asyncio.ensure_future(self.every(TOUCH_EVERY, self.touch)),
+        ]
         try:
-            await self.receive_confirmation(pubsub)
-            self.up = True
-            self.resync(announce=True)
-            tasks = [
-                asyncio.ensure_future(self.read(pubsub)),
-                asyncio.ensure_future(self.write()),
-                asyncio.ensure_future(self.every(HEARTBEAT, self.heartbeat)),
-                asyncio.ensure_future(self.every(CHECK_EVERY, self.check_nodes)),
-                asyncio.ensure_future(self.every(TOUCH_EVERY, self.touch)),
-            ]
-            try:
-                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-                for task in done:
-                    task.result()  # raises what ended it
-            finally:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+            done, _ = await asyncio.wait([*tasks, *lost], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # raises what ended it
+            raise RedisConnectionError("a connection to Redis was closed")
         finally:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
-
-    async def receive_confirmation(self, pubsub: Any) -> None:
-        message = await pubsub.get_message(timeout=COMMAND_TIMEOUT)
-        if message is None or message.get("type") != "subscribe":
-            raise RedisError(f"no subscription confirmation: {message!r}")
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def go_down(self) -> None:
         if not self.up:
             return
         self.up = False
-        pending, self.queue = self.queue, []
+        pending, self.waiting = self.waiting, deque()
         self.refuse(pending)
-        self.wakeup.clear()
 
     async def disconnect(self) -> None:
-        for client in (self.writer, self.control):
-            if client is not None:
-                with contextlib.suppress(Exception):
-                    await client.aclose()
-        self.writer = self.control = None
+        for link in (self.writer, self.subscriber):
+            if link is not None:
+                link.close()
+        self.writer = self.subscriber = None
+        if self.control is not None:
+            with contextlib.suppress(Exception):
+                await self.control.aclose()
+        self.control = None
 
-    # --- the connections' loops -----------------------------------------
+    # --- upkeep -------------------------------------------------------------
 
     def resync(self, *, announce: bool = False) -> None:
         """Rewrite this node's presence and take every topic's snapshot
@@ -253,94 +426,11 @@ class Cluster:
         hub = self.hub
         assert hub is not None
         hub.begin_resync()
-        for topic, members in hub.local_members():
-            self.queue.append(("sync", topic, members))
+        ops: list[Op] = [("sync", topic, members) for topic, members in hub.local_members()]
         if announce:
-            self.queue.append(("ready",))
-        self.wakeup.set()
-
-    async def read(self, pubsub: Any) -> None:
-        hub = self.hub
-        assert hub is not None
-        while True:
-            message = await pubsub.get_message(timeout=None)
-            if message is not None and message["type"] == "message":
-                hub.deliver(message["data"])
-
-    async def write(self) -> None:
-        while True:
-            await self.wakeup.wait()
-            self.wakeup.clear()
-            while self.queue:
-                batch, self.queue = self.queue, []
-                self.busy = True
-                try:
-                    await self.send(batch)
-                except BaseException:
-                    self.refuse(batch)
-                    raise
-                finally:
-                    self.busy = False
-
-    async def send(self, batch: list[Op]) -> None:
-        writer, hub = self.writer, self.hub
-        assert writer is not None and hub is not None
-        pipe = writer.pipeline(transaction=False)
-        expected: list[Op] = []
-        ttl = ms(ENTRY_TTL)
-        for op in batch:
-            kind = op[0]
-            if kind == "publish":
-                pipe.publish(self.prefix.encode() + b"node:" + op[1].encode(), op[2])
-            elif kind == "join":
-                _, topic, peer, metadata, want = op
-                pipe.fcall(
-                    "signaling_join",
-                    0,
-                    self.prefix,
-                    topic,
-                    peer,
-                    self.node,
-                    metadata or "",
-                    "1" if want else "0",
-                    ttl,
-                )
-            elif kind == "leave":
-                _, topic, peer = op
-                pipe.fcall("signaling_leave", 0, self.prefix, topic, peer, self.node, ttl)
-            elif kind == "sync":
-                _, topic, members = op
-                flat = [item for peer, metadata in members for item in (peer, metadata or "")]
-                pipe.fcall("signaling_sync", 0, self.prefix, topic, self.node, ttl, *flat)
-            elif kind == "touch":
-                _, topic, peers = op
-                pipe.fcall("signaling_touch", 0, self.prefix, topic, self.node, ttl, *peers)
-            else:
-                continue
-            expected.append(op)
-        results = await pipe.execute(raise_on_error=False) if expected else []
-        resync = False
-        for op, result in zip(expected, results):
-            kind = op[0]
-            if isinstance(result, Exception):
-                if isinstance(result, (RedisConnectionError, RedisTimeoutError, OSError)):
-                    raise result
-                log(logging.ERROR, "cluster command failed", op=kind, error=str(result))
-                if wants_snapshot(op):
-                    hub.snapshot(op[1])
-                continue
-            if kind == "publish":
-                if result == 0 and op[2][:1] == b"R":
-                    hub.undeliverable(op[2], True)
-            elif wants_snapshot(op):
-                hub.snapshot(op[1], *snapshot(result))
-            elif kind == "touch" and result:
-                resync = True
-        if any(op[0] == "ready" for op in batch):
-            log(logging.INFO, "cluster ready", worker=self.worker, node=self.node)
-        if resync:
-            log(logging.WARNING, "cluster lost some of this node's presence; resyncing")
-            self.resync()
+            ops.append(("ready",))
+        if ops:
+            self.submit(ops)
 
     async def every(self, seconds: float, step: Callable[[], Awaitable[None]]) -> None:
         while True:
@@ -360,9 +450,12 @@ class Cluster:
     async def touch(self) -> None:
         hub = self.hub
         assert hub is not None
-        for topic, members in hub.local_members():
-            self.queue.append(("touch", topic, [peer for peer, _ in members]))
-        self.wakeup.set()
+        ops: list[Op] = [
+            ("touch", topic, [peer for peer, _ in members])
+            for topic, members in hub.local_members()
+        ]
+        if ops:
+            self.submit(ops)
 
     async def check_nodes(self) -> None:
         """Reap the nodes this one shares topics with that are dead."""
@@ -394,6 +487,12 @@ class Cluster:
             )
             await control.delete(self.key("alive", node))
             log(logging.WARNING, "cluster: reaped a dead node", node=node, peers=removed)
+
+
+def relay_of(op: Op) -> bytes:
+    """The relay message inside a ``publish`` op's command."""
+    data: bytes = op[1]
+    return data[op[2] : len(data) - 2]
 
 
 def wants_snapshot(op: Op) -> bool:

@@ -87,7 +87,11 @@ class Worker:
         cluster_options: dict[str, Any] = {}
         if config.redis_url is not None:
             self.cluster = Cluster(config.redis_url, config.redis_prefix, index)
-            cluster_options = {"cluster_node": self.cluster.node, "on_cluster": self.cluster.submit}
+            cluster_options = {
+                "cluster_node": self.cluster.node,
+                "cluster_prefix": config.redis_prefix,
+                "on_cluster": self.cluster.submit,
+            }
         self.hub = Hub(
             max_message_size=config.max_message_size,
             max_queue_bytes=config.max_queue_bytes,
