@@ -40,7 +40,7 @@ class Hub:
         worker: int = 0,
         cluster_node: str | None = None,
         on_cluster: Callable[[list[tuple[Any, ...]]], object] | None = None,
-        cluster_prefix: str = "",
+        cluster_prefix: str = ...,
     ) -> Hub: ...
     def join(self, transport: Any, topic: str, metadata: str | None = None) -> Peer:
         """Add the upgraded connection on ``transport`` to ``topic``.
