@@ -120,6 +120,14 @@ pub const FAMILIES: &[Family] = &[
         per_worker: true,
     },
     Family {
+        name: "signaling_worker_cluster_connected",
+        help: "Cluster mode: 1 while the worker is connected to Redis and subscribed.",
+        kind: Kind::Gauge,
+        label: "",
+        values: NONE,
+        per_worker: true,
+    },
+    Family {
         name: "signaling_connections",
         help: "WebSocket connections open, closing ones included.",
         kind: Kind::Gauge,
@@ -207,6 +215,14 @@ pub const FAMILIES: &[Family] = &[
         values: NONE,
         per_worker: false,
     },
+    Family {
+        name: "signaling_cluster_disconnects_total",
+        help: "Cluster mode: times a worker lost its connection to Redis.",
+        kind: Kind::Counter,
+        label: "",
+        values: NONE,
+        per_worker: false,
+    },
 ];
 
 /// Indexes into [`FAMILIES`].
@@ -214,17 +230,19 @@ pub mod family {
     pub const UP: usize = 0;
     pub const RESTARTS: usize = 1;
     pub const WORKER_CONNECTIONS: usize = 2;
-    pub const CONNECTIONS: usize = 3;
-    pub const PEERS: usize = 4;
-    pub const TOPICS: usize = 5;
-    pub const JOINED: usize = 6;
-    pub const LEFT: usize = 7;
-    pub const RELAYS: usize = 8;
-    pub const ERRORS: usize = 9;
-    pub const HANDSHAKE_FAILURES: usize = 10;
-    pub const HANDOFFS: usize = 11;
-    pub const RECEIVED_BYTES: usize = 12;
-    pub const SENT_BYTES: usize = 13;
+    pub const CLUSTER_CONNECTED: usize = 3;
+    pub const CONNECTIONS: usize = 4;
+    pub const PEERS: usize = 5;
+    pub const TOPICS: usize = 6;
+    pub const JOINED: usize = 7;
+    pub const LEFT: usize = 8;
+    pub const RELAYS: usize = 9;
+    pub const ERRORS: usize = 10;
+    pub const HANDSHAKE_FAILURES: usize = 11;
+    pub const HANDOFFS: usize = 12;
+    pub const RECEIVED_BYTES: usize = 13;
+    pub const SENT_BYTES: usize = 14;
+    pub const CLUSTER_DISCONNECTS: usize = 15;
 }
 
 /// Relay results, as indexes into [`RELAY_RESULTS`].
@@ -347,6 +365,7 @@ impl Table {
         if !up {
             for family in [
                 family::WORKER_CONNECTIONS,
+                family::CLUSTER_CONNECTED,
                 family::CONNECTIONS,
                 family::PEERS,
                 family::TOPICS,
@@ -498,6 +517,22 @@ mod tests {
         assert!(text.contains("\nsignaling_peers_joined_total 7\n"));
         assert!(text.contains("signaling_worker_up{worker=\"1\"} 0\n"));
         let _ = &mut file;
+    }
+
+    #[test]
+    fn family_indexes_name_their_families() {
+        let names = [
+            (family::UP, "signaling_worker_up"),
+            (family::CLUSTER_CONNECTED, "signaling_worker_cluster_connected"),
+            (family::CONNECTIONS, "signaling_connections"),
+            (family::HANDOFFS, "signaling_handoffs_total"),
+            (family::SENT_BYTES, "signaling_sent_bytes_total"),
+            (family::CLUSTER_DISCONNECTS, "signaling_cluster_disconnects_total"),
+        ];
+        for (index, name) in names {
+            assert_eq!(FAMILIES[index].name, name);
+        }
+        assert_eq!(FAMILIES.len(), family::CLUSTER_DISCONNECTS + 1);
     }
 
     #[test]

@@ -463,6 +463,19 @@ impl Hub {
             .collect()
     }
 
+    /// Cluster mode: whether this worker is linked to Redis (a metric);
+    /// losing the link is counted unless `lost` is false (a shutdown).
+    #[pyo3(signature = (connected, lost=true))]
+    fn set_cluster_connected(&self, connected: bool, lost: bool) {
+        let core = self.lock();
+        let metrics = core.engine.metrics();
+        let gauge = cell(family::CLUSTER_CONNECTED, 0);
+        if !connected && lost && metrics.get(gauge) == 1 {
+            metrics.add(cell(family::CLUSTER_DISCONNECTS, 0), 1);
+        }
+        metrics.set(gauge, u64::from(connected));
+    }
+
     /// Every worker's metrics in the Prometheus text format.
     fn metrics_text(&self) -> String {
         let table = Arc::clone(self.lock().engine.metrics().table());

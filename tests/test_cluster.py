@@ -18,9 +18,10 @@ from typing import Any, Callable
 
 import pytest
 from conftest import Server
+from prometheus_client.parser import text_string_to_metric_families
 from redis_server import RedisServer, redis_server  # noqa: F401
 from signaling_sharded._native import topic_owner
-from wsclient import Peer, Peers, run
+from wsclient import Peer, Peers, http_get, run
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -493,3 +494,31 @@ def test_clusters_with_different_prefixes_do_not_see_each_other(
             assert all(key.startswith(("alpha:", "beta:")) for key in keys), keys
 
     run(scenario())
+
+
+def test_metrics_show_each_workers_link_to_redis(
+    redis_server: RedisServer,  # noqa: F811
+    start_server: StartServer,
+) -> None:
+    (server,) = start_cluster(start_server, redis_server, 1)
+
+    def samples() -> dict[str, float]:
+        text = http_get(server.port, "/metrics").body.decode()
+        return {
+            sample.name + json.dumps(sample.labels, sort_keys=True): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+    def connected(worker: int) -> float:
+        return samples()[f'signaling_worker_cluster_connected{{"worker": "{worker}"}}']
+
+    assert [connected(w) for w in range(WORKERS)] == [1, 1]
+    assert samples()["signaling_cluster_disconnects_total{}"] == 0
+    redis_server.stop()
+    server.wait_records("cluster lost", WORKERS, timeout=CONVERGE)
+    assert [connected(w) for w in range(WORKERS)] == [0, 0]
+    assert samples()["signaling_cluster_disconnects_total{}"] == WORKERS
+    redis_server.start()
+    server.wait_records("cluster ready", 2 * WORKERS, timeout=CONVERGE)
+    assert [connected(w) for w in range(WORKERS)] == [1, 1]

@@ -70,6 +70,9 @@ class Hub:
         """Count a hand-off: ``"sent"``, ``"failed"``, ``"received"``, ``"refused"``."""
     def metrics_text(self) -> str:
         """Every worker's metrics in the Prometheus text format."""
+    def set_cluster_connected(self, connected: bool, lost: bool = True) -> None:
+        """Cluster mode: whether this worker is linked to Redis (a metric);
+        losing the link is counted unless ``lost`` is false (a shutdown)."""
     def deliver(self, messages: list[bytes]) -> None:
         """Cluster mode: messages from this node's inbox, in order."""
     def snapshot(

@@ -382,8 +382,9 @@ class Cluster:
 
     async def serve(self) -> None:
         """Subscribed and resynchronised, until a connection fails."""
-        assert self.writer is not None and self.subscriber is not None
+        assert self.writer is not None and self.subscriber is not None and self.hub is not None
         self.up = True
+        self.hub.set_cluster_connected(True)
         self.resync(announce=True)
         lost = [self.writer.lost, self.subscriber.lost]
         tasks = [
@@ -405,6 +406,8 @@ class Cluster:
         if not self.up:
             return
         self.up = False
+        assert self.hub is not None
+        self.hub.set_cluster_connected(False, lost=not self.closing)
         pending, self.waiting = self.waiting, deque()
         self.refuse(pending)
 
