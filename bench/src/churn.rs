@@ -31,9 +31,10 @@ use crate::view::{add_violations, View};
 
 #[derive(Args, Debug, Clone)]
 pub struct ChurnArgs {
-    /// Server base URL, e.g. ws://127.0.0.1:8081.
-    #[arg(long)]
-    url: String,
+    /// Server base URL, e.g. ws://127.0.0.1:8081. Repeat it for the
+    /// servers of a cluster: each join picks one at random.
+    #[arg(long, required = true)]
+    url: Vec<String>,
     /// Seconds of churn.
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
@@ -98,8 +99,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 struct Config {
-    addr: SocketAddr,
-    urls: Vec<String>,
+    /// Each server's address and its url of every topic.
+    servers: Vec<(SocketAddr, Vec<String>)>,
     stay_max_ms: u64,
     drop_fraction: f64,
     join_timeout: Duration,
@@ -110,12 +111,12 @@ async fn client_loop(cfg: Arc<Config>, live: Live, deadline: Instant, seed: u64)
     let mut rng = Rng::new(seed);
     let mut stats = ClientStats::default();
     while Instant::now() < deadline {
-        let url = &cfg.urls[rng.below(cfg.urls.len())];
+        let (addr, urls) = &cfg.servers[rng.below(cfg.servers.len())];
+        let url = &urls[rng.below(urls.len())];
         let mut view = View::default();
         let start = Instant::now();
         let mut ws =
-            match tokio::time::timeout(cfg.join_timeout, client::join(cfg.addr, url, &mut view))
-                .await
+            match tokio::time::timeout(cfg.join_timeout, client::join(*addr, url, &mut view)).await
             {
                 Ok(Ok(ws)) => ws,
                 Ok(Err(failure)) => {
@@ -182,12 +183,14 @@ struct Member {
     state: Arc<Tracked>,
 }
 
-/// Joins `topic` as a peer whose view is tracked.
-async fn join_tracked(cfg: &Config, topic: usize) -> Result<(Ws, Arc<Tracked>), Failure> {
+/// Joins `topic` as a peer whose view is tracked, on the `n`-th server
+/// (round robin).
+async fn join_tracked(cfg: &Config, topic: usize, n: usize) -> Result<(Ws, Arc<Tracked>), Failure> {
     let mut view = View::default();
+    let (addr, urls) = &cfg.servers[n % cfg.servers.len()];
     let ws = tokio::time::timeout(
         cfg.join_timeout,
-        client::join(cfg.addr, &cfg.urls[topic], &mut view),
+        client::join(*addr, &urls[topic], &mut view),
     )
     .await
     .map_err(|_| Failure::timeout("joining"))??;
@@ -251,14 +254,19 @@ fn validate(args: &ChurnArgs) -> Result<(), String> {
 
 pub async fn run(args: ChurnArgs) -> Result<(), String> {
     validate(&args)?;
-    let server = Server::resolve(&args.url).await?;
     let seed = seed_from_clock();
     let run_id = format!("{:08x}", seed as u32);
-    let cfg = Arc::new(Config {
-        addr: server.addr,
-        urls: (0..args.topics)
+    let mut servers = Vec::with_capacity(args.url.len());
+    for url in &args.url {
+        let server = Server::resolve(url).await?;
+        let urls = (0..args.topics)
             .map(|t| server.topic_url(&client::topic_name(&run_id, t)))
-            .collect(),
+            .collect();
+        servers.push((server.addr, urls));
+    }
+    let base = args.url.join(" ");
+    let cfg = Arc::new(Config {
+        servers,
         stay_max_ms: args.stay_max_ms,
         drop_fraction: args.drop_fraction,
         join_timeout: Duration::from_secs_f64(args.join_timeout),
@@ -274,7 +282,7 @@ pub async fn run(args: ChurnArgs) -> Result<(), String> {
     // One observer per topic, there before the churn starts.
     let mut observers = Vec::with_capacity(args.topics);
     for t in 0..args.topics {
-        let (ws, state) = join_tracked(&cfg, t)
+        let (ws, state) = join_tracked(&cfg, t, t)
             .await
             .map_err(|f| format!("observer of topic {t} could not join: {f}"))?;
         let who = format!("observer of topic {t}");
@@ -358,7 +366,7 @@ pub async fn run(args: ChurnArgs) -> Result<(), String> {
             let (check, fails) = (Arc::clone(&check), Arc::clone(&check_failures));
             let started = Arc::clone(&started);
             joins.spawn(async move {
-                match join_tracked(&cfg, t).await {
+                match join_tracked(&cfg, t, t + k + 1).await {
                     Ok((ws, state)) => {
                         let member = Member {
                             topic: t,
@@ -449,7 +457,7 @@ pub async fn run(args: ChurnArgs) -> Result<(), String> {
     let (p50, p99, max) = spread(&mut stats.join_us);
     let report = Report {
         scenario: "churn",
-        url: server.base,
+        url: base,
         clients: args.clients,
         topics: args.topics,
         stay_max_ms: args.stay_max_ms,
