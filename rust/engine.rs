@@ -1088,6 +1088,28 @@ impl<W> Engine<W> {
         self.close_doomed(now, out);
     }
 
+    /// Greets the connections waiting to join `topic` with what is known of
+    /// it now, without waiting for its snapshot any longer (Redis is slow to
+    /// answer). The snapshot, when it comes, tells them what they missed.
+    pub fn greet_waiting(&mut self, topic: &str, now: Instant, out: &mut Outbox) {
+        let Some(remote) = self.remote.get_mut(topic) else {
+            return;
+        };
+        for conn in mem::take(&mut remote.waiting) {
+            if let Some(joining) = self.joining.remove(&conn) {
+                self.enter(
+                    conn,
+                    &joining.topic,
+                    joining.peer,
+                    joining.metadata,
+                    now,
+                    out,
+                );
+            }
+        }
+        self.close_doomed(now, out);
+    }
+
     /// Handles a message from this node's inbox: a relay or a frame for a
     /// local peer, or a presence event of a topic.
     pub fn deliver(&mut self, data: &[u8], now: Instant, out: &mut Outbox) {

@@ -666,3 +666,25 @@ fn held_connection_is_neither_pinged_nor_timed_out() {
     assert!(!n.out.actions.contains(&(a, Action::Abort)));
     assert!(n.out.cluster.is_empty());
 }
+
+#[test]
+fn joiners_greeted_before_the_snapshot_learn_the_rest_from_it() {
+    let mut node = Node::new();
+    let (conn, peer) = node.join("room", None);
+    assert!(written(&node.out, conn).is_empty());
+    node.out.clear();
+    node.engine.greet_waiting("room", node.now, &mut node.out);
+    assert_eq!(
+        written(&node.out, conn),
+        vec![welcome(&peer), peer_list(&[])]
+    );
+    // Events still wait for the snapshot, which tells what was missed.
+    node.deliver(&presence("room", 9, &[(rid(2), "n2", None)], &[], false));
+    assert!(written(&node.out, conn).is_empty());
+    node.snapshot("room", 8, &[(rid(1), "n2", None)]);
+    assert_eq!(
+        written(&node.out, conn),
+        vec![peer_joined(&rid(1), None), peer_joined(&rid(2), None)]
+    );
+    assert_eq!(node.remote_members("room"), vec![rid(1), rid(2)]);
+}

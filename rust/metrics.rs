@@ -523,11 +523,17 @@ mod tests {
     fn family_indexes_name_their_families() {
         let names = [
             (family::UP, "signaling_worker_up"),
-            (family::CLUSTER_CONNECTED, "signaling_worker_cluster_connected"),
+            (
+                family::CLUSTER_CONNECTED,
+                "signaling_worker_cluster_connected",
+            ),
             (family::CONNECTIONS, "signaling_connections"),
             (family::HANDOFFS, "signaling_handoffs_total"),
             (family::SENT_BYTES, "signaling_sent_bytes_total"),
-            (family::CLUSTER_DISCONNECTS, "signaling_cluster_disconnects_total"),
+            (
+                family::CLUSTER_DISCONNECTS,
+                "signaling_cluster_disconnects_total",
+            ),
         ];
         for (index, name) in names {
             assert_eq!(FAMILIES[index].name, name);

@@ -422,6 +422,14 @@ impl Hub {
         });
     }
 
+    /// Cluster mode: stop holding the connections waiting for `topic`'s
+    /// snapshot; greet them with what is known.
+    fn greet_waiting(&self, py: Python<'_>, topic: &str) {
+        self.run(py, |engine, out| {
+            engine.greet_waiting(topic, Instant::now(), out)
+        });
+    }
+
     /// Cluster mode: a relay this node published reached nobody
     /// (`unreachable`), or could not be published.
     fn undeliverable(&self, py: Python<'_>, message: &[u8], unreachable: bool) {

@@ -413,6 +413,43 @@ def test_redis_outage_keeps_local_relays_and_converges_after(
     run(scenario())
 
 
+def test_a_hung_redis_delays_joins_by_a_second_and_relays_fail_loudly(
+    redis_server: RedisServer,  # noqa: F811
+    start_server: StartServer,
+) -> None:
+    """Redis stops answering without closing its connections (SIGSTOP): a
+    join to a topic new to its server is greeted within about a second, a
+    relay to another server gets ``dropped`` once the link is given up, and
+    after Redis resumes the views are exact and relays cross again."""
+    first, second = start_cluster(start_server, redis_server)
+    assert redis_server.proc is not None
+    frozen = redis_server.proc.pid
+
+    async def scenario() -> None:
+        async with Peers() as peers:
+            a1 = await peers.join(first.url("hang"))
+            b1 = await peers.join(second.url("hang"))
+            await converge([a1, b1], CONVERGE)
+            os.kill(frozen, signal.SIGSTOP)
+            try:
+                await a1.relay("offer", b1.id, {"sdp": "x"}, "frozen")
+                started = time.monotonic()
+                newcomer = await peers.join(first.url("hang-new-topic"))
+                waited = time.monotonic() - started
+                assert newcomer.view == {}
+                assert waited < 3.0, f"a join waited {waited:.1f} s for a hung Redis"
+                error = await a1.recv_error(CONVERGE)
+                assert (error["code"], error.get("msgId")) == ("dropped", "frozen"), error
+            finally:
+                os.kill(frozen, signal.SIGCONT)
+            b2 = await peers.join(second.url("hang"))
+            await converge([a1, b1, b2], CONVERGE)
+            await expect_relay(a1, b2, "offer", {"sdp": "after"}, "after-1")
+            await expect_relay(b1, a1, "answer", {"sdp": "after"}, "after-2")
+
+    run(scenario())
+
+
 # --- Redis keys ------------------------------------------------------------------
 
 

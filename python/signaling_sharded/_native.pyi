@@ -83,6 +83,9 @@ class Hub:
     ) -> None:
         """Cluster mode: the other nodes' members of ``topic`` at ``version``
         as ``(peer, node, metadata)``; no version: Redis could not be asked."""
+    def greet_waiting(self, topic: str) -> None:
+        """Cluster mode: greet the connections waiting for ``topic``'s
+        snapshot with what is known; the snapshot completes their view."""
     def undeliverable(self, message: bytes, unreachable: bool) -> None:
         """Cluster mode: a published relay reached nobody, or was not sent."""
     def local_members(self) -> list[tuple[str, list[tuple[str, str | None]]]]:

@@ -68,6 +68,12 @@ CHECK_EVERY = 1.0
 DEAD_CHECKS = 2
 #: Seconds a Redis command may take before the connection is deemed lost.
 COMMAND_TIMEOUT = 5.0
+#: Seconds a joiner waits for its topic's snapshot before it is greeted
+#: with what is known (the snapshot then completes its view).
+JOIN_WAIT = 1.0
+#: Seconds the writer may go without any reply while it waits for some
+#: before the connection is deemed lost (a Redis that hangs).
+STALL = 3.0
 #: Reconnect backoff: first and longest wait, in seconds.
 BACKOFF = (0.1, 2.0)
 
@@ -187,6 +193,9 @@ class Cluster:
         self.closing = False
         #: Work sent to Redis whose replies have not come back, in order.
         self.waiting: deque[Op] = deque()
+        #: Loop time of the writer's last reply, or of the send that
+        #: found nothing waiting.
+        self.progress = 0.0
         self.writer: Link | None = None
         self.subscriber: Link | None = None
         self.control: aioredis.Redis | None = None
@@ -221,8 +230,11 @@ class Cluster:
                 hub.undeliverable(relay_of(op), False)
 
     def send(self, ops: list[Op]) -> None:
-        writer = self.writer
-        assert writer is not None
+        writer, hub = self.writer, self.hub
+        assert writer is not None and hub is not None
+        loop = asyncio.get_running_loop()
+        if not self.waiting:
+            self.progress = loop.time()
         ttl = ms(ENTRY_TTL)
         chunks = []
         for op in ops:
@@ -231,6 +243,7 @@ class Cluster:
                 chunks.append(op[1])
             elif kind == "join":
                 _, topic, peer, metadata, want = op
+                loop.call_later(JOIN_WAIT, hub.greet_waiting, topic)
                 chunks.append(
                     command(
                         "FCALL",
@@ -272,6 +285,7 @@ class Cluster:
         """The writer's replies, in the order of `waiting`."""
         hub = self.hub
         assert hub is not None
+        self.progress = asyncio.get_running_loop().time()
         resync = False
         for reply in replies:
             op = self.waiting.popleft()
@@ -390,6 +404,7 @@ class Cluster:
         tasks = [
             asyncio.ensure_future(self.every(HEARTBEAT, self.heartbeat)),
             asyncio.ensure_future(self.every(CHECK_EVERY, self.check_nodes)),
+            asyncio.ensure_future(self.every(STALL / 4, self.watch)),
             asyncio.ensure_future(self.every(TOUCH_EVERY, self.touch)),
         ]
         try:
@@ -459,6 +474,12 @@ class Cluster:
         ]
         if ops:
             self.submit(ops)
+
+    async def watch(self) -> None:
+        """Give up on a Redis that stopped answering the writer."""
+        stalled = asyncio.get_running_loop().time() - self.progress
+        if self.waiting and stalled > STALL:
+            raise RedisConnectionError(f"Redis has not answered for {stalled:.1f} s")
 
     async def check_nodes(self) -> None:
         """Reap the nodes this one shares topics with that are dead."""
