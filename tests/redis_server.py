@@ -28,23 +28,30 @@ PORT_ATTEMPTS = 5
 class RedisServer:
     """One `redis-server` process; `stop` kills it, `start` runs it again on the same port."""
 
-    def __init__(self, executable: str, directory: Path) -> None:
+    def __init__(
+        self, executable: str, directory: Path, password: str | None = None, db: int = 0
+    ) -> None:
         self.executable = executable
         self.directory = directory
+        #: With a password, clients must AUTH (``--requirepass``).
+        self.password = password
+        self.db = db
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        credentials = f":{self.password}@" if self.password else ""
+        return f"redis://{credentials}127.0.0.1:{self.port}/{self.db}"
 
     def client(self) -> redis.Redis:
         """A new synchronous client, answers decoded as str."""
         return redis.Redis(
             host="127.0.0.1",
             port=self.port,
-            db=0,
+            db=self.db,
+            password=self.password,
             decode_responses=True,
             socket_timeout=5,
             socket_connect_timeout=5,
@@ -73,6 +80,7 @@ class RedisServer:
                     "no",
                     "--logfile",
                     "",
+                    *(["--requirepass", self.password] if self.password else []),
                 ],
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -19,7 +19,8 @@ from typing import Any, Callable
 import pytest
 from conftest import Server
 from prometheus_client.parser import text_string_to_metric_families
-from redis_server import RedisServer, redis_server  # noqa: F401
+from redis import Redis
+from redis_server import RedisServer, find_redis_server, redis_server  # noqa: F401
 from signaling_sharded._native import topic_owner
 from wsclient import Peer, Peers, http_get, run
 
@@ -225,6 +226,21 @@ def test_offer_and_200_ice_candidates_cross_servers_complete_and_in_order(
             await asyncio.gather(caller.sync(), callee.sync())
 
     run(scenario())
+    # Each server counts what it forwarded and what it delivered.
+    for server, forwarded, delivered in ((first, 201, 21), (second, 21, 201)):
+        relays = relay_counts(server)
+        assert (relays["forwarded"], relays["delivered"]) == (forwarded, delivered), relays
+
+
+def relay_counts(server: Server) -> dict[str, float]:
+    """``signaling_relays_total`` of *server*, by result."""
+    text = http_get(server.port, "/metrics").body.decode()
+    return {
+        sample.labels["result"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "signaling_relays_total"
+    }
 
 
 def test_ten_senders_thousand_relays_each_to_a_remote_target_in_order(
@@ -559,3 +575,34 @@ def test_metrics_show_each_workers_link_to_redis(
     redis_server.start()
     server.wait_records("cluster ready", 2 * WORKERS, timeout=CONVERGE)
     assert [connected(w) for w in range(WORKERS)] == [1, 1]
+
+
+def test_a_redis_with_a_password_and_another_database(
+    tmp_path_factory: pytest.TempPathFactory, start_server: StartServer
+) -> None:
+    """The URL's password (AUTH) and database (SELECT) reach every one of a
+    node's connections: presence and relays work, and the keys are in that
+    database only."""
+    redis = RedisServer(
+        find_redis_server(), tmp_path_factory.mktemp("redis"), password="s3cret-pw", db=3
+    )
+    redis.start_on_free_port()
+    try:
+        first, second = start_cluster(start_server, redis)
+
+        async def scenario() -> None:
+            async with Peers() as peers:
+                a = await peers.join(first.url("auth"))
+                b = await peers.join(second.url("auth"))
+                await converge([a, b], CONVERGE)
+                await expect_relay(a, b, "offer", {"sdp": "x"}, "auth-1")
+                with redis.client() as client:
+                    keys = list(client.scan_iter(match=DEFAULT_PREFIX + "t:*"))
+                    assert keys == [DEFAULT_PREFIX + "t:auth"], keys
+                password = redis.password
+                with Redis(host="127.0.0.1", port=redis.port, db=0, password=password) as zero:
+                    assert zero.dbsize() == 0
+
+        run(scenario())
+    finally:
+        redis.stop()
