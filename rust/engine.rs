@@ -422,11 +422,10 @@ impl<W> Engine<W> {
             self.enter(conn, topic, peer, metadata, now, out);
             return (conn, Ok(peer));
         }
-        let topic: Arc<str> = match self.remote.get_key_value(topic) {
-            Some((name, _)) => Arc::clone(name),
-            None => Arc::from(topic),
+        let (topic, fresh): (Arc<str>, bool) = match self.remote.get_key_value(topic) {
+            Some((name, _)) => (Arc::clone(name), false),
+            None => (Arc::from(topic), true),
         };
-        let fresh = !self.remote.contains_key(&topic);
         let remote = self
             .remote
             .entry(Arc::clone(&topic))
@@ -1052,14 +1051,9 @@ impl<W> Engine<W> {
         now: Instant,
         out: &mut Outbox,
     ) {
-        let Some(topic) = self
-            .remote
-            .get_key_value(topic)
-            .map(|(name, _)| Arc::clone(name))
-        else {
+        let Some(remote) = self.remote.get_mut(topic) else {
             return; // nobody here follows the topic any more
         };
-        let remote = self.remote.get_mut(&topic).expect("just found");
         let (left, joined) = match snapshot {
             Some((version, _)) if remote.pending.is_none() && version <= remote.version => {
                 return; // older than what was applied since
@@ -1071,26 +1065,14 @@ impl<W> Engine<W> {
                 remote.replace(remote.version, members)
             }
         };
-        let waiting = mem::take(&mut remote.waiting);
-        self.announce(&topic, left, joined, out);
-        for conn in waiting {
-            if let Some(joining) = self.joining.remove(&conn) {
-                self.enter(
-                    conn,
-                    &joining.topic,
-                    joining.peer,
-                    joining.metadata,
-                    now,
-                    out,
-                );
-            }
-        }
-        self.close_doomed(now, out);
+        self.announce(topic, left, joined, out);
+        self.greet_waiting(topic, now, out);
     }
 
     /// Greets the connections waiting to join `topic` with what is known of
-    /// it now, without waiting for its snapshot any longer (Redis is slow to
-    /// answer). The snapshot, when it comes, tells them what they missed.
+    /// it now: once its snapshot is here, or without waiting for it any
+    /// longer (Redis is slow to answer), in which case the snapshot, when it
+    /// comes, tells them what they missed.
     pub fn greet_waiting(&mut self, topic: &str, now: Instant, out: &mut Outbox) {
         let Some(remote) = self.remote.get_mut(topic) else {
             return;
@@ -1136,20 +1118,15 @@ impl<W> Engine<W> {
         if event.dead {
             self.answer_lost(&event.left, out);
         }
-        let Some(topic) = self
-            .remote
-            .get_key_value(topic)
-            .map(|(name, _)| Arc::clone(name))
-        else {
+        let Some(remote) = self.remote.get_mut(topic) else {
             return;
         };
-        let remote = self.remote.get_mut(&topic).expect("just found");
         if let Some(pending) = &mut remote.pending {
             pending.push(event);
             return;
         }
         let (left, joined) = remote.apply(event);
-        self.announce(&topic, left, joined, out);
+        self.announce(topic, left, joined, out);
     }
 
     /// Answers `target_not_found` to the recent relays to `gone` peers,
