@@ -443,10 +443,6 @@ impl Recorder {
         &self.table
     }
 
-    pub fn worker(&self) -> usize {
-        self.worker
-    }
-
     /// Adds `n` to a cell of this row (its only writer: no locked add).
     #[inline]
     pub fn add(&self, cell: usize, n: u64) {
