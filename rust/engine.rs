@@ -110,14 +110,26 @@ pub enum Refusal {
     Unauthorized,
     TopicFull,
     ServerFull,
+    InvalidTopic,
+    InvalidMetadata,
 }
 
 impl Refusal {
+    pub const ALL: [Self; 5] = [
+        Self::Unauthorized,
+        Self::TopicFull,
+        Self::ServerFull,
+        Self::InvalidTopic,
+        Self::InvalidMetadata,
+    ];
+
     fn error(self) -> ErrorCode {
         match self {
             Self::Unauthorized => ErrorCode::Unauthorized,
             Self::TopicFull => ErrorCode::TopicFull,
             Self::ServerFull => ErrorCode::ServerFull,
+            Self::InvalidTopic => ErrorCode::InvalidTopic,
+            Self::InvalidMetadata => ErrorCode::InvalidMetadata,
         }
     }
 
@@ -126,6 +138,7 @@ impl Refusal {
             Self::Unauthorized => 4001,
             Self::TopicFull => 4009,
             Self::ServerFull => 4029,
+            Self::InvalidTopic | Self::InvalidMetadata => 4400,
         }
     }
 
@@ -609,36 +622,31 @@ impl<W> Engine<W> {
     }
 
     fn on_event(&mut self, conn: u64, event: Event<'_>, now: Instant, out: &mut Outbox) -> Flow {
-        match event {
-            Event::Text(_) | Event::Binary if self.config.rate_limit.is_some() => {
-                match self.admit(conn, now) {
-                    Admission::Yes => self.on_message(conn, event, out),
-                    Admission::Limited => {
-                        let msg_id = match event {
-                            Event::Text(text) => message::msg_id_of(text),
-                            _ => None,
-                        };
-                        self.send_error(conn, ErrorCode::RateLimited, msg_id, out);
-                    }
-                    Admission::Abusive => {
-                        let (code, error) = (CLOSE_SLOW_CONSUMER, ErrorCode::SlowConsumer);
-                        let why = LeaveReason::RateAbuse;
-                        self.close(conn, code, "rate limit abuse", Some(error), why, now, out);
-                        return Flow::Stop;
-                    }
+        if let Event::Close(code) = event {
+            self.end(conn, LeaveReason::Closed, out);
+            frame::push_close(out.private(conn), code.unwrap_or(frame::CLOSE_NORMAL), "");
+            out.act(conn, Action::Close);
+            return Flow::Stop;
+        }
+        // Every frame but a close counts against the rate limit: control
+        // frames cost as much to answer as messages.
+        match self.admit(conn, now) {
+            Admission::Yes => self.on_frame(conn, event, out),
+            Admission::Limited => {
+                // A message is told why it was dropped; a ping is not
+                // answered, a pong is ignored.
+                if let Event::Text(_) | Event::Binary = event {
+                    let msg_id = match event {
+                        Event::Text(text) => message::msg_id_of(text),
+                        _ => None,
+                    };
+                    self.send_error(conn, ErrorCode::RateLimited, msg_id, out);
                 }
             }
-            Event::Text(_) | Event::Binary => self.on_message(conn, event, out),
-            Event::Ping(payload) => {
-                let mut pong = Vec::with_capacity(2 + payload.len());
-                frame::push_pong(&mut pong, payload);
-                self.send_must(conn, &pong, out);
-            }
-            Event::Pong => {}
-            Event::Close(code) => {
-                self.end(conn, LeaveReason::Closed, out);
-                frame::push_close(out.private(conn), code.unwrap_or(frame::CLOSE_NORMAL), "");
-                out.act(conn, Action::Close);
+            Admission::Abusive => {
+                let (code, error) = (CLOSE_SLOW_CONSUMER, ErrorCode::SlowConsumer);
+                let why = LeaveReason::RateAbuse;
+                self.close(conn, code, "rate limit abuse", Some(error), why, now, out);
                 return Flow::Stop;
             }
         }
@@ -649,10 +657,17 @@ impl<W> Engine<W> {
         }
     }
 
-    fn on_message(&mut self, conn: u64, event: Event<'_>, out: &mut Outbox) {
+    /// Answers a message or control frame the rate limit admitted.
+    fn on_frame(&mut self, conn: u64, event: Event<'_>, out: &mut Outbox) {
         match event {
             Event::Text(text) => self.on_text(conn, text, out),
-            _ => self.send_error(conn, ErrorCode::UnsupportedFrame, None, out),
+            Event::Binary => self.send_error(conn, ErrorCode::UnsupportedFrame, None, out),
+            Event::Ping(payload) => {
+                let mut pong = Vec::with_capacity(2 + payload.len());
+                frame::push_pong(&mut pong, payload);
+                self.send_must(conn, &pong, out);
+            }
+            Event::Pong | Event::Close(_) => {}
         }
     }
 

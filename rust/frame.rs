@@ -18,6 +18,12 @@ use tungstenite::protocol::frame::FrameHeader;
 pub const CLOSE_NORMAL: u16 = 1000;
 /// Close code sent to every peer when the server drains.
 pub const CLOSE_GOING_AWAY: u16 = 1001;
+/// Most frames one message may span; a message of more fails with
+/// [`Fault::TooManyFrames`]. Browsers send every message in one frame, and
+/// a library that fragments a 64 KiB message into 64-byte frames stays
+/// within it; without it, empty continuation frames could hold a message
+/// open for ever, each costing a header parse.
+pub const MAX_FRAMES_PER_MESSAGE: usize = 1024;
 
 /// A complete unit handed to the caller by [`FrameReader::feed`].
 #[derive(Debug, PartialEq, Eq)]
@@ -52,6 +58,8 @@ pub enum Fault {
     InvalidUtf8,
     /// 1009: a message larger than the configured limit.
     TooBig,
+    /// 1009: a message of more than [`MAX_FRAMES_PER_MESSAGE`] frames.
+    TooManyFrames,
 }
 
 impl Fault {
@@ -59,7 +67,7 @@ impl Fault {
         match self {
             Fault::Protocol => 1002,
             Fault::InvalidUtf8 => 1007,
-            Fault::TooBig => 1009,
+            Fault::TooBig | Fault::TooManyFrames => 1009,
         }
     }
 
@@ -68,6 +76,7 @@ impl Fault {
             Fault::Protocol => "protocol error",
             Fault::InvalidUtf8 => "invalid utf-8",
             Fault::TooBig => "message too big",
+            Fault::TooManyFrames => "too many frames in one message",
         }
     }
 }
@@ -95,6 +104,8 @@ pub struct FrameReader {
     message: Vec<u8>,
     /// Bytes of the fragmented message so far (binary ones are not kept).
     assembled: usize,
+    /// Frames of the fragmented message so far.
+    frames: usize,
     assembling: Assembling,
 }
 
@@ -182,7 +193,9 @@ impl FrameReader {
         length: u64,
         max_message: usize,
     ) -> Result<[u8; 4], Fault> {
-        if header.rsv1 || header.rsv2 || header.rsv3 {
+        // RFC 6455 section 5.2: the most significant bit of a 64-bit
+        // length must be 0.
+        if header.rsv1 || header.rsv2 || header.rsv3 || length >> 63 != 0 {
             return Err(Fault::Protocol);
         }
         let Some(mask) = header.mask else {
@@ -203,6 +216,9 @@ impl FrameReader {
                 }
                 if length.saturating_add(self.assembled as u64) > max_message as u64 {
                     return Err(Fault::TooBig);
+                }
+                if continuation && self.frames >= MAX_FRAMES_PER_MESSAGE {
+                    return Err(Fault::TooManyFrames);
                 }
             }
         }
@@ -237,6 +253,7 @@ impl FrameReader {
             OpCode::Data(Data::Text) => {
                 self.assembling = Assembling::Text;
                 self.assembled = payload.len();
+                self.frames = 1;
                 self.message.extend_from_slice(payload);
                 Ok(Flow::Continue)
             }
@@ -244,10 +261,12 @@ impl FrameReader {
                 // Binary messages are refused whole; their bytes are not kept.
                 self.assembling = Assembling::Binary;
                 self.assembled = payload.len();
+                self.frames = 1;
                 Ok(Flow::Continue)
             }
             OpCode::Data(Data::Continue) => {
                 self.assembled += payload.len();
+                self.frames += 1;
                 if self.assembling == Assembling::Text {
                     self.message.extend_from_slice(payload);
                 }
@@ -487,6 +506,36 @@ mod tests {
     fn oversized_header_fails_before_payload_arrives() {
         let frame = client_frame(0x81, &[b'a'; 70_000], KEY);
         assert_eq!(feed_one(&frame[..14]).1, Err(Fault::TooBig));
+    }
+
+    #[test]
+    fn a_64_bit_length_with_its_top_bit_set_is_a_protocol_error() {
+        let mut frame = vec![0x81, 0x80 | 127];
+        frame.extend_from_slice(&(1u64 << 63 | 5).to_be_bytes());
+        frame.extend_from_slice(&KEY);
+        assert_eq!(feed_one(&frame).1, Err(Fault::Protocol));
+    }
+
+    #[test]
+    fn a_message_spans_at_most_max_frames() {
+        let message = |frames: usize| {
+            let mut bytes = client_frame(0x01, b"a", KEY);
+            for _ in 2..frames {
+                bytes.extend(client_frame(0x00, b"", KEY));
+            }
+            bytes.extend(client_frame(0x80, b"b", KEY));
+            bytes
+        };
+        let (events, result) = feed_one(&message(MAX_FRAMES_PER_MESSAGE));
+        assert_eq!(result, Ok(()));
+        assert_eq!(events, vec![Owned::Text("ab".into())]);
+        // The count starts again with the next message.
+        let mut two = message(MAX_FRAMES_PER_MESSAGE);
+        two.extend(message(MAX_FRAMES_PER_MESSAGE));
+        assert_eq!(feed_one(&two).0.len(), 2);
+        let over = message(MAX_FRAMES_PER_MESSAGE + 1);
+        assert_eq!(feed_one(&over).1, Err(Fault::TooManyFrames));
+        assert_eq!(Fault::TooManyFrames.close_code(), 1009);
     }
 
     #[test]

@@ -8,8 +8,9 @@
 //! - [`cluster`]: remote members of topics, and the messages between nodes;
 //! - [`engine`]: one worker's connections and the relay hot path;
 //! - [`metrics`]: every worker's counters, in one table all of them map;
-//! - [`topic_hash`]: the stable topic hash that shards topics over workers;
-//! - [`upgrade`]: the common WebSocket upgrade request, recognised fast.
+//! - [`request`]: the HTTP request that opens a connection, read once for
+//!   routing and upgrade;
+//! - [`topic_hash`]: the stable topic hash that shards topics over workers.
 //!
 //! `python` (feature `python`, on in the maturin build) is the thin PyO3
 //! glue that exposes them as `signaling_sharded._native`.
@@ -21,8 +22,8 @@ pub mod ice;
 pub mod message;
 pub mod metrics;
 pub mod registry;
+pub mod request;
 pub mod topic_hash;
-pub mod upgrade;
 
 #[cfg(feature = "python")]
 mod python;

@@ -69,11 +69,13 @@ pub enum ErrorCode {
     TopicFull,
     ServerFull,
     SlowConsumer,
+    InvalidTopic,
+    InvalidMetadata,
 }
 
 impl ErrorCode {
     /// Every code, in declaration order (`code as usize` indexes it).
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 14] = [
         Self::InvalidType,
         Self::MissingTarget,
         Self::TargetNotFound,
@@ -86,6 +88,8 @@ impl ErrorCode {
         Self::TopicFull,
         Self::ServerFull,
         Self::SlowConsumer,
+        Self::InvalidTopic,
+        Self::InvalidMetadata,
     ];
 
     pub fn code(self) -> &'static str {
@@ -102,6 +106,8 @@ impl ErrorCode {
             Self::TopicFull => "topic_full",
             Self::ServerFull => "server_full",
             Self::SlowConsumer => "slow_consumer",
+            Self::InvalidTopic => "invalid_topic",
+            Self::InvalidMetadata => "invalid_metadata",
         }
     }
 
@@ -120,6 +126,8 @@ impl ErrorCode {
             Self::TopicFull => "topic is full",
             Self::ServerFull => "server is full",
             Self::SlowConsumer => "outbound buffer full",
+            Self::InvalidTopic => "the topic must be 1 to 256 bytes of UTF-8, percent-encoded",
+            Self::InvalidMetadata => "metadata must be one JSON value of at most 1 KiB",
         }
     }
 }
@@ -142,6 +150,38 @@ struct Wire<'a> {
     payload: Option<&'a RawValue>,
     #[serde(rename = "msgId", default, borrow, deserialize_with = "string_value")]
     msg_id: Option<&'a RawValue>,
+}
+
+/// [`Wire`] for a message whose `type` or `to` does not decode (a lone
+/// surrogate escape such as `"\ud800"` is valid JSON but no Rust string):
+/// it is read again with them as raw JSON text.
+#[derive(Deserialize)]
+struct LenientWire<'a> {
+    #[serde(rename = "type", default, borrow, deserialize_with = "string_value")]
+    kind: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "string_value")]
+    to: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "any_value")]
+    payload: Option<&'a RawValue>,
+    #[serde(rename = "msgId", default, borrow, deserialize_with = "string_value")]
+    msg_id: Option<&'a RawValue>,
+}
+
+/// What a string that does not decode stands for: no type, no peer id.
+const UNDECODABLE: &str = "\u{fffd}";
+
+impl<'a> LenientWire<'a> {
+    fn into_wire(self) -> Wire<'a> {
+        let decode = |raw: &RawValue| {
+            serde_json::from_str::<String>(raw.get()).map_or(Cow::Borrowed(UNDECODABLE), Cow::Owned)
+        };
+        Wire {
+            kind: self.kind.map(decode),
+            to: self.to.map(decode),
+            payload: self.payload,
+            msg_id: self.msg_id,
+        }
+    }
 }
 
 /// Only `msgId`, for answering a message whose other fields are wrong.
@@ -180,7 +220,15 @@ pub fn parse_inbound(text: &str) -> Result<Inbound<'_>, Rejected<'_>> {
             msg_id: None,
         });
     }
-    let wire: Wire<'_> = match serde_json::from_str(text) {
+    let wire = serde_json::from_str::<Wire<'_>>(text).or_else(|err| {
+        if err.is_data() {
+            return Err(err);
+        }
+        // Only a message that is not JSON fails here; the rest is rare
+        // enough that reading it twice costs nothing on the relay path.
+        serde_json::from_str::<LenientWire<'_>>(text).map(LenientWire::into_wire)
+    });
+    let wire = match wire {
         Ok(wire) => wire,
         Err(err) if err.is_data() => {
             let msg_id = msg_id_of(text);
@@ -463,6 +511,29 @@ mod tests {
         for (text, code) in cases {
             assert_eq!(code_of(text), Some(code), "{text}");
         }
+    }
+
+    #[test]
+    fn strings_that_do_not_decode_name_nothing() {
+        // A lone surrogate escape is valid JSON that no Rust string holds.
+        let text = r#"{"type":"offer","to":"\ud800","msgId":"s"}"#;
+        let Ok(Inbound::Relay { to, msg_id, .. }) = parse_inbound(text) else {
+            panic!("not a relay");
+        };
+        assert_eq!(to, UNDECODABLE);
+        assert_eq!(msg_id.map(RawValue::get), Some(r#""s""#));
+        let text = r#"{"type":"\udc00x","to":"B","msgId":"t"}"#;
+        let rejected = parse_inbound(text).unwrap_err();
+        assert_eq!(rejected.code, ErrorCode::InvalidType);
+        assert_eq!(rejected.msg_id.map(RawValue::get), Some(r#""t""#));
+        assert_eq!(
+            code_of(r#"{"type":"offer","to":"\ud800""#),
+            Some(ErrorCode::InvalidJson)
+        );
+        assert_eq!(
+            code_of(r#"{"type":"offer","to":["\ud800"]}"#),
+            Some(ErrorCode::InvalidMessage)
+        );
     }
 
     #[test]

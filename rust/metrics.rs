@@ -67,6 +67,8 @@ pub const ERROR_CODES: &[&str] = &[
     "topic_full",
     "server_full",
     "slow_consumer",
+    "invalid_topic",
+    "invalid_metadata",
 ];
 
 /// Why a connection did not become a peer; the last one takes any other.
@@ -80,9 +82,12 @@ pub const HANDSHAKE_FAILURES: &[&str] = &[
     "426",
     "431",
     "503",
+    "505",
     "unauthorized",
     "topic_full",
     "server_full",
+    "invalid_topic",
+    "invalid_metadata",
     "other",
 ];
 

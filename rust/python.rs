@@ -30,8 +30,8 @@ use crate::ice::IceServers;
 use crate::message::{self, Inbound};
 use crate::metrics::{self, cell, family, Table};
 use crate::registry::PeerId;
+use crate::request::{self, Reading};
 use crate::topic_hash as hashing;
-use crate::upgrade;
 
 struct Core {
     engine: Engine<Py<PyAny>>,
@@ -317,13 +317,11 @@ impl Hub {
     }
 
     /// Takes the upgraded connection on `transport` only to refuse it with
-    /// `reason` ("unauthorized"): the `error`, then the close code.
+    /// `reason` (`"unauthorized"`, `"invalid_topic"`, ...): the `error`,
+    /// then the close code.
     fn refuse(slf: &Bound<'_, Self>, transport: Py<PyAny>, reason: &str) -> PyResult<Peer> {
-        let refusal = match reason {
-            "unauthorized" => Refusal::Unauthorized,
-            "topic_full" => Refusal::TopicFull,
-            "server_full" => Refusal::ServerFull,
-            _ => return Err(PyValueError::new_err(format!("unknown refusal {reason:?}"))),
+        let Some(refusal) = Refusal::ALL.into_iter().find(|r| r.as_str() == reason) else {
+            return Err(PyValueError::new_err(format!("unknown refusal {reason:?}")));
         };
         let py = slf.py();
         let conn = slf.get().run(py, |engine, out| {
@@ -619,24 +617,106 @@ fn topic_owner(topic: &str, workers: u32) -> u32 {
     hashing::owner(topic, workers)
 }
 
-/// `(target, accept_key, authorization)` for a plain WebSocket upgrade
-/// request `head`, or None for anything the websockets library should handle.
-#[pyfunction]
-#[pyo3(signature = (head, origins=None))]
-fn upgrade_request(
-    head: &[u8],
-    origins: Option<Vec<String>>,
-) -> Option<(String, String, Option<String>)> {
-    upgrade::parse_upgrade(head, origins.as_deref()).map(|found| {
-        let authorization = found.authorization.map(str::to_owned);
-        (found.target.to_owned(), found.accept, authorization)
-    })
+/// The request that opened a connection, as read by [`request::read`].
+#[pyclass(frozen, get_all, module = "signaling_sharded._native")]
+pub struct Request {
+    /// Bytes of the head; what follows is the connection's.
+    head_length: usize,
+    /// 0 when the request may be served; else the HTTP status to answer
+    /// with, its `reason` and the `headers` it requires.
+    status: u16,
+    reason: &'static str,
+    headers: Vec<(&'static str, &'static str)>,
+    method: String,
+    /// The target's path in origin form, without the query.
+    path: String,
+    authorization: Option<String>,
+    /// A request to `/ws/{topic}`.
+    joins: bool,
+    /// The topic it joins, when valid.
+    topic: Option<String>,
+    /// `"invalid_topic"` or `"invalid_metadata"`: a valid upgrade whose
+    /// parameters are not, upgraded only to be refused (`Hub.refuse`).
+    invalid: Option<&'static str>,
+    metadata: Option<String>,
+    token: Option<String>,
+    /// The `Sec-WebSocket-Accept` value of a valid upgrade.
+    accept: Option<String>,
 }
 
-/// `text` as one JSON value without surrounding whitespace, or None.
-#[pyfunction]
-fn parse_metadata(text: &str) -> Option<&str> {
-    message::parse_metadata(text)
+impl Request {
+    fn new(head_length: usize, refusal: request::Refusal) -> Self {
+        Self {
+            head_length,
+            status: refusal.status,
+            reason: refusal.reason,
+            headers: refusal.headers.to_vec(),
+            method: String::new(),
+            path: String::new(),
+            authorization: None,
+            joins: false,
+            topic: None,
+            invalid: None,
+            metadata: None,
+            token: None,
+            accept: None,
+        }
+    }
+}
+
+/// Reads the requests of one worker's connections, with its Origin
+/// allow-list.
+#[pyclass(frozen, module = "signaling_sharded._native")]
+pub struct RequestReader {
+    origins: Option<Vec<String>>,
+}
+
+#[pymethods]
+impl RequestReader {
+    /// `origins`: the allowed `Origin` values; None allows any.
+    #[new]
+    #[pyo3(signature = (origins=None))]
+    fn new(origins: Option<Vec<String>>) -> Self {
+        Self { origins }
+    }
+
+    /// The request at the start of `data` (everything read from the
+    /// connection so far), or None while its head is incomplete.
+    fn read(&self, data: &[u8]) -> Option<Request> {
+        let read = match request::read(data, self.origins.as_deref()) {
+            Reading::Incomplete => return None,
+            Reading::Refused(refusal) => return Some(Request::new(data.len(), refusal)),
+            Reading::Request(read) => read,
+        };
+        let mut answer = Request::new(read.head_len, request::Refusal::OK);
+        answer.method = read.method.to_owned();
+        answer.path = read.path.to_owned();
+        answer.authorization = read.authorization.map(str::to_owned);
+        let Some(join) = read.join else {
+            return Some(answer);
+        };
+        answer.joins = true;
+        match join.handshake {
+            Ok(accept) => answer.accept = Some(accept),
+            Err(refusal) => {
+                answer.status = refusal.status;
+                answer.reason = refusal.reason;
+                answer.headers = refusal.headers.to_vec();
+            }
+        }
+        match join.params {
+            Ok(params) => {
+                answer.topic = Some(params.topic);
+                answer.metadata = params.metadata;
+                answer.token = params.token;
+            }
+            Err(request::Invalid::Topic) => answer.invalid = Some(Refusal::InvalidTopic.as_str()),
+            Err(request::Invalid::Metadata) => {
+                answer.invalid = Some(Refusal::InvalidMetadata.as_str())
+            }
+        }
+        Some(answer)
+    }
 }
 
 /// Events as `(kind, value)` pairs, and the close code of a fault.
@@ -702,8 +782,10 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<MetricsTable>()?;
     m.add_function(wrap_pyfunction!(topic_hash, m)?)?;
     m.add_function(wrap_pyfunction!(topic_owner, m)?)?;
-    m.add_function(wrap_pyfunction!(parse_metadata, m)?)?;
-    m.add_function(wrap_pyfunction!(upgrade_request, m)?)?;
+    m.add_class::<RequestReader>()?;
+    m.add_class::<Request>()?;
+    m.add("MAX_REQUEST_HEAD", request::MAX_HEAD)?;
+    m.add("MAX_METADATA_BYTES", request::MAX_METADATA)?;
     m.add_function(wrap_pyfunction!(frame_events, m)?)?;
     m.add_function(wrap_pyfunction!(message_answer, m)?)?;
     Ok(())

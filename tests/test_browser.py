@@ -144,3 +144,34 @@ def test_a_refused_join_is_shown_in_the_page(
     assert second.evaluate("document.body.dataset.closeCode") == "4009"
     results: dict[str, Any] = first.evaluate("({state: document.body.dataset.state})")
     assert results == {"state": "joined"}
+
+
+@pytest.mark.parametrize(
+    ("flags", "topic", "code", "error"),
+    [
+        ((), "x" * 257, "4400", "invalid_topic"),
+        (("--auth-secret", "s" * 32), "private", "4001", "unauthorized"),
+    ],
+    ids=["invalid-topic", "unauthorized"],
+)
+def test_a_join_that_cannot_succeed_shows_why_and_is_not_retried(
+    start_server: Callable[..., Server],
+    open_page: Callable[[str], Page],
+    flags: tuple[str, ...],
+    topic: str,
+    code: str,
+    error: str,
+) -> None:
+    """A browser only sees a close code, so the server sends the reason in an
+    error message first; the page shows it and stays closed."""
+    from playwright.sync_api import expect
+
+    server = start_server(*flags)
+    page = open_page(f"http://127.0.0.1:{server.port}/#{topic}")
+    page.click("#join")
+    expect(page.locator("body")).to_have_attribute("data-state", "closed")
+    expect(page.locator("#status")).to_contain_text(error)
+    assert page.evaluate("document.body.dataset.closeCode") == code
+    # The client decided not to reconnect: no retry was scheduled.
+    assert page.evaluate("window.demo.client.retryTimer") is None
+    assert len(server.wait_records("peer refused", reason=error)) == 1

@@ -16,6 +16,7 @@ import jwt
 import pytest
 from conftest import Server
 from signaling_sharded.client import (
+    FINAL_CLOSE_CODES,
     Disconnected,
     Error,
     Event,
@@ -447,5 +448,29 @@ def test_topic_full_raises_signaling_closed(start_server: Callable[..., Server])
             assert refused.value.code == 4009
             assert refused.value.error is not None
             assert refused.value.error.code == "topic_full"
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("topic", "metadata", "error"),
+    [("x" * 257, None, "invalid_topic"), ("fine", "m" * 2000, "invalid_metadata")],
+    ids=["invalid-topic", "invalid-metadata"],
+)
+def test_an_invalid_join_raises_signaling_closed_without_retrying(
+    server: Server, topic: str, metadata: str | None, error: str
+) -> None:
+    async def scenario() -> None:
+        async with Proxy(server.port) as proxy:
+            client = SignalingClient(proxy.url, topic, metadata=metadata, backoff=FAST)
+            with pytest.raises(SignalingClosed) as refused:
+                await client.connect()
+            assert refused.value.code == 4400
+            assert refused.value.error is not None
+            assert refused.value.error.code == error
+            assert refused.value.error.message in str(refused.value)
+            assert proxy.accepted == 1
+        # A reconnect that meets 4400 ends the client too.
+        assert 4400 in FINAL_CLOSE_CODES
 
     run(scenario())

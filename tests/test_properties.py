@@ -503,10 +503,16 @@ def other_violation(frames: list[ClientFrame], index: int) -> bool:
     header, then the reserved bits, the control-frame rules and the
     fragmentation state once the payload is in; the server checks all of
     them at the header, size last. A frame breaking both gets 1009 from
-    websockets and 1002 from the server.
+    websockets and 1002 from the server. So does a 64-bit length with its
+    top bit set, which websockets takes as a size.
     """
     frame = frames[index]
     if frame.rsv or (frame.control and (not frame.fin or len(frame.payload) > 125)):
+        return True
+    if frame.claimed is not None and frame.claimed >> 63:
+        # RFC 6455 section 5.2: the most significant bit of a 64-bit length
+        # must be 0. websockets reads it as a length (1009); the server as
+        # the protocol error it is (1002).
         return True
     if frame.control:
         return False

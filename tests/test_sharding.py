@@ -7,11 +7,13 @@ over them; a join is served by the worker that owns its topic
 
 from __future__ import annotations
 
+import array
 import asyncio
 import itertools
 import os
 import signal
 import socket
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -500,3 +502,38 @@ def test_a_worker_that_keeps_dying_stops_the_server(
     assert "worker 0 died 3 times" in stopping["reason"]
     others = [record["pid"] for record in srv.log_records() if is_start(record)]
     assert all(wait_gone(other) for other in others)
+
+
+def test_a_worker_never_joins_a_peer_to_a_topic_it_does_not_own(sharded: Server) -> None:
+    """Defence in depth: a socket handed to the wrong worker (here by the
+    test itself, over the workers' own hand-off link) is refused with 503,
+    not joined to a second copy of the topic."""
+    topic = next(
+        name
+        for name in (f"stray-{n}" for n in itertools.count())
+        if topic_owner(name, WORKERS) != 0
+    )
+    receiver = 0  # worker 0 does not own `topic`
+    request = (
+        f"GET /ws/{topic} HTTP/1.1\r\nHost: 127.0.0.1:{sharded.port}\r\n"
+        + "".join(f"{name}: {value}\r\n" for name, value in websocket_headers().items())
+        + "\r\n"
+    ).encode()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    link = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs, link:
+        link.connect(f"\0signaling-sharded.{sharded.proc.pid}.{sharded.port}.{receiver}")
+        payload = struct.pack("!d", time.monotonic() + 5) + request
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [theirs.fileno()]))]
+        link.sendmsg([payload], rights)
+        theirs.close()
+        ours.settimeout(5)
+        response = b""
+        while b"\r\n\r\n" not in response:
+            chunk = ours.recv(4096)
+            assert chunk, f"closed without an answer: {response!r}"
+            response += chunk
+    head = response.split(b"\r\n\r\n")[0].decode().lower()
+    assert head.startswith("http/1.1 503"), head
+    assert f"{WORKER_HEADER.lower()}: {receiver}" in head
+    sharded.wait_records("join for a topic another worker owns", topic=topic)

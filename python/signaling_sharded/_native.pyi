@@ -4,16 +4,23 @@ from collections.abc import Callable
 from typing import Any, final
 
 __all__ = [
+    "MAX_METADATA_BYTES",
+    "MAX_REQUEST_HEAD",
     "Hub",
     "MetricsTable",
     "Peer",
+    "Request",
+    "RequestReader",
     "frame_events",
     "message_answer",
-    "parse_metadata",
     "topic_hash",
     "topic_owner",
-    "upgrade_request",
 ]
+
+#: Largest request head read, in bytes; a longer one is answered 431.
+MAX_REQUEST_HEAD: int
+#: Largest metadata (the query's, a token's), in bytes of UTF-8.
+MAX_METADATA_BYTES: int
 
 @final
 class Hub:
@@ -53,7 +60,9 @@ class Hub:
         """
     def refuse(self, transport: Any, reason: str) -> Peer:
         """Refuse the upgraded connection on ``transport`` with ``reason``
-        (``"unauthorized"``): the ``error``, then the close code."""
+        (``"unauthorized"``, ``"invalid_topic"``, ``"invalid_metadata"``,
+        ``"topic_full"``, ``"server_full"``): the ``error``, then the close
+        code. An unknown reason raises ValueError."""
     def tick(self) -> None:
         """Send due pings; close peers whose ping or close timed out."""
     def close_all(self, code: int, reason: str) -> None:
@@ -132,15 +141,52 @@ def topic_hash(topic: str) -> int:
 def topic_owner(topic: str, workers: int) -> int:
     """The index of the worker that owns ``topic`` among ``workers``."""
 
-def parse_metadata(text: str) -> str | None:
-    """``text`` as one JSON value without surrounding whitespace, or None."""
+@final
+class Request:
+    """The request that opened a connection, read by ``RequestReader.read``.
 
-def upgrade_request(
-    head: bytes, origins: list[str] | None = None
-) -> tuple[str, str, str | None] | None:
-    """``(target, accept_key, authorization)`` if ``head`` is a plain WebSocket
-    upgrade that passes the Origin allow-list ``origins``; None for anything
-    else."""
+    ``status`` is 0 when the request may be served; otherwise answer it
+    with ``status``, ``reason`` as the body and ``headers``, then close.
+    ``joins`` marks a request to ``/ws/{topic}``: a valid upgrade has
+    ``accept`` (its ``Sec-WebSocket-Accept``) and either ``topic`` or
+    ``invalid`` (the error to refuse it with after the upgrade).
+    """
+
+    @property
+    def head_length(self) -> int: ...
+    @property
+    def status(self) -> int: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def headers(self) -> list[tuple[str, str]]: ...
+    @property
+    def method(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def authorization(self) -> str | None: ...
+    @property
+    def joins(self) -> bool: ...
+    @property
+    def topic(self) -> str | None: ...
+    @property
+    def invalid(self) -> str | None: ...
+    @property
+    def metadata(self) -> str | None: ...
+    @property
+    def token(self) -> str | None: ...
+    @property
+    def accept(self) -> str | None: ...
+
+@final
+class RequestReader:
+    """Reads requests with one Origin allow-list (None: any origin)."""
+
+    def __new__(cls, origins: list[str] | None = None) -> RequestReader: ...
+    def read(self, data: bytes) -> Request | None:
+        """The request at the start of ``data``, everything read from the
+        connection so far; None while its head is incomplete."""
 
 def frame_events(data: bytes, max_message: int) -> tuple[list[tuple[str, Any]], int | None]:
     """For tests: the events read from ``data`` (client frames) as

@@ -2,11 +2,12 @@
 
 With several workers, every worker accepts on its own ``SO_REUSEPORT``
 listener, so the kernel spreads connections over them without regard to
-topics. The :class:`Acceptor` peeks at each new connection's request line
-(``MSG_PEEK``: nothing is consumed), computes the owner of the topic with
-the Rust core's stable hash, and either serves the connection itself or
-hands the socket to the owner (see :mod:`handoff`). Anything that is not a
-join (``/healthz``, ``/readyz``, errors) is answered by the worker that
+topics. The :class:`Acceptor` reads each new connection's request head,
+has the Rust core read it (``RequestReader.read``, the reader the upgrade
+itself uses), and either serves the connection itself or hands the socket,
+with the bytes it read, to the owner of the topic it joins (see
+:mod:`handoff` and :func:`routing.owner`). Anything that is not a join
+(``/healthz``, ``/metrics``, refusals) is answered by the worker that
 accepted it. A connection that sends nothing is closed at its handshake
 deadline, and waiting for its bytes blocks no one.
 """
@@ -17,11 +18,12 @@ import asyncio
 import logging
 import socket
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from signaling_sharded import routing
-from signaling_sharded._native import topic_owner
-from signaling_sharded.handoff import Courier, Inbox, inbox_ready
+from signaling_sharded._native import Request
+from signaling_sharded.handoff import MAX_RECEIVED, Courier, Inbox, inbox_ready
 from signaling_sharded.handshake import Handshake
 from signaling_sharded.logs import log
 
@@ -30,11 +32,18 @@ if TYPE_CHECKING:
 
 #: Connections accepted per wake-up before other work gets a turn.
 ACCEPT_BATCH = 64
-#: While a request line is incomplete, how often to look again. MSG_PEEK
-#: readiness is level-triggered, so waiting on it would spin.
-PEEK_RETRY = 0.02
 #: Seconds a starting worker waits for the others before accepting.
 STARTUP_WAIT = 10.0
+
+
+@dataclass
+class Unread:
+    """A connection whose request head has not fully arrived."""
+
+    sock: socket.socket
+    deadline: float
+    received: bytearray = field(default_factory=bytearray)
+    timer: asyncio.TimerHandle | None = None
 
 
 class Acceptor:
@@ -51,8 +60,9 @@ class Acceptor:
         self.links: list[socket.socket] = []
         self.courier = Courier(group)
         self.loop = asyncio.get_running_loop()
-        #: Connections whose request line has not arrived, by descriptor.
-        self.waiting: dict[int, asyncio.TimerHandle] = {}
+        #: Connections whose request head has not arrived, by descriptor.
+        #: The socket objects live here, so closing one is closing it once.
+        self.unread: dict[int, Unread] = {}
         self.adoptions: set[asyncio.Task[object]] = set()
 
     async def start(self) -> None:
@@ -80,11 +90,8 @@ class Acceptor:
         self.listener.close()
         self.inbox.close()
         self.courier.close()
-        for fd, timer in list(self.waiting.items()):
-            timer.cancel()
-            self.loop.remove_reader(fd)
-            socket.close(fd)
-        self.waiting.clear()
+        for fd in list(self.unread):
+            self.forget(fd).sock.close()
 
     def on_acceptable(self) -> None:
         deadline = time.monotonic() + self.worker.config.handshake_timeout
@@ -97,7 +104,8 @@ class Acceptor:
                 log(logging.WARNING, "accept failed", error=str(exc))
                 return
             conn.setblocking(False)
-            self.route(conn, deadline)
+            self.unread[conn.fileno()] = Unread(conn, deadline)
+            self.on_readable(conn.fileno())
 
     def on_link(self) -> None:
         """Another worker connected to send us sockets."""
@@ -109,71 +117,88 @@ class Acceptor:
         arrivals, open_ = self.inbox.receive(link)
         for arrival in arrivals:
             self.worker.hub.count_handoff("received")
-            self.adopt(arrival.sock, arrival.deadline)
+            self.adopt(arrival.sock, arrival.deadline, arrival.received)
         if not open_:
             self.loop.remove_reader(link.fileno())
             self.links.remove(link)
             link.close()
 
-    def route(self, conn: socket.socket, deadline: float) -> None:
-        """Serve ``conn`` here or hand it to its topic's owner, once its
-        request line has arrived."""
+    def on_readable(self, fd: int) -> None:
+        """Read what ``fd`` sent; once its head is there, route it."""
+        unread = self.unread[fd]
         try:
-            peeked = conn.recv(routing.MAX_REQUEST_LINE, socket.MSG_PEEK)
+            data = unread.sock.recv(MAX_RECEIVED - len(unread.received))
         except (BlockingIOError, InterruptedError):
-            peeked = None
+            data = None
         except OSError:
-            conn.close()
+            self.forget(fd).sock.close()
             return
-        if peeked == b"":
-            conn.close()  # closed before sending a request
+        if data == b"":
+            self.forget(fd).sock.close()  # closed before sending a request
             return
-        topic = routing.INCOMPLETE if peeked is None else routing.topic_of_request(peeked)
-        if isinstance(topic, routing.Incomplete):
-            self.wait(conn, deadline, readable=peeked is not None)
-            return
-        workers = self.worker.config.workers
-        owner = self.worker.index if topic is None else topic_owner(topic, workers)
-        if owner == self.worker.index:
-            self.adopt(conn, deadline)
-        elif self.courier.send(conn, owner, deadline):
-            self.worker.hub.count_handoff("sent")
-            conn.close()
+        if data is None:
+            request = None
         else:
-            log(logging.WARNING, "hand-off failed", owner=owner, topic=topic)
-            self.worker.hub.count_handoff("failed")
-            self.adopt(conn, deadline, unavailable=True)
+            unread.received += data
+            request = self.worker.reader.read(bytes(unread.received))
+        if request is not None:
+            self.forget(fd)
+            self.route(unread.sock, unread.deadline, bytes(unread.received), request)
+        elif unread.timer is None:
+            self.loop.add_reader(fd, self.on_readable, fd)
+            delay = unread.deadline - time.monotonic()
+            unread.timer = self.loop.call_later(delay, self.time_out, fd)
 
-    def wait(self, conn: socket.socket, deadline: float, *, readable: bool) -> None:
-        """Look at ``conn`` again when more of its request may be there:
-        when it becomes readable if nothing arrived yet, else shortly."""
-        fd = conn.fileno()
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            log(logging.DEBUG, "handshake timed out before the request line")
-            self.worker.count_handshake_failure("timeout")
-            conn.close()
-            return
+    def time_out(self, fd: int) -> None:
+        log(logging.DEBUG, "handshake timed out before the request head")
+        self.worker.count_handshake_failure("timeout")
+        self.forget(fd).sock.close()
 
-        def again() -> None:
-            timer = self.waiting.pop(fd, None)
-            if timer is not None:
-                timer.cancel()
+    def forget(self, fd: int) -> Unread:
+        """Stop waiting for ``fd``'s head; the caller owns its socket."""
+        unread = self.unread.pop(fd)
+        if unread.timer is not None:
+            unread.timer.cancel()
             self.loop.remove_reader(fd)
-            self.route(conn, deadline)
+        return unread
 
-        if readable:
-            self.waiting[fd] = self.loop.call_later(min(PEEK_RETRY, remaining), again)
+    def route(
+        self, conn: socket.socket, deadline: float, received: bytes, request: Request
+    ) -> None:
+        """Serve ``conn`` here or hand it to the owner of its topic."""
+        worker = self.worker
+        owner = routing.owner(request, worker.config.workers, worker.index)
+        if owner == worker.index:
+            self.adopt(conn, deadline, received, request)
+        elif self.courier.send(conn, owner, deadline, received):
+            worker.hub.count_handoff("sent")
+            conn.close()
         else:
-            self.waiting[fd] = self.loop.call_later(remaining, again)
-            self.loop.add_reader(fd, again)
+            log(logging.WARNING, "hand-off failed", owner=owner, topic=request.topic)
+            worker.hub.count_handoff("failed")
+            self.adopt(conn, deadline, received, request, unavailable=True)
 
-    def adopt(self, conn: socket.socket, deadline: float, *, unavailable: bool = False) -> None:
-        """Serve ``conn`` in this worker."""
+    def adopt(
+        self,
+        conn: socket.socket,
+        deadline: float,
+        received: bytes,
+        request: Request | None = None,
+        *,
+        unavailable: bool = False,
+    ) -> None:
+        """Serve ``conn`` in this worker; ``request`` is this worker's reading
+        of ``received``, if it has one."""
         worker = self.worker
 
         def factory() -> Handshake:
-            return Handshake(worker, deadline=deadline, unavailable=unavailable)
+            return Handshake(
+                worker,
+                deadline=deadline,
+                unavailable=unavailable,
+                received=received,
+                request=request,
+            )
 
         task = self.loop.create_task(self.loop.connect_accepted_socket(factory, sock=conn))
         self.adoptions.add(task)

@@ -20,7 +20,7 @@ from typing import Any
 import jwt
 from jwt.warnings import InsecureKeyLengthWarning
 
-from signaling_sharded.routing import MAX_METADATA_BYTES
+from signaling_sharded._native import MAX_METADATA_BYTES
 
 ALGORITHM = "HS256"
 #: Shortest secret RFC 7518 section 3.2 recommends for HS256, in bytes.

@@ -35,9 +35,10 @@ the view you started from always gives the current view.
 
 While disconnected, sending raises `NotConnected`: nothing is buffered, since
 an offer relayed to a peer id that is gone after the reconnect would be
-meaningless. The close codes 4001 (unauthorized) and 4009 (topic full), and an
-HTTP refusal of the upgrade other than 429 or 5xx, end the client with
-`SignalingClosed` or `SignalingRefused`: retrying would not help.
+meaningless. The close codes 4001 (unauthorized), 4009 (topic full) and 4400
+(an invalid topic or metadata), and an HTTP refusal of the upgrade other
+than 429 or 5xx, end the client with `SignalingClosed` or
+`SignalingRefused`: retrying would not help.
 """
 
 from __future__ import annotations
@@ -75,8 +76,9 @@ __all__ = [
 RELAY_TYPES = ("offer", "answer", "ice-candidate")
 """The message types the server relays to the peer named in ``to``."""
 
-FINAL_CLOSE_CODES = frozenset({4001, 4009})
-"""Close codes after which reconnecting cannot succeed: unauthorized, topic full."""
+FINAL_CLOSE_CODES = frozenset({4001, 4009, 4400})
+"""Close codes after which reconnecting cannot succeed: unauthorized, topic
+full, and an invalid topic or metadata."""
 
 
 # --- events ------------------------------------------------------------------
@@ -160,7 +162,8 @@ class SignalingClosed(SignalingError):
     """The server closed the connection and the client will not reconnect.
 
     `error` is the ``error`` message that the server sent just before the
-    close, if any (``unauthorized`` before 4001, ``topic_full`` before 4009).
+    close, if any (``unauthorized`` before 4001, ``topic_full`` before 4009,
+    ``invalid_topic`` or ``invalid_metadata`` before 4400).
     """
 
     def __init__(self, code: int, reason: str = "", error: Error | None = None) -> None:

@@ -4,8 +4,9 @@ Every worker listens on a Unix ``SOCK_SEQPACKET`` socket in the abstract
 namespace, ``\\0signaling-sharded.{group}.{index}``, where ``group`` names
 the server (supervisor pid and port). A worker that accepted a connection
 for a topic another worker owns sends it over its link to that worker: one
-message per socket, carrying the file descriptor as ``SCM_RIGHTS`` and the
-handshake deadline as payload.
+message per socket, carrying the file descriptor as ``SCM_RIGHTS`` and, as
+payload, the handshake deadline and the bytes already read from it (the
+request head, and whatever followed it), which the owner reads again.
 
 Seqpacket rather than datagram: a datagram socket's receive queue is capped
 at ``net.unix.max_dgram_qlen`` messages (10 by default), which a burst of
@@ -28,9 +29,14 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from signaling_sharded._native import MAX_REQUEST_HEAD
+
 #: Payload of a hand-off: the handshake deadline (time.monotonic(), which is
-#: one system-wide clock on Linux).
+#: one system-wide clock on Linux), then the bytes read from the socket.
 _PAYLOAD = struct.Struct("!d")
+#: Most bytes read from a socket before it is handed off: a whole head, and
+#: one byte more that makes a head without its end too large.
+MAX_RECEIVED = MAX_REQUEST_HEAD + 1
 _FD_SIZE = array.array("i").itemsize
 #: Room for a few descriptors, so that a sender that (wrongly) sends more
 #: than one is noticed and all of them are closed.
@@ -58,10 +64,11 @@ def inbox_ready(group: str, index: int) -> bool:
 
 @dataclass(frozen=True)
 class Arrival:
-    """A socket handed over by another worker."""
+    """A socket handed over by another worker, with what it read of it."""
 
     sock: socket.socket
     deadline: float
+    received: bytes
 
 
 class Inbox:
@@ -96,7 +103,7 @@ class Inbox:
         while True:
             try:
                 data, ancillary, flags, _ = link.recvmsg(
-                    _PAYLOAD.size, _ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC
+                    _PAYLOAD.size + MAX_RECEIVED, _ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC
                 )
             except (BlockingIOError, InterruptedError):
                 return arrivals, True
@@ -108,13 +115,13 @@ class Inbox:
             if (
                 flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC)
                 or len(fds) != 1
-                or len(data) != _PAYLOAD.size
+                or len(data) < _PAYLOAD.size
             ):
                 for fd in fds:
                     _close_fd(fd)
                 self.on_refused()
                 continue
-            (deadline,) = _PAYLOAD.unpack(data)
+            (deadline,) = _PAYLOAD.unpack_from(data)
             try:
                 sock = socket.socket(fileno=fds[0])
             except OSError:
@@ -122,7 +129,7 @@ class Inbox:
                 self.on_refused()
                 continue
             sock.setblocking(False)
-            arrivals.append(Arrival(sock, deadline))
+            arrivals.append(Arrival(sock, deadline, data[_PAYLOAD.size :]))
 
     def close(self) -> None:
         self.sock.close()
@@ -136,10 +143,11 @@ class Courier:
         self.group = group
         self.links: dict[int, socket.socket] = {}
 
-    def send(self, conn: socket.socket, owner: int, deadline: float) -> bool:
-        """Hand ``conn`` to worker ``owner``. On True the caller closes its copy;
+    def send(self, conn: socket.socket, owner: int, deadline: float, received: bytes) -> bool:
+        """Hand ``conn`` to worker ``owner`` with the bytes ``received`` from
+        it (at most ``MAX_RECEIVED``). On True the caller closes its copy;
         on False (the owner is gone, restarting or backlogged) it keeps it."""
-        message = [_PAYLOAD.pack(deadline)]
+        message = [_PAYLOAD.pack(deadline), received]
         rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [conn.fileno()]))]
         for _attempt in range(2):
             link = self.links.get(owner) or self.connect(owner)

@@ -1,14 +1,13 @@
 """The HTTP side of a connection, up to the WebSocket upgrade.
 
 A :class:`Handshake` is the asyncio protocol of every accepted socket until
-its request is answered. Plain HTTP requests (``/healthz``, ``/readyz``,
-errors) get a response and the socket is closed. Requests are answered by
-the ``websockets`` library's sans-I/O ``ServerProtocol``, except the common,
-well-formed upgrade to a valid topic, which the Rust core recognises and
-accepts in a few microseconds (``upgrade_request``; it only ever accepts
-what ``ServerProtocol`` would). On upgrade the transport is handed to the
-Rust core (``Hub.join``), whose ``Peer`` becomes the transport's protocol:
-from there on no Python code runs per message.
+its request is answered. The Rust core reads the request
+(``RequestReader.read``) and judges it: an HTTP refusal, a plain path
+(``/healthz``, ``/metrics``, the demo's files) answered here and closed, or
+a WebSocket upgrade with its ``Sec-WebSocket-Accept``. On upgrade the
+transport is handed to the Rust core (``Hub.join``), whose ``Peer``
+becomes the transport's protocol: from there on no Python code runs per
+message.
 """
 
 from __future__ import annotations
@@ -18,31 +17,27 @@ import functools
 import http
 import logging
 import time
+from collections.abc import Iterable
 from importlib import resources
 from typing import TYPE_CHECKING, cast
 
-from websockets.datastructures import Headers
-from websockets.http11 import Request, Response
-from websockets.server import ServerProtocol
-
 from signaling_sharded import auth, routing
-from signaling_sharded._native import Peer, upgrade_request
+from signaling_sharded._native import Peer, Request
 from signaling_sharded.logs import log
 
 if TYPE_CHECKING:
     from signaling_sharded.worker import Worker
 
-#: Largest request head (request line and headers) accepted, in bytes.
-MAX_HEAD_BYTES = 16 * 1024
 #: The transport's high-water mark after the upgrade: past it, the Rust core
 #: queues a peer's bytes itself, bounded by --max-queue-bytes.
 WRITE_HIGH_WATER = 64 * 1024
 #: Response header naming the worker that served the request, so that
-#: operators and tests can see where a topic lives.
+#: operators and tests can see where a topic lives. Every response has it.
 WORKER_HEADER = "X-Signaling-Worker"
 #: Seconds a refused client is told to wait before retrying.
-RETRY_AFTER = "1"
+RETRY_AFTER = ("Retry-After", "1")
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
 
 
 @functools.cache
@@ -52,10 +47,21 @@ def static_file(name: str) -> bytes:
 
 
 class Handshake(asyncio.Protocol):
-    """Reads one HTTP request and answers it or upgrades the connection."""
+    """Reads one HTTP request and answers it or upgrades the connection.
+
+    ``received`` is what was already read from the socket (by the worker
+    that accepted it), and ``request`` that worker's reading of it when it
+    is this one; the handshake reads ``received`` itself otherwise.
+    """
 
     def __init__(
-        self, worker: Worker, *, deadline: float | None = None, unavailable: bool = False
+        self,
+        worker: Worker,
+        *,
+        deadline: float | None = None,
+        unavailable: bool = False,
+        received: bytes = b"",
+        request: Request | None = None,
     ) -> None:
         self.worker = worker
         #: time.monotonic() by which the upgrade must be done; by default
@@ -64,7 +70,8 @@ class Handshake(asyncio.Protocol):
         #: Refuse upgrades with 503: the topic's owner could not take them.
         self.unavailable = unavailable
         self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
+        self.buffer = bytearray(received)
+        self.request = request
         self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -76,6 +83,12 @@ class Handshake(asyncio.Protocol):
             self.timer = loop.call_later(self.worker.config.handshake_timeout, self.time_out)
         else:
             self.timer = loop.call_at(loop.time() + self.deadline - time.monotonic(), self.time_out)
+        if self.request is not None:
+            received = bytes(self.buffer)
+            self.buffer.clear()
+            self.handle(self.request, received[self.request.head_length :])
+        elif self.buffer:
+            self.data_received(b"")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.finish()
@@ -101,183 +114,127 @@ class Handshake(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.timer is None:
             return  # answered already; the socket is closing
-        self.buffer += data
-        end = self.buffer.find(b"\r\n\r\n")
-        head_length = len(self.buffer) if end < 0 else end + 4
-        if head_length > MAX_HEAD_BYTES:
-            self.refuse_raw(431, "request header fields too large")
-            return
-        if end < 0:
+        if self.buffer:
+            self.buffer += data
+            data = bytes(self.buffer)
+        request = self.worker.reader.read(data)
+        if request is None:
+            if not self.buffer:
+                self.buffer += data
             return  # wait for the rest of the head
-        head = bytes(self.buffer[: end + 4])
-        rest = bytes(self.buffer[end + 4 :])
-        self.buffer = bytearray()
-        self.handle(head, rest)
+        self.buffer.clear()
+        self.handle(request, data[request.head_length :])
 
-    def handle(self, head: bytes, rest: bytes) -> None:
+    def handle(self, request: Request, rest: bytes) -> None:
         worker = self.worker
-        if not (worker.draining or self.unavailable):
-            fast = upgrade_request(head, worker.allowed_origins)
-            if fast is not None:
-                path, accept, authorization = fast
-                join = routing.route(path)
-                if isinstance(join, routing.Join):
-                    self.upgrade(worker.switching_protocols(accept), join, authorization, rest)
-                    return
-        protocol = ServerProtocol(
-            origins=worker.origins,
-            max_size=worker.config.max_message_size,
-            logger=_quiet,
-        )
-        protocol.receive_data(head)
-        events = protocol.events_received()
-        if not events or not isinstance(events[0], Request):
-            # websockets wrote 414/431 itself, or nothing for a malformed request.
-            data = b"".join(protocol.data_to_send())
-            if data:
-                self.write_and_close(data)
-            else:
-                self.refuse_raw(400, "malformed HTTP request")
-            return
-        request = events[0]
-        target = routing.route(request.path)
-        if isinstance(target, routing.Endpoint):
-            self.answer_endpoint(protocol, request, target)
-            return
-        if isinstance(target, routing.Refusal):
-            self.respond(protocol, request, target.status, target.reason)
-            return
-        if worker.draining:
-            self.respond(protocol, request, 503, "server is draining", retry_after=True)
-            return
-        if self.unavailable:
-            self.respond(protocol, request, 503, "topic owner unavailable", retry_after=True)
-            return
-        response = protocol.accept(request)
-        if response.status_code != 101:
-            worker.count_handshake_failure(str(response.status_code))
-            self.send(protocol, response)
-            return
-        response.headers[WORKER_HEADER] = str(worker.index)
-        protocol.send_response(response)
-        # A repeated header is no credential (and .get() would raise on it).
-        values = request.headers.get_all("Authorization")
-        authorization = values[0] if len(values) == 1 else None
-        self.upgrade(b"".join(protocol.data_to_send()), target, authorization, rest)
-
-    def answer_endpoint(
-        self, protocol: ServerProtocol, request: Request, endpoint: routing.Endpoint
-    ) -> None:
-        if request.method not in ("GET", "HEAD"):
-            self.respond(protocol, request, 405, "method not allowed", allow="GET, HEAD")
-        elif endpoint.path == "/readyz" and self.worker.draining:
-            self.respond(protocol, request, 503, "draining", retry_after=True)
-        elif endpoint.path == "/metrics":
-            body = self.worker.metrics_text().encode()
-            self.respond_body(protocol, request, body, METRICS_CONTENT_TYPE)
-        elif endpoint.path in routing.STATIC_FILES:
-            name, content_type = routing.STATIC_FILES[endpoint.path]
-            self.respond_body(protocol, request, static_file(name), content_type)
+        if request.status:
+            self.respond(request.status, request.reason, request.headers, request=request)
+        elif not request.joins:
+            self.answer_plain(request)
+        elif worker.draining:
+            self.respond(503, "server is draining", [RETRY_AFTER], request=request)
+        elif self.unavailable:
+            self.respond(503, "topic owner unavailable", [RETRY_AFTER], request=request)
+        elif routing.owner(request, worker.config.workers, worker.index) != worker.index:
+            # The worker that read it routes every join to its owner with
+            # the same reading, so this is a defect; answer it rather than
+            # split the topic between two workers.
+            log(logging.ERROR, "join for a topic another worker owns", topic=request.topic)
+            self.respond(503, "topic owner unavailable", [RETRY_AFTER], request=request)
         else:
-            self.respond(protocol, request, 200, "ok")
+            self.upgrade(request, rest)
 
-    def respond_body(
-        self, protocol: ServerProtocol, request: Request, body: bytes, content_type: str
-    ) -> None:
-        """Answer 200 with ``body`` (only its length for HEAD)."""
-        headers = Headers(
-            [
-                ("Content-Type", content_type),
-                ("Content-Length", str(len(body))),
-                ("Cache-Control", "no-cache"),
-                ("Connection", "close"),
-            ]
-        )
-        if request.method == "HEAD":
-            body = b""
-        self.send(protocol, Response(200, "OK", headers, body))
+    def answer_plain(self, request: Request) -> None:
+        path = request.path
+        if path not in routing.ENDPOINTS:
+            self.respond(404, "not found", request=request)
+        elif request.method not in ("GET", "HEAD"):
+            self.respond(405, "method not allowed", [("Allow", "GET, HEAD")], request=request)
+        elif path == "/readyz" and self.worker.draining:
+            self.respond(503, "draining", [RETRY_AFTER], request=request)
+        elif path == "/metrics":
+            body = self.worker.metrics_text().encode()
+            self.respond(200, body, content_type=METRICS_CONTENT_TYPE, request=request)
+        elif path in routing.STATIC_FILES:
+            name, content_type = routing.STATIC_FILES[path]
+            headers = [("Cache-Control", "no-cache")]
+            body = static_file(name)
+            self.respond(200, body, headers, content_type=content_type, request=request)
+        else:
+            self.respond(200, "ok", request=request)
 
     def respond(
         self,
-        protocol: ServerProtocol,
-        request: Request,
         status: int,
-        text: str,
+        body: str | bytes,
+        headers: Iterable[tuple[str, str]] = (),
         *,
-        retry_after: bool = False,
-        allow: str | None = None,
+        content_type: str = TEXT_CONTENT_TYPE,
+        request: Request | None = None,
     ) -> None:
-        response = protocol.reject(status, text + "\n")
-        if retry_after:
-            response.headers["Retry-After"] = RETRY_AFTER
-        if allow is not None:
-            response.headers["Allow"] = allow
-        if request.method == "HEAD":
-            response.body = b""
+        """Answer with ``status`` and close; a text body ends with a newline.
+        A HEAD request gets the headers only."""
+        if isinstance(body, str):
+            body = (body + "\n").encode()
+        lines = [
+            f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}",
+            f"{WORKER_HEADER}: {self.worker.index}",
+            f"Content-Type: {content_type}",
+            f"Content-Length: {len(body)}",
+            "Connection: close",
+            *(f"{name}: {value}" for name, value in headers),
+        ]
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode()
+        if request is not None and request.method == "HEAD":
+            body = b""
         if status >= 400:
             self.worker.count_handshake_failure(str(status))
-        self.send(protocol, response)
-
-    def send(self, protocol: ServerProtocol, response: Response) -> None:
-        response.headers[WORKER_HEADER] = str(self.worker.index)
-        protocol.send_response(response)
-        self.write_and_close(b"".join(protocol.data_to_send()))
-
-    def refuse_raw(self, status: int, text: str) -> None:
-        """Answer a request that could not be parsed."""
-        body = (text + "\n").encode()
-        headers = Headers(
-            [
-                ("Connection", "close"),
-                ("Content-Length", str(len(body))),
-                ("Content-Type", "text/plain; charset=utf-8"),
-            ]
-        )
-        phrase = http.HTTPStatus(status).phrase
-        self.worker.count_handshake_failure(str(status))
-        self.write_and_close(Response(status, phrase, headers, body).serialize())
-
-    def write_and_close(self, data: bytes) -> None:
         assert self.transport is not None
-        self.transport.write(data)
+        self.transport.write(head + body)
         self.close()
 
-    def upgrade(
-        self, response: bytes, join: routing.Join, authorization: str | None, rest: bytes
-    ) -> None:
-        """Send the 101 ``response`` and hand the connection to the hub,
-        which admits it as a peer or refuses it (a bad token, a limit) with
-        an ``error`` and a close code a browser can read."""
+    def upgrade(self, request: Request, rest: bytes) -> None:
+        """Send the 101 response and hand the connection to the hub, which
+        admits it as a peer or refuses it (invalid parameters, a bad token,
+        a limit) with an ``error`` and a close code a browser can read."""
         transport = self.transport
-        assert transport is not None
+        assert transport is not None and request.accept is not None
         worker = self.worker
         self.finish()
-        transport.write(response)
+        transport.write(worker.switching_protocols(request.accept))
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        metadata = join.metadata
+        hub = worker.hub
+        if request.invalid is not None:
+            self.install(transport, hub.refuse(transport, request.invalid), request, rest)
+            return
+        topic = request.topic
+        assert topic is not None
+        metadata = request.metadata
         if worker.config.auth_secret is not None:
-            token = join.token or auth.bearer(authorization)
-            grant = auth.authorize(worker.config.auth_secret, token, join.topic)
+            token = request.token or auth.bearer(request.authorization)
+            grant = auth.authorize(worker.config.auth_secret, token, topic)
             if grant is None:
-                self.install(transport, worker.hub.refuse(transport, "unauthorized"), join, rest)
+                self.install(transport, hub.refuse(transport, "unauthorized"), request, rest)
                 return
             if grant.metadata is not None:
                 metadata = grant.metadata
-        self.install(transport, worker.hub.join(transport, join.topic, metadata), join, rest)
+        self.install(transport, hub.join(transport, topic, metadata), request, rest)
 
     def install(
-        self, transport: asyncio.Transport, peer: Peer, join: routing.Join, rest: bytes
+        self, transport: asyncio.Transport, peer: Peer, request: Request, rest: bytes
     ) -> None:
         # Peer implements the protocol methods in Rust; it is not a subclass.
         transport.set_protocol(cast(asyncio.BaseProtocol, peer))
         if peer.refused is not None:
             self.worker.count_handshake_failure(peer.refused)
-            log(logging.INFO, "peer refused", topic=join.topic, reason=peer.refused)
+            log(
+                logging.INFO,
+                "peer refused",
+                topic=request.topic,
+                path=request.path,
+                reason=peer.refused,
+            )
             return
-        log(logging.INFO, "peer joined", peer=peer.peer_id, topic=join.topic)
+        log(logging.INFO, "peer joined", peer=peer.peer_id, topic=request.topic)
         if rest:
             peer.data_received(rest)
-
-
-_quiet = logging.getLogger("signaling_sharded.websockets")
-_quiet.setLevel(logging.WARNING)

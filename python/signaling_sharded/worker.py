@@ -25,9 +25,7 @@ import socket
 import sys
 from typing import Any
 
-from websockets.typing import Origin
-
-from signaling_sharded._native import Hub, MetricsTable
+from signaling_sharded._native import Hub, MetricsTable, RequestReader
 from signaling_sharded.cluster import Cluster
 from signaling_sharded.config import Config
 from signaling_sharded.handshake import WORKER_HEADER, Handshake
@@ -111,14 +109,9 @@ class Worker:
             worker=index,
             **cluster_options,
         )
-        # What ServerProtocol checks Origin against; None (no Origin header,
-        # a native client) always passes the allow-list.
-        self.origins: list[Origin | None] | None = (
-            [Origin(origin) for origin in config.allowed_origins] + [None]
-            if config.allowed_origins
-            else None
-        )
-        self.allowed_origins = list(config.allowed_origins) or None
+        # A request without Origin (a native client) always passes the
+        # allow-list.
+        self.reader = RequestReader(list(config.allowed_origins) or None)
         self.handshakes: set[Handshake] = set()
         self.draining = False
         self.done: asyncio.Future[None] | None = None

@@ -10,7 +10,8 @@
   "use strict";
 
   /** Close codes after which reconnecting cannot help (unauthorized, topic full). */
-  const FINAL_CLOSE_CODES = new Set([4001, 4009]);
+  // Unauthorized, topic full, bad request: retrying cannot succeed.
+  const FINAL_CLOSE_CODES = new Set([4001, 4009, 4400]);
   /** Message types relayed between peers. */
   const RELAY_TYPES = new Set(["offer", "answer", "ice-candidate"]);
 
@@ -40,7 +41,11 @@
    * ({id, metadata}), `offer` / `answer` / `ice-candidate` (the relayed
    * message: {from, payload, msgId?}), `pong`, `error` (a server error
    * message {code, message, msgId?}, or {code: "socket_error"}), `close`
-   * ({code, reason, willReconnect}) and `reconnecting` ({attempt, delay}).
+   * ({code, reason, willReconnect, error}: `error` is the server's error
+   * message that came with the close, e.g. `invalid_topic` before 4400,
+   * or null) and `reconnecting` ({attempt, delay}). The client does not
+   * reconnect after 4001 (unauthorized), 4009 (topic full) or 4400 (an
+   * invalid topic or metadata).
    */
   class SignalingClient extends Emitter {
     /**
@@ -75,6 +80,8 @@
       this.pingTimer = null;
       this.lastReceived = 0;
       this.resumeToken = null;
+      /** @type {object|null} the server's latest error message on this connection */
+      this.lastError = null;
     }
 
     /** The WebSocket url of the topic, with the optional query parameters. */
@@ -202,6 +209,7 @@
       }
       switch (message.type) {
         case "welcome":
+          this.lastError = null;
           this.welcome = message;
           this.selfId = message.selfId;
           this.resumeToken = message.resumeToken || null;
@@ -225,6 +233,7 @@
           break;
         }
         case "error":
+          this.lastError = message;
           this.emit("error", message);
           break;
         default:
@@ -264,7 +273,9 @@
       this.ws = null;
       clearInterval(this.pingTimer);
       const willReconnect = !this.closed && this.options.reconnect && !FINAL_CLOSE_CODES.has(code);
-      this.emit("close", { code, reason, willReconnect });
+      const error = this.lastError || null;
+      this.lastError = null;
+      this.emit("close", { code, reason, willReconnect, error });
       if (!willReconnect) {
         this.closed = true;
         return;
