@@ -631,6 +631,7 @@ pub struct Request {
     /// The target's path in origin form, without the query.
     path: String,
     authorization: Option<String>,
+    origin: Option<String>,
     /// A request to `/ws/{topic}`.
     joins: bool,
     /// The topic it joins, when valid.
@@ -654,6 +655,7 @@ impl Request {
             method: String::new(),
             path: String::new(),
             authorization: None,
+            origin: None,
             joins: false,
             topic: None,
             invalid: None,
@@ -692,6 +694,7 @@ impl RequestReader {
         answer.method = read.method.to_owned();
         answer.path = read.path.to_owned();
         answer.authorization = read.authorization.map(str::to_owned);
+        answer.origin = read.origin.map(str::to_owned);
         let Some(join) = read.join else {
             return Some(answer);
         };

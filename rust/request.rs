@@ -110,6 +110,8 @@ pub struct Request<'a> {
     pub path: &'a str,
     /// The `Authorization` header when sent exactly once.
     pub authorization: Option<&'a str>,
+    /// The `Origin` header when sent exactly once.
+    pub origin: Option<&'a str>,
     /// `Some` for a request to `/ws/{topic}` (one segment: `/ws/a/b` is
     /// another path).
     pub join: Option<Join>,
@@ -185,8 +187,11 @@ pub fn read<'a>(buf: &'a [u8], origins: Option<&[String]>) -> Reading<'a> {
         return Reading::Refused(BAD_TARGET);
     };
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let authorization = single(headers, "authorization").ok().flatten();
-    let authorization = authorization.and_then(|value| std::str::from_utf8(value).ok());
+    let text = |name| {
+        let value = single(headers, name).ok().flatten();
+        value.and_then(|value| std::str::from_utf8(value).ok())
+    };
+    let (authorization, origin) = (text("authorization"), text("origin"));
     let join = path
         .strip_prefix(JOIN_PREFIX)
         .filter(|segment| !segment.contains('/'))
@@ -199,6 +204,7 @@ pub fn read<'a>(buf: &'a [u8], origins: Option<&[String]>) -> Reading<'a> {
         method,
         path,
         authorization,
+        origin,
         join,
     })
 }

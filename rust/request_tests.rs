@@ -46,12 +46,13 @@ fn rfc_example_key() {
 fn reads_the_common_upgrade() {
     let head = upgrade(
         "/ws/room?metadata=%7B%22a%22%3A1%7D&token=t+1",
-        "Authorization: Bearer x\r\n",
+        "Authorization: Bearer x\r\nOrigin: https://a.example\r\n",
     );
     let read = request(&head);
     assert_eq!(read.head_len, head.len());
     assert_eq!((read.method, read.path), ("GET", "/ws/room"));
     assert_eq!(read.authorization, Some("Bearer x"));
+    assert_eq!(read.origin, Some("https://a.example"));
     let join = read.join.unwrap();
     assert_eq!(join.handshake, Ok(ACCEPT.to_owned()));
     let params = join.params.unwrap();

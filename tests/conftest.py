@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import quote, urlencode
 
 import pytest
@@ -41,17 +42,34 @@ def free_port() -> int:
 class Server:
     """A `signaling-sharded` process; its stdout and stderr go to files in *log_dir*."""
 
-    def __init__(self, log_dir: Path, *args: str, executable: Path = EXECUTABLE) -> None:
+    def __init__(
+        self,
+        log_dir: Path,
+        *args: str,
+        executable: Path = EXECUTABLE,
+        port: int | None = None,
+        fd_limit: int | None = None,
+    ) -> None:
+        """*fd_limit* caps the server's open descriptors (as ``ulimit -n`` would)."""
         if not executable.exists():
             pytest.fail(f"{executable} not found: run `make build` first")
-        self.port = free_port()
+        self.port = free_port() if port is None else port
         self.args = ("--host", "127.0.0.1", "--port", str(self.port), *args)
-        self.stdout_path = log_dir / f"server-{self.port}.out"
-        self.stderr_path = log_dir / f"server-{self.port}.err"
+        self.stdout_path = log_dir / f"server-{self.port}-{time.monotonic_ns()}.out"
+        self.stderr_path = self.stdout_path.with_suffix(".err")
+
+        def limit() -> None:
+            if fd_limit is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, fd_limit))
+
         with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
             # Its own process group, so that a forced kill reaches its workers too.
             self.proc = subprocess.Popen(
-                [str(executable), *self.args], stdout=out, stderr=err, start_new_session=True
+                [str(executable), *self.args],
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+                preexec_fn=limit if fd_limit is not None else None,
             )
 
     def url(self, topic: str, **query: str) -> str:
@@ -134,8 +152,9 @@ class Server:
         return self.proc.returncode
 
 
-def launch(log_dir: Path, *args: str) -> Server:
-    server = Server(log_dir, *args)
+def launch(log_dir: Path, *args: str, **options: Any) -> Server:
+    """A started, healthy server; *options* go to `Server`."""
+    server = Server(log_dir, *args, **options)
     _running.append(server)
     server.wait_ready()
     return server
@@ -155,10 +174,10 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
     """A factory: ``start_server(*flags)`` runs a dedicated server with these flags."""
     started: list[Server] = []
 
-    def start(*args: str) -> Server:
+    def start(*args: str, **options: Any) -> Server:
         if "--workers" not in args:
             args = ("--workers", WORKERS, *args)
-        srv = launch(tmp_path_factory.mktemp("server"), *args)
+        srv = launch(tmp_path_factory.mktemp("server"), *args, **options)
         started.append(srv)
         return srv
 

@@ -6,8 +6,7 @@ import asyncio
 import resource
 import socket
 import time
-from collections.abc import Iterator
-from typing import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 from conftest import Server, launch

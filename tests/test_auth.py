@@ -9,8 +9,8 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 from urllib.parse import quote, urlencode
 
 import jwt

@@ -32,9 +32,9 @@ import re
 import socket
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import quote
 
 import hypothesis.strategies as st
@@ -128,7 +128,7 @@ def build_request(
     if eols is None:
         eols = [CRLF] * len(lines)
     assert len(eols) == len(lines)
-    return leading + b"".join(line + eol for line, eol in zip(lines, eols))
+    return leading + b"".join(line + eol for line, eol in zip(lines, eols, strict=True))
 
 
 def host(port: int) -> tuple[str, str]:

@@ -6,7 +6,7 @@ import base64
 import hashlib
 import hmac
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from conftest import Server
 from wsclient import RawClient

@@ -6,8 +6,8 @@ import asyncio
 import json
 import time
 from collections import defaultdict
-from collections.abc import Iterator
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from conftest import Server, launch

@@ -7,11 +7,12 @@ against the sans-I/O parser of the `websockets` library, frame by frame.
 
 from __future__ import annotations
 
+import itertools
 import json
 import struct
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import Any, Optional, Union
+from typing import Any
 
 import hypothesis.strategies as st
 from hypothesis import event, example, given, reject, settings
@@ -28,7 +29,7 @@ RELAY_TYPES = ("offer", "answer", "ice-candidate")
 MESSAGE_ERRORS = ("invalid_json", "invalid_message", "invalid_type", "missing_target")
 FIELDS = ("type", "to", "payload", "msgId")
 
-Answer = tuple[str, Optional[str], Optional[str]]
+Answer = tuple[str, str | None, str | None]
 
 # --- message_answer ------------------------------------------------------------
 
@@ -281,7 +282,7 @@ class ClientFrame:
 
 def split(payload: bytes, cuts: list[int]) -> list[bytes]:
     bounds = [0, *sorted(cuts), len(payload)]
-    return [payload[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [payload[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 @st.composite
@@ -418,7 +419,7 @@ def frame_streams(draw: st.DrawFn) -> tuple[list[ClientFrame], int]:
     return frames, max_size
 
 
-EventList = list[tuple[str, Union[str, bytes, int, None]]]
+EventList = list[tuple[str, str | bytes | int | None]]
 
 
 @dataclass

@@ -279,7 +279,7 @@ def test_pairs_relay_both_ways(server: Server) -> None:
                     *(send_to_all(peer, group) for peer in group),
                     *(receive_from_all(peer, group) for peer in group),
                 )
-                for peer, senders in zip(group, results[len(group) :]):
+                for peer, senders in zip(group, results[len(group) :], strict=True):
                     assert senders == {p.id for p in group if p is not peer}
             for peer in itertools.chain(*groups):
                 await peer.sync()

@@ -15,9 +15,9 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from conftest import Server, free_port, launch
@@ -255,7 +255,7 @@ def test_every_peer_of_a_topic_is_served_by_its_owner(sharded: Server) -> None:
             groups = await asyncio.gather(
                 *(join_group(peers, sharded.url(topic), 3) for _, topic in pairs)
             )
-            for (owner, topic), group in zip(pairs, groups):
+            for (owner, topic), group in zip(pairs, groups, strict=True):
                 assert [served_by(peer) for peer in group] == [owner] * 3, topic
 
     run(scenario())

@@ -1,21 +1,31 @@
 """Accepting connections and sending each to the worker that owns its topic.
 
-With several workers, every worker accepts on its own ``SO_REUSEPORT``
-listener, so the kernel spreads connections over them without regard to
-topics. The :class:`Acceptor` reads each new connection's request head,
-has the Rust core read it (``RequestReader.read``, the reader the upgrade
-itself uses), and either serves the connection itself or hands the socket,
-with the bytes it read, to the owner of the topic it joins (see
-:mod:`handoff` and :func:`routing.owner`). Anything that is not a join
-(``/healthz``, ``/metrics``, refusals) is answered by the worker that
-accepted it. A connection that sends nothing is closed at its handshake
-deadline, and waiting for its bytes blocks no one.
+Every worker accepts on its own ``SO_REUSEPORT`` listener, so the kernel
+spreads connections over them without regard to topics. The
+:class:`Acceptor` reads each new connection's request head, has the Rust
+core read it (``RequestReader.read``, the reader the upgrade itself uses),
+and either serves the connection itself or hands the socket, with the
+bytes it read, to the owner of the topic it joins (see :mod:`handoff` and
+:func:`routing.owner`). Anything that is not a join (``/healthz``,
+``/metrics``, refusals) is answered by the worker that accepted it. A
+connection that sends nothing is closed at its handshake deadline, and
+waiting for its bytes blocks no one.
+
+At the descriptor limit (``ulimit -n``) ``accept`` fails at once, and
+again at once: the acceptor then answers what waits in the listen queue
+with 503 through a descriptor it keeps in reserve (:class:`Spare`), stops
+accepting for a moment (longer each time, up to a second), says so in the
+log once in a while, and carries on by itself once descriptors are free.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
+import os
+import resource
 import socket
 import time
 from dataclasses import dataclass, field
@@ -23,17 +33,24 @@ from typing import TYPE_CHECKING
 
 from signaling_sharded import routing
 from signaling_sharded._native import Request
-from signaling_sharded.handoff import MAX_RECEIVED, Courier, Inbox, inbox_ready
-from signaling_sharded.handshake import Handshake
+from signaling_sharded.handoff import MAX_RECEIVED, Arrival, Courier, Drained, Inbox, inbox_ready
+from signaling_sharded.handshake import RETRY_AFTER, Handshake, http_response
 from signaling_sharded.logs import log
 
 if TYPE_CHECKING:
     from signaling_sharded.worker import Worker
 
-#: Connections accepted per wake-up before other work gets a turn.
+#: Connections accepted (or hand-offs received) per wake-up before other
+#: work gets a turn.
 ACCEPT_BATCH = 64
 #: Seconds a starting worker waits for the others before accepting.
 STARTUP_WAIT = 10.0
+#: ``accept`` errors that mean "no room for another descriptor".
+AT_LIMIT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: Seconds accepting pauses at the descriptor limit: first, and longest.
+LIMIT_PAUSE = (0.05, 1.0)
+#: Seconds between two log lines about the descriptor limit.
+LIMIT_LOG_INTERVAL = 10.0
 
 
 @dataclass
@@ -46,29 +63,68 @@ class Unread:
     timer: asyncio.TimerHandle | None = None
 
 
+class Spare:
+    """One descriptor held in reserve. Released, it leaves room for one
+    more at the descriptor limit: to accept a connection only to answer
+    it, or to receive a handed-off socket that the kernel would otherwise
+    drop."""
+
+    def __init__(self) -> None:
+        self.fd: int | None = None
+        self.restore()
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def restore(self) -> bool:
+        """Take the reserve again; False while there is no room for it."""
+        if self.fd is None:
+            try:
+                self.fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return False
+        return True
+
+
 class Acceptor:
     def __init__(self, worker: Worker, listener: socket.socket, group: str) -> None:
         self.worker = worker
         self.listener = listener
         self.group = group
-        self.inbox = Inbox(
-            group,
-            worker.index,
-            backlog=2 * worker.config.workers,
-            on_refused=lambda: worker.hub.count_handoff("refused"),
-        )
-        self.links: list[socket.socket] = []
-        self.courier = Courier(group)
         self.loop = asyncio.get_running_loop()
+        sharded = worker.config.workers > 1
+        self.inbox = (
+            Inbox(
+                group,
+                worker.index,
+                backlog=2 * worker.config.workers,
+                on_refused=lambda: worker.hub.count_handoff("refused"),
+            )
+            if sharded
+            else None
+        )
+        self.courier = Courier(group) if sharded else None
+        self.links: list[socket.socket] = []
         #: Connections whose request head has not arrived, by descriptor.
         #: The socket objects live here, so closing one is closing it once.
         self.unread: dict[int, Unread] = {}
         self.adoptions: set[asyncio.Task[object]] = set()
+        self.spare = Spare()
+        #: At the descriptor limit: accepting is paused, for this long next.
+        self.paused = False
+        self.pause = LIMIT_PAUSE[0]
+        #: Connections answered 503 at the limit since the last log line.
+        self.refused_at_limit = 0
+        self.limit_logged = 0.0
+        self.accepting = False
 
     async def start(self) -> None:
         """Take hand-offs at once; accept once every worker can take them
         (at start-up, the others may still be booting)."""
-        self.loop.add_reader(self.inbox.fileno(), self.on_link)
+        if self.inbox is not None:
+            self.loop.add_reader(self.inbox.fileno(), self.on_link)
         others = [i for i in range(self.worker.config.workers) if i != self.worker.index]
         deadline = time.monotonic() + STARTUP_WAIT
         while others and time.monotonic() < deadline:
@@ -77,21 +133,26 @@ class Acceptor:
                 await asyncio.sleep(0.02)
         if others:
             log(logging.WARNING, "workers not ready; accepting anyway", workers=others)
+        self.accepting = True
         self.loop.add_reader(self.listener.fileno(), self.on_acceptable)
 
     def close(self) -> None:
         """Stop accepting; connections still being routed are closed."""
+        self.accepting = False
         self.loop.remove_reader(self.listener.fileno())
-        self.loop.remove_reader(self.inbox.fileno())
         for link in self.links:
             self.loop.remove_reader(link.fileno())
             link.close()
         self.links.clear()
         self.listener.close()
-        self.inbox.close()
-        self.courier.close()
+        if self.inbox is not None:
+            self.loop.remove_reader(self.inbox.fileno())
+            self.inbox.close()
+        if self.courier is not None:
+            self.courier.close()
         for fd in list(self.unread):
             self.forget(fd).sock.close()
+        self.spare.release()
 
     def on_acceptable(self) -> None:
         deadline = time.monotonic() + self.worker.config.handshake_timeout
@@ -100,28 +161,115 @@ class Acceptor:
                 conn, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS...
-                log(logging.WARNING, "accept failed", error=str(exc))
-                return
+            except OSError as exc:
+                if exc.errno in AT_LIMIT:
+                    self.at_limit(exc)
+                    return
+                continue  # e.g. ECONNABORTED: that connection is gone already
+            if self.pause != LIMIT_PAUSE[0]:
+                self.below_limit()
             conn.setblocking(False)
             self.unread[conn.fileno()] = Unread(conn, deadline)
             self.on_readable(conn.fileno())
 
+    # --- at the descriptor limit --------------------------------------------
+
+    def at_limit(self, exc: OSError) -> None:
+        """Answer the waiting connections with 503 through the spare
+        descriptor, then pause accepting."""
+        for _ in range(ACCEPT_BATCH):
+            self.spare.release()
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                break
+            self.refuse_at_limit(conn)  # closes it: room for the spare again
+            self.spare.restore()
+        self.spare.restore()
+        now = time.monotonic()
+        if now - self.limit_logged >= LIMIT_LOG_INTERVAL:
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+            log(
+                logging.WARNING,
+                "out of file descriptors: answering 503 and accepting less",
+                worker=self.worker.index,
+                limit=soft,
+                connections=self.worker.hub.connection_count(),
+                refused=self.refused_at_limit,
+                error=exc.strerror,
+            )
+            self.limit_logged = now
+            self.refused_at_limit = 0
+        self.paused = True
+        self.loop.remove_reader(self.listener.fileno())
+        self.loop.call_later(self.pause, self.resume_accepting)
+        self.pause = min(self.pause * 2, LIMIT_PAUSE[1])
+
+    def refuse_at_limit(self, conn: socket.socket) -> None:
+        """503 to a connection taken only to be answered; what it sent is
+        read first, so that closing sends FIN, not a reset."""
+        self.refused_at_limit += 1
+        self.worker.count_handshake_failure("503")
+        with conn, contextlib.suppress(OSError):
+            conn.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                conn.recv(MAX_RECEIVED)
+            conn.send(self.limit_response())
+
+    def limit_response(self) -> bytes:
+        return http_response(self.worker.index, 503, "out of file descriptors", [RETRY_AFTER])
+
+    def resume_accepting(self) -> None:
+        if self.paused and self.accepting:
+            self.paused = False
+            self.loop.add_reader(self.listener.fileno(), self.on_acceptable)
+
+    def below_limit(self) -> None:
+        """A connection was accepted after the limit was met."""
+        self.pause = LIMIT_PAUSE[0]
+        if self.limit_logged:
+            log(
+                logging.INFO,
+                "file descriptors available again",
+                worker=self.worker.index,
+                refused=self.refused_at_limit,
+            )
+            self.limit_logged = 0.0
+            self.refused_at_limit = 0
+
+    # --- hand-offs ----------------------------------------------------------
+
     def on_link(self) -> None:
         """Another worker connected to send us sockets."""
+        assert self.inbox is not None
         for link in self.inbox.accept_links():
             self.links.append(link)
             self.loop.add_reader(link.fileno(), self.on_handoff, link)
 
     def on_handoff(self, link: socket.socket) -> None:
-        arrivals, open_ = self.inbox.receive(link)
-        for arrival in arrivals:
-            self.worker.hub.count_handoff("received")
-            self.adopt(arrival.sock, arrival.deadline, arrival.received)
-        if not open_:
-            self.loop.remove_reader(link.fileno())
-            self.links.remove(link)
-            link.close()
+        """Take the sockets waiting on ``link``, one at a time, each with the
+        spare descriptor released so that there is room for it."""
+        assert self.inbox is not None
+        for _ in range(ACCEPT_BATCH):
+            self.spare.release()
+            arrival = self.inbox.receive(link)
+            room = self.spare.restore()
+            if isinstance(arrival, Arrival):
+                self.worker.hub.count_handoff("received")
+                if room:
+                    self.adopt(arrival.sock, arrival.deadline, arrival.received)
+                else:
+                    self.refuse_at_limit(arrival.sock)
+                    self.spare.restore()
+            elif arrival is Drained.EMPTY:
+                return
+            elif arrival is Drained.CLOSED:
+                self.loop.remove_reader(link.fileno())
+                self.links.remove(link)
+                link.close()
+                return
+
+    # --- reading the request head -------------------------------------------
 
     def on_readable(self, fd: int) -> None:
         """Read what ``fd`` sent; once its head is there, route it."""
@@ -170,7 +318,9 @@ class Acceptor:
         owner = routing.owner(request, worker.config.workers, worker.index)
         if owner == worker.index:
             self.adopt(conn, deadline, received, request)
-        elif self.courier.send(conn, owner, deadline, received):
+            return
+        assert self.courier is not None
+        if self.courier.send(conn, owner, deadline, received):
             worker.hub.count_handoff("sent")
             conn.close()
         else:

@@ -4,26 +4,53 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 from signaling_sharded import __version__
 from signaling_sharded.config import Config
-from signaling_sharded.logs import configure
+from signaling_sharded.logs import configure, log
 
 
-def usable_cpus() -> int:
-    """CPUs this process may run on (taskset, cpusets), not all the machine's."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0)) or 1
-    return os.cpu_count() or 1
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may use: those it may run on (taskset, cpusets),
+    capped by its cgroup's CPU quota (a container's ``--cpus``), rounded up."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    quota = cpu_quota(cgroup)
+    if quota is not None:
+        return max(1, min(cpus or 1, math.ceil(quota)))
+    return cpus or 1
+
+
+def cpu_quota(cgroup: Path) -> float | None:
+    """The CPU quota of this process's cgroup in CPUs, or None for none:
+    ``cpu.max`` (cgroup v2: "max 100000" or "150000 100000"), else
+    ``cpu.cfs_quota_us`` over ``cpu.cfs_period_us`` (v1; -1 for none)."""
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()
+    except (OSError, ValueError):
+        try:
+            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    try:
+        value, every = int(quota), int(period)
+    except ValueError:
+        return None  # "max": no quota
+    return value / every if value > 0 and every > 0 else None
 
 
 def positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
+    if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a positive number: {text}")
     return value
 
@@ -35,6 +62,77 @@ def positive_int(text: str) -> int:
     return value
 
 
+def port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port, 0 to 65535: {text!r}")
+    return value
+
+
+def nonempty(text: str) -> str:
+    """A value that must not be empty: an empty secret would turn auth off,
+    an empty URL cluster mode, silently (e.g. a template that expanded to
+    nothing)."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def redis_url(text: str) -> str:
+    """A URL that redis-py accepts: redis://, rediss:// or unix://."""
+    from redis.connection import parse_url
+
+    try:
+        parse_url(nonempty(text))  # type: ignore[no-untyped-call]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+    return text
+
+
+def origin(text: str) -> str:
+    """A browser Origin as browsers send it (``https://app.example``,
+    ``http://localhost:3000``): a scheme and a host, no path, no slash at
+    the end. The host's case and a default port are normalised away."""
+    if text == "*":
+        raise argparse.ArgumentTypeError(
+            "'*' is not an origin; leave --allowed-origin out to allow any origin"
+        )
+    parts = urlsplit(text)
+    if not (parts.scheme and parts.hostname) or parts.username or parts.password:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an origin such as https://app.example")
+    if parts.path or parts.query or parts.fragment or text.endswith("/"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has a path; an origin is scheme://host[:port], without a trailing slash"
+        )
+    try:
+        port = parts.port
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} has an invalid port") from None
+    host = parts.hostname
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 address
+    if port is not None and DEFAULT_PORTS.get(parts.scheme.lower()) != port:
+        host = f"{host}:{port}"
+    return f"{parts.scheme.lower()}://{host}"
+
+
+#: The port a browser leaves out of an Origin for its scheme.
+DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+ICE_SCHEMES = ("stun:", "stuns:", "turn:", "turns:")
+
+
+def ice_uri(text: str) -> str:
+    """A STUN or TURN URI (RFC 7064, RFC 7065)."""
+    if not text.lower().startswith(ICE_SCHEMES) or text.split(":", 1)[1] in ("", "//"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a STUN or TURN URI (stun:, stuns:, turn:, turns:)"
+        )
+    return text
+
+
 ENV_PREFIX = "SIGNALING_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -44,22 +142,74 @@ def env_name(flag: str) -> str:
     return ENV_PREFIX + flag.removeprefix("--").upper().replace("-", "_")
 
 
+@dataclass(frozen=True)
+class InvalidEnvironment:
+    """The default of a flag whose environment variable holds a bad value;
+    reported unless the command line sets the flag."""
+
+    variable: str
+    message: str
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds ``(default: ...)`` to a flag's help unless the help already
+    says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default in (None, [], argparse.SUPPRESS, False):
+            return text
+        return super()._get_help_string(action)
+
+
 class EnvArgumentParser(argparse.ArgumentParser):
-    """Every ``--flag`` also takes its default from ``SIGNALING_FLAG``, so
-    containers and service managers can configure the server without a
-    command line. A repeatable flag takes a comma-separated list; the
-    command line still wins."""
+    """Every ``--flag`` also takes its default from ``SIGNALING_FLAG`` (or
+    from ``fallback_env``), so containers and service managers can
+    configure the server without a command line. A repeatable flag takes a
+    comma-separated list; the command line still wins. A bad value is
+    reported naming the variable it came from."""
 
     def add_argument(self, *names: Any, **kwargs: Any) -> argparse.Action:
         flag = next((name for name in names if str(name).startswith("--")), None)
+        fallback = kwargs.pop("fallback_env", None)
         if flag is not None and kwargs.get("action") not in ("version", "help"):
             variable = env_name(flag)
-            value = os.environ.get(variable)
-            if value is not None:
-                repeated = kwargs.get("action") == "append"
-                kwargs["default"] = [v for v in value.split(",") if v] if repeated else value
+            for name in (variable, fallback):
+                if name is not None and name in os.environ:
+                    kwargs["default"] = self.from_environment(name, os.environ[name], kwargs)
+                    break
             kwargs["help"] = f"{kwargs.get('help', '')} [env {variable}]"
         return super().add_argument(*names, **kwargs)
+
+    @staticmethod
+    def from_environment(variable: str, value: str, kwargs: dict[str, Any]) -> object:
+        convert = kwargs.get("type") or str
+        try:
+            if kwargs.get("action") == "append":
+                return [convert(item) for item in value.split(",") if item]
+            converted = convert(value)
+        except (argparse.ArgumentTypeError, ValueError) as exc:
+            return InvalidEnvironment(variable, f"{variable}={value!r}: {exc}")
+        choices = kwargs.get("choices")
+        if choices is not None and converted not in choices:
+            return InvalidEnvironment(
+                variable, f"{variable}={value!r}: choose from {', '.join(choices)}"
+            )
+        return converted
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: None = None
+    ) -> argparse.Namespace:
+        parsed = super().parse_args(args)
+        for value in vars(parsed).values():
+            if isinstance(value, InvalidEnvironment):
+                self.error(value.message)
+        return parsed
+
+    def error(self, message: str) -> NoReturn:
+        """One line, exit 2: a usage error names what is wrong, not the
+        whole usage (``--help`` has it)."""
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,15 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
             "to one named peer. Plain HTTP: GET /healthz, GET /readyz. "
             "'signaling-sharded token --help' mints auth tokens."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=__version__)
-    parser.add_argument("--host", default=defaults.host, help="address to listen on")
+    parser.add_argument("--host", type=nonempty, default=defaults.host, help="address to listen on")
     parser.add_argument(
         "--port",
-        type=int,
-        default=int(os.environ.get("PORT", defaults.port)),
-        help="TCP port to listen on (default: $PORT, else 8081)",
+        type=port_number,
+        default=defaults.port,
+        fallback_env="PORT",
+        help=(f"TCP port to listen on; 0 picks a free one (default: $PORT, else {defaults.port})"),
     )
     parser.add_argument(
         "--workers",
@@ -88,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=usable_cpus(),
         help=(
             "worker processes; topics are sharded over them by a stable hash "
-            "(default: the number of CPUs this process may use)"
+            "(default: the CPUs this process may use, capped by its cgroup's CPU quota)"
         ),
     )
     parser.add_argument(
@@ -162,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--auth-secret",
+        type=nonempty,
         default=None,
         metavar="SECRET",
         help=(
@@ -173,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--stun-uri",
         action="append",
+        type=ice_uri,
         default=[],
         metavar="URI",
         help="STUN server announced in welcome's iceServers (repeatable), e.g. stun:stun.example",
@@ -180,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--turn-uri",
         action="append",
+        type=ice_uri,
         default=[],
         metavar="URI",
         help=(
@@ -189,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--turn-secret",
+        type=nonempty,
         default=None,
         metavar="SECRET",
         help="the TURN server's shared secret (coturn: use-auth-secret, static-auth-secret)",
@@ -203,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--allowed-origin",
         action="append",
+        type=origin,
         default=[],
         metavar="ORIGIN",
         help=(
@@ -213,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--redis-url",
         "--redis",
+        type=redis_url,
         default=None,
         metavar="URL",
         help=(
@@ -222,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--redis-prefix",
+        type=nonempty,
         default=defaults.redis_prefix,
         metavar="PREFIX",
         help="prefix of the cluster's Redis keys and channels (clusters can share a Redis)",
@@ -251,13 +409,13 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         max_connections=args.max_connections,
         rate_limit=args.rate_limit,
         rate_burst=args.rate_burst,
-        auth_secret=args.auth_secret or None,
+        auth_secret=args.auth_secret,
         stun_uris=tuple(args.stun_uri),
         turn_uris=tuple(args.turn_uri),
-        turn_secret=args.turn_secret or None,
+        turn_secret=args.turn_secret,
         turn_ttl=args.turn_ttl,
         allowed_origins=tuple(args.allowed_origin),
-        redis_url=args.redis_url or None,
+        redis_url=args.redis_url,
         redis_prefix=args.redis_prefix,
     )
 
@@ -303,13 +461,31 @@ def token_main(argv: Sequence[str]) -> None:
     print(auth.mint(args.secret, ttl=args.ttl, topics=args.topic or None, metadata=metadata))
 
 
+def risky(config: Config) -> list[str]:
+    """Settings that are valid but probably not what was meant."""
+    warnings = []
+    if config.rate_burst is not None and config.rate_limit is None:
+        warnings.append("--rate-burst has no effect without --rate-limit")
+    if config.turn_secret is not None and not config.turn_uris:
+        warnings.append("--turn-secret has no effect without --turn-uri")
+    if config.ping_timeout >= config.ping_interval * 10:
+        warnings.append(
+            "--ping-timeout is ten times --ping-interval or more: dead peers stay listed long"
+        )
+    return warnings
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     arguments = sys.argv[1:] if argv is None else list(argv)
     if arguments[:1] == ["token"]:
         token_main(arguments[1:])
         return
+    if not sys.platform.startswith("linux"):
+        sys.exit(f"signaling-sharded: error: the server runs on Linux only, not {sys.platform}")
     config = parse_config(arguments)
     configure(config.log_level)
+    for warning in risky(config):
+        log(logging.WARNING, warning)
     from signaling_sharded.supervisor import Supervisor
 
     sys.exit(Supervisor(config).run())

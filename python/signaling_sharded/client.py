@@ -50,7 +50,7 @@ import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -144,7 +144,7 @@ class Reconnected:
     peers: Mapping[str, Any] = field(default_factory=dict)
 
 
-Event = Union[PeerJoined, PeerLeft, Relay, Error, Pong, Disconnected, Reconnected]
+Event = PeerJoined | PeerLeft | Relay | Error | Pong | Disconnected | Reconnected
 
 
 # --- exceptions --------------------------------------------------------------

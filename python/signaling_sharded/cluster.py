@@ -38,6 +38,7 @@ import os
 import random
 import socket
 import ssl
+import time
 import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
@@ -191,6 +192,8 @@ class Cluster:
         self.hub: Hub | None = None
         self.up = False
         self.closing = False
+        #: time.monotonic() since Redis has been unreachable, or None.
+        self.down_since: float | None = None
         #: Work sent to Redis whose replies have not come back, in order.
         self.waiting: deque[Op] = deque()
         #: Loop time of the writer's last reply, or of the send that
@@ -302,7 +305,18 @@ class Cluster:
             elif kind == "touch" and reply:
                 resync = True
             elif kind == "ready":
-                log(logging.INFO, "cluster ready", worker=self.worker, node=self.node)
+                if self.down_since is None:
+                    log(logging.INFO, "cluster ready", worker=self.worker, node=self.node)
+                else:
+                    after = round(time.monotonic() - self.down_since, 1)
+                    log(
+                        logging.INFO,
+                        "cluster ready",
+                        worker=self.worker,
+                        node=self.node,
+                        after_s=after,
+                    )
+                    self.down_since = None
         if resync:
             log(logging.WARNING, "cluster lost some of this node's presence; resyncing")
             self.resync()
@@ -358,10 +372,16 @@ class Cluster:
                 delay = BACKOFF[0]
                 await self.serve()
             except (RedisError, OSError, asyncio.TimeoutError) as exc:
+                # Said once per outage (then at debug level on every retry),
+                # and "cluster ready" says when it is over.
                 if self.up:
                     log(logging.WARNING, "cluster lost", worker=self.worker, error=str(exc))
+                elif self.down_since is None:
+                    log(logging.WARNING, "cluster unreachable", worker=self.worker, error=str(exc))
                 else:
                     log(logging.DEBUG, "cluster unreachable", worker=self.worker, error=str(exc))
+                if self.down_since is None:
+                    self.down_since = time.monotonic()
             except Exception as exc:  # a bug: start over rather than stay cut off
                 log(
                     logging.ERROR,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import enum
 import socket
 import struct
 from collections.abc import Callable
@@ -62,6 +63,13 @@ def inbox_ready(group: str, index: int) -> bool:
     return True
 
 
+class Drained(enum.Enum):
+    """Why :meth:`Inbox.receive` has no socket to give."""
+
+    EMPTY = "empty"
+    CLOSED = "closed"
+
+
 @dataclass(frozen=True)
 class Arrival:
     """A socket handed over by another worker, with what it read of it."""
@@ -96,40 +104,41 @@ class Inbox:
             link.setblocking(False)
             links.append(link)
 
-    def receive(self, link: socket.socket) -> tuple[list[Arrival], bool]:
-        """The sockets waiting on ``link``, and whether the link is still
-        open (False: the sender closed it)."""
-        arrivals: list[Arrival] = []
-        while True:
-            try:
-                data, ancillary, flags, _ = link.recvmsg(
-                    _PAYLOAD.size + MAX_RECEIVED, _ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC
-                )
-            except (BlockingIOError, InterruptedError):
-                return arrivals, True
-            except OSError:
-                return arrivals, False
-            fds = _descriptors(ancillary)
-            if not data and not fds:
-                return arrivals, False
-            if (
-                flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC)
-                or len(fds) != 1
-                or len(data) < _PAYLOAD.size
-            ):
-                for fd in fds:
-                    _close_fd(fd)
-                self.on_refused()
-                continue
-            (deadline,) = _PAYLOAD.unpack_from(data)
-            try:
-                sock = socket.socket(fileno=fds[0])
-            except OSError:
-                _close_fd(fds[0])
-                self.on_refused()
-                continue
-            sock.setblocking(False)
-            arrivals.append(Arrival(sock, deadline, data[_PAYLOAD.size :]))
+    def receive(self, link: socket.socket) -> Arrival | Drained | None:
+        """The next socket waiting on ``link``; ``EMPTY`` when none is
+        waiting, ``CLOSED`` when the sender closed the link, and None for a
+        message refused (truncated, malformed; look again). One at a time,
+        so that the caller can make room for each descriptor (at the
+        descriptor limit the kernel drops a descriptor it has no room for)."""
+        try:
+            data, ancillary, flags, _ = link.recvmsg(
+                _PAYLOAD.size + MAX_RECEIVED, _ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC
+            )
+        except (BlockingIOError, InterruptedError):
+            return Drained.EMPTY
+        except OSError:
+            return Drained.CLOSED
+        fds = _descriptors(ancillary)
+        if not data and not fds:
+            return Drained.CLOSED
+        if (
+            flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC)
+            or len(fds) != 1
+            or len(data) < _PAYLOAD.size
+        ):
+            for fd in fds:
+                _close_fd(fd)
+            self.on_refused()
+            return None
+        (deadline,) = _PAYLOAD.unpack_from(data)
+        try:
+            sock = socket.socket(fileno=fds[0])
+        except OSError:
+            _close_fd(fds[0])
+            self.on_refused()
+            return None
+        sock.setblocking(False)
+        return Arrival(sock, deadline, data[_PAYLOAD.size :])
 
     def close(self) -> None:
         self.sock.close()

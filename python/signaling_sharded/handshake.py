@@ -38,12 +38,39 @@ WORKER_HEADER = "X-Signaling-Worker"
 RETRY_AFTER = ("Retry-After", "1")
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
+#: Seconds an answered connection is read (and its input dropped) before it
+#: is closed; see :meth:`Handshake.linger`.
+LINGER = 2.0
 
 
 @functools.cache
 def static_file(name: str) -> bytes:
     """A file of the browser demo, read once from the package."""
     return (resources.files("signaling_sharded") / "static" / name).read_bytes()
+
+
+def http_response(
+    worker: int,
+    status: int,
+    body: str | bytes,
+    headers: Iterable[tuple[str, str]] = (),
+    content_type: str = TEXT_CONTENT_TYPE,
+    head_only: bool = False,
+) -> bytes:
+    """An HTTP/1.1 response that ends the connection, naming ``worker``; a
+    text body ends with a newline; ``head_only`` leaves the body out (HEAD)."""
+    if isinstance(body, str):
+        body = (body + "\n").encode()
+    lines = [
+        f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}",
+        f"{WORKER_HEADER}: {worker}",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+        *(f"{name}: {value}" for name, value in headers),
+    ]
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode()
+    return head if head_only else head + body
 
 
 class Handshake(asyncio.Protocol):
@@ -73,6 +100,8 @@ class Handshake(asyncio.Protocol):
         self.buffer = bytearray(received)
         self.request = request
         self.timer: asyncio.TimerHandle | None = None
+        #: Answered with an HTTP response; lingering until the client closes.
+        self.answered = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses.
@@ -112,8 +141,8 @@ class Handshake(asyncio.Protocol):
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:
-        if self.timer is None:
-            return  # answered already; the socket is closing
+        if self.timer is None or self.answered:
+            return  # answered already: what follows is read and dropped
         if self.buffer:
             self.buffer += data
             data = bytes(self.buffer)
@@ -128,6 +157,8 @@ class Handshake(asyncio.Protocol):
     def handle(self, request: Request, rest: bytes) -> None:
         worker = self.worker
         if request.status:
+            if request.status == 403 and request.origin is not None:
+                worker.origin_refused(request.origin)
             self.respond(request.status, request.reason, request.headers, request=request)
         elif not request.joins:
             self.answer_plain(request)
@@ -172,26 +203,35 @@ class Handshake(asyncio.Protocol):
         content_type: str = TEXT_CONTENT_TYPE,
         request: Request | None = None,
     ) -> None:
-        """Answer with ``status`` and close; a text body ends with a newline.
-        A HEAD request gets the headers only."""
-        if isinstance(body, str):
-            body = (body + "\n").encode()
-        lines = [
-            f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}",
-            f"{WORKER_HEADER}: {self.worker.index}",
-            f"Content-Type: {content_type}",
-            f"Content-Length: {len(body)}",
-            "Connection: close",
-            *(f"{name}: {value}" for name, value in headers),
-        ]
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode()
-        if request is not None and request.method == "HEAD":
-            body = b""
+        """Answer with ``status`` and close; a HEAD request gets the headers
+        only."""
+        head_only = request is not None and request.method == "HEAD"
+        data = http_response(self.worker.index, status, body, headers, content_type, head_only)
         if status >= 400:
             self.worker.count_handshake_failure(str(status))
         assert self.transport is not None
-        self.transport.write(head + body)
-        self.close()
+        self.transport.write(data)
+        self.linger()
+
+    def linger(self) -> None:
+        """Close after an answer without losing it: closing a socket with
+        unread input (the rest of an oversized head, a body) sends a reset,
+        and a client that has not read the answer yet loses it. So the
+        server half-closes and reads (and drops) what comes until the
+        client closes, for at most ``LINGER`` seconds (nginx's lingering
+        close)."""
+        assert self.transport is not None
+        self.answered = True
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = asyncio.get_running_loop().call_later(LINGER, self.close)
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        else:
+            self.close()
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes itself
 
     def upgrade(self, request: Request, rest: bytes) -> None:
         """Send the 101 response and hand the connection to the hub, which

@@ -23,8 +23,9 @@ import multiprocessing.process
 import multiprocessing.reduction
 import os
 import signal
+import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 
@@ -32,7 +33,7 @@ from signaling_sharded import auth
 from signaling_sharded._native import MetricsTable
 from signaling_sharded.config import Config
 from signaling_sharded.logs import log
-from signaling_sharded.worker import EXIT_BOOT_ERROR, run
+from signaling_sharded.worker import EXIT_BOOT_ERROR, PortInUse, bound_socket, lock_port, run
 
 CRASH_WINDOW = 5.0
 CRASH_LIMIT = 3
@@ -97,18 +98,50 @@ class Supervisor:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.context = multiprocessing.get_context("spawn")
-        self.group = f"{os.getpid()}.{config.port}"
+        #: Names this server's hand-off sockets; set once the port is known.
+        self.group = ""
+        #: The port lock and the supervisor's own bound (not listening)
+        #: socket on the port, held until the server exits.
+        self.port_lock: socket.socket | None = None
+        self.reservation: socket.socket | None = None
         self.slots: dict[int, Slot] = {}
         self.signals: list[int] = []
         self.stopping_since: float | None = None
         self.exit_code = 0
         self.metrics_fd, self.metrics = metrics_memory(config.workers)
 
+    def take_port(self) -> bool:
+        """Lock the port for this server and bind it (for port 0, pick one
+        first, which every worker then shares); False with the reason
+        logged if another process has it."""
+        config = self.config
+        try:
+            if config.port:
+                self.port_lock = lock_port(config.port)
+            self.reservation = bound_socket(config.host, config.port)
+            if not config.port:
+                self.config = replace(config, port=self.reservation.getsockname()[1])
+                self.port_lock = lock_port(self.config.port)
+        except (PortInUse, OSError) as exc:
+            log(logging.ERROR, "cannot listen", host=config.host, port=config.port, error=str(exc))
+            self.release_port()
+            return False
+        self.group = f"{os.getpid()}.{self.config.port}"
+        return True
+
+    def release_port(self) -> None:
+        for sock in (self.reservation, self.port_lock):
+            if sock is not None:
+                sock.close()
+        self.reservation = self.port_lock = None
+
     def spawn(self, index: int, quick_deaths: int = 0) -> None:
         metrics = InheritedFd(self.metrics_fd)
+        assert self.port_lock is not None
+        lock = InheritedFd(self.port_lock.fileno())
         process = self.context.Process(
             target=run,
-            args=(self.config, index, self.group, os.getpid(), metrics),
+            args=(self.config, index, self.group, os.getpid(), metrics, lock),
             name=f"signaling-sharded-worker-{index}",
         )
         process.start()
@@ -121,6 +154,9 @@ class Supervisor:
 
     def run(self) -> int:
         """Serve until drained; returns the process exit code."""
+        if not self.take_port():
+            os.close(self.metrics_fd)
+            return 1
         check_migrate_req()
         if self.config.auth_secret is not None and auth.weak_secret(self.config.auth_secret):
             log(
@@ -157,6 +193,7 @@ class Supervisor:
             os.close(wake_read)
             os.close(wake_write)
             os.close(self.metrics_fd)
+            self.release_port()
         log(logging.INFO, "stopped", exit_code=self.exit_code)
         return self.exit_code
 

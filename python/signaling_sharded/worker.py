@@ -1,28 +1,31 @@
 """A worker process: one uvloop event loop serving WebSocket peers.
 
-The worker owns a Rust ``Hub`` (its topics, peers and their queues). It
-accepts connections, runs each HTTP upgrade in a :class:`Handshake`, then
-hands the transport to the hub. With several workers, each listens on the
-same port (``SO_REUSEPORT``) and an :class:`Acceptor` sends every join to
-the worker that owns its topic, so all peers of a topic live in one
-process. A timer drives the hub's pings and timeouts.
+The worker owns a Rust ``Hub`` (its topics, peers and their queues). Its
+:class:`Acceptor` accepts connections on the port's ``SO_REUSEPORT``
+listener it shares with the other workers and sends every join to the
+worker that owns its topic, so all peers of a topic live in one process;
+there each HTTP upgrade runs in a :class:`Handshake`, which hands the
+transport to the hub. A timer drives the hub's pings and timeouts.
 
 SIGTERM drains: ``/readyz`` answers 503, upgrades are refused with 503,
 every peer is sent close 1001, and the worker exits once they are gone or
-the drain timeout has passed; a second SIGTERM exits at once. SIGINT is
-the supervisor's to handle (a terminal's Ctrl-C reaches every process of
-the group) and is ignored here.
+the drain timeout has passed. A SIGTERM while draining changes nothing
+(the supervisor kills its workers on a second signal). SIGINT is the
+supervisor's to handle (a terminal's Ctrl-C reaches every process of the
+group) and is ignored here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import logging
 import os
 import signal
 import socket
 import sys
+import time
 from typing import Any
 
 from signaling_sharded._native import Hub, MetricsTable, RequestReader
@@ -38,6 +41,10 @@ GOING_AWAY_REASON = "server going away"
 #: supervisor stops the server instead of restarting it.
 EXIT_BOOT_ERROR = 3
 LISTEN_BACKLOG = 4096
+#: Seconds between two log lines about the same refused Origin, and how
+#: many origins are remembered.
+ORIGIN_LOG_INTERVAL = 60.0
+MAX_ORIGINS_LOGGED = 1000
 
 
 def tick_period(config: Config) -> float:
@@ -47,26 +54,59 @@ def tick_period(config: Config) -> float:
     return min(max(shortest / 4, 0.02), 1.0)
 
 
-def bind_listener(config: Config) -> socket.socket:
-    """This worker's listening socket; shared with the others through
-    SO_REUSEPORT when there are several."""
+def bound_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` with ``SO_REUSEPORT``, which every
+    worker's listener and the supervisor's reservation share (another
+    server on the port is kept out by the port lock, see
+    :func:`lock_port`)."""
     family, kind, proto, _, address = socket.getaddrinfo(
-        config.host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if config.workers > 1:
-            # No TCP_DEFER_ACCEPT: the kernel would hold a silent client for
-            # its own timeout before our handshake deadline even starts.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def bind_listener(config: Config) -> socket.socket:
+    """This worker's listening socket, one of the port's ``SO_REUSEPORT``
+    group. No TCP_DEFER_ACCEPT: the kernel would hold a silent client for
+    its own timeout before our handshake deadline even starts."""
+    sock = bound_socket(config.host, config.port)
+    try:
         sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+class PortInUse(Exception):
+    """Another signaling-sharded server holds the port on this machine."""
+
+
+def lock_port(port: int) -> socket.socket:
+    """The lock on ``port`` that keeps a second server out of its
+    ``SO_REUSEPORT`` group (where it would take half the connections and
+    split topics): an abstract Unix socket named after the port, held by
+    the supervisor and inherited by every worker, so it lasts while any
+    process of the server does. Abstract names belong to the network
+    namespace, as ports do."""
+    lock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        lock.bind(f"\0signaling-sharded.port.{port}")
+    except OSError as exc:
+        lock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(f"port {port} is in use by another signaling-sharded server") from None
+        raise
+    return lock
 
 
 class Worker:
@@ -113,6 +153,8 @@ class Worker:
         # allow-list.
         self.reader = RequestReader(list(config.allowed_origins) or None)
         self.handshakes: set[Handshake] = set()
+        #: When each refused Origin was last logged (time.monotonic()).
+        self.origins_logged: dict[str, float] = {}
         self.draining = False
         self.done: asyncio.Future[None] | None = None
 
@@ -131,6 +173,18 @@ class Worker:
         """Every worker's metrics, as Prometheus text."""
         return self.hub.metrics_text()
 
+    def origin_refused(self, origin: str) -> None:
+        """Log a browser Origin off the allow-list, once a minute per origin
+        (a misconfigured allow-list shows at once; a flood of requests
+        does not flood the log)."""
+        now = time.monotonic()
+        if len(self.origins_logged) > MAX_ORIGINS_LOGGED:
+            self.origins_logged.clear()
+        if now - self.origins_logged.get(origin, -ORIGIN_LOG_INTERVAL) >= ORIGIN_LOG_INTERVAL:
+            self.origins_logged[origin] = now
+            allowed = list(self.config.allowed_origins)
+            log(logging.INFO, "origin refused", origin=origin, allowed=allowed, worker=self.index)
+
     def count_handshake_failure(self, reason: str) -> None:
         self.hub.count_handshake_failure(reason)
 
@@ -139,15 +193,8 @@ class Worker:
 
         loop = asyncio.get_running_loop()
         self.done = loop.create_future()
-        acceptor: Acceptor | None = None
-        server: asyncio.AbstractServer | None = None
-        if self.config.workers > 1:
-            acceptor = Acceptor(self, listener, self.group)
-            await acceptor.start()
-        else:
-            server = await loop.create_server(
-                lambda: Handshake(self), sock=listener, backlog=LISTEN_BACKLOG
-            )
+        acceptor = Acceptor(self, listener, self.group)
+        await acceptor.start()
         loop.add_signal_handler(signal.SIGTERM, self.on_signal, signal.SIGTERM)
         ticker = loop.call_later(tick_period(self.config), self.tick)
         if self.cluster is not None:
@@ -164,10 +211,7 @@ class Worker:
             await self.done
         finally:
             ticker.cancel()
-            if acceptor is not None:
-                acceptor.close()
-            if server is not None:
-                server.close()
+            acceptor.close()
             for handshake in list(self.handshakes):
                 handshake.close()
             if self.cluster is not None:
@@ -184,9 +228,11 @@ class Worker:
 
     def on_signal(self, sig: signal.Signals) -> None:
         if self.draining:
-            log(logging.WARNING, "second signal: exiting now", signal=sig.name, worker=self.index)
-            self.hub.abort_all()
-            self.stop()
+            # One SIGTERM to the whole process group (systemd's default
+            # KillMode, `timeout`, `kill -- -PGID`) reaches this worker
+            # twice: from the sender and forwarded by the supervisor. It is
+            # one drain; a second signal to the supervisor kills at once.
+            log(logging.DEBUG, "already draining", signal=sig.name, worker=self.index)
             return
         log(
             logging.INFO,
@@ -229,10 +275,13 @@ def run(
     group: str = "",
     parent: int | None = None,
     metrics_fd: int | None = None,
+    port_lock: int | None = None,
 ) -> None:
     """Run worker ``index`` until it is drained; the entry point of a worker
     process (started by the supervisor with the ``spawn`` method).
-    ``metrics_fd`` is the supervisor's metrics table, inherited."""
+    ``metrics_fd`` is the supervisor's metrics table, and ``port_lock`` the
+    server's lock on its port (see :func:`lock_port`), both inherited; the
+    lock stays open as long as the process runs."""
     configure(config.log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if parent is not None:
