@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import pytest
+from signaling_sharded._native import topic_owner
 from wsclient import http_get
 
 EXECUTABLE = Path(sys.executable).parent / "signaling-sharded"
@@ -150,6 +151,17 @@ class Server:
         if self in _running:
             _running.remove(self)
         return self.proc.returncode
+
+
+def topics_owned(workers: int, prefix: str) -> list[str]:
+    """Topic names ``{prefix}-{n}``, one owned by each worker index of *workers*."""
+    found: dict[int, str] = {}
+    n = 0
+    while len(found) < workers:
+        topic = f"{prefix}-{n}"
+        found.setdefault(topic_owner(topic, workers), topic)
+        n += 1
+    return [found[index] for index in range(workers)]
 
 
 def launch(log_dir: Path, *args: str, **options: Any) -> Server:

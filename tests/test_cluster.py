@@ -18,11 +18,10 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import Server
+from conftest import Server, topics_owned
 from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 from redis_server import RedisServer, find_redis_server, redis_server  # noqa: F401
-from signaling_sharded._native import topic_owner
 from wsclient import Peer, Peers, http_get, run
 
 pytestmark = pytest.mark.timeout(180)
@@ -66,17 +65,6 @@ def start_cluster(
         nodes += list({record["node"] for record in records})
     assert len(nodes) == len(set(nodes)) == count * workers, f"node names not unique: {nodes}"
     return servers
-
-
-def topic_per_worker(prefix: str, workers: int = WORKERS) -> list[str]:
-    """One topic owned by each worker index (the same on every server of *workers*)."""
-    topics: dict[int, str] = {}
-    n = 0
-    while len(topics) < workers:
-        topic = f"{prefix}-{n}"
-        topics.setdefault(topic_owner(topic, workers), topic)
-        n += 1
-    return [topics[index] for index in range(workers)]
 
 
 async def converge(members: list[Peer], timeout: float) -> None:
@@ -296,7 +284,7 @@ def test_killed_server_peers_leave_and_relays_to_them_fail(
     start_server: StartServer,
 ) -> None:
     doomed, survivor = start_cluster(start_server, redis_server)
-    topics = topic_per_worker("kill")  # both workers of each server hold peers
+    topics = topics_owned(WORKERS, "kill")  # both workers of each server hold peers
 
     async def scenario() -> None:
         async with Peers() as peers:
@@ -478,7 +466,7 @@ def test_redis_keys_return_to_baseline_after_every_peer_left(
     client = redis_server.client()
     baseline = client.dbsize()
     baseline_keys = set(client.keys("*"))
-    topics = topic_per_worker("keys")
+    topics = topics_owned(WORKERS, "keys")
 
     async def scenario() -> None:
         async with Peers() as peers:

@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import EXECUTABLE, Server, free_port
+from conftest import EXECUTABLE, Server, free_port, topics_owned
 from redis_server import RedisServer
-from signaling_sharded._native import topic_owner
 from test_abuse import ensure_fd_limit, upgrade_request
 from wsclient import TIMEOUT, RawClient, http_get, websocket_headers
 
@@ -156,17 +155,6 @@ def test_sigterm_while_request_lines_are_partial_drains_cleanly(
         r["worker"] for r in srv.log_records() if r.get("msg") == "stopped" and "worker" in r
     }
     assert stopped == {0, 1}, srv.output()
-
-
-def topics_owned(workers: int, prefix: str) -> list[str]:
-    """One topic owned by each worker."""
-    found: dict[int, str] = {}
-    n = 0
-    while len(found) < workers:
-        topic = f"{prefix}-{n}"
-        found.setdefault(topic_owner(topic, workers), topic)
-        n += 1
-    return [found[index] for index in range(workers)]
 
 
 def test_one_sigterm_to_the_whole_process_group_is_one_drain(
