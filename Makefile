@@ -1,5 +1,10 @@
 # signaling-sharded: `make run` starts the server, `make test` runs every test.
 # Everything below builds into ./.venv; nothing is installed system-wide.
+#
+# .venv holds what building and running need: pip and maturin, then the
+# package with its runtime dependencies (`maturin develop`). The tools of
+# `test`, `lint` and `bench` come from pyproject.toml's dependency groups,
+# each installed the first time a target needs it.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -11,18 +16,26 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 RUST_SOURCES := Cargo.toml Cargo.lock $(wildcard rust/*.rs)
 PY_SOURCES   := pyproject.toml $(wildcard python/signaling_sharded/*.py)
 
+# Facts that pyproject.toml states once: the build requirement (maturin) and
+# the lowest Python the package claims.
+MATURIN_REQ   := $(shell sed -n 's/^requires = \["\(maturin[^"]*\)"\]$$/\1/p' pyproject.toml)
+FLOOR_VERSION := $(shell sed -n 's/^requires-python = ">=\([0-9.]*\)"$$/\1/p' pyproject.toml)
+
 .DEFAULT_GOAL := help
 
 .PHONY: help
 help: ## Show this help
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-13s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-$(BIN)/.deps: pyproject.toml
+# pip 25.1 is the first to install dependency groups (--group).
+$(BIN)/.build-deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "maturin>=1.8,<2" "websockets>=16.0" "uvloop>=0.21.0" "PyJWT>=2.8.0" "redis[hiredis]>=5.0.1" \
-		"pytest>=8.3" "pytest-timeout>=2.3" "hypothesis>=6.100" "prometheus_client>=0.20" \
-		"playwright>=1.45" "aiortc>=1.9" "ruff>=0.11" "mypy>=1.15"
+	$(PY) -m pip install -q --upgrade "pip>=25.1" "$(MATURIN_REQ)"
+	touch $@
+
+# One dependency group of pyproject.toml, e.g. $(BIN)/.group-test.
+$(BIN)/.group-%: $(BIN)/.build-deps
+	$(PY) -m pip install -q --group $*
 	touch $@
 
 # Programs the tests drive: a Chromium (the browser test; CHROMIUM names
@@ -44,7 +57,7 @@ system-deps: ## Install the programs the tests drive (chromium, redis-server) wi
 	$$sudo apt-get update -q >/dev/null && \
 	DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q --no-install-recommends $$missing >/dev/null
 
-$(BIN)/.built: $(BIN)/.deps $(RUST_SOURCES) $(PY_SOURCES)
+$(BIN)/.built: $(BIN)/.build-deps $(RUST_SOURCES) $(PY_SOURCES)
 	$(BIN)/maturin develop --release --quiet
 	touch $@
 
@@ -52,21 +65,54 @@ $(BIN)/.built: $(BIN)/.deps $(RUST_SOURCES) $(PY_SOURCES)
 build: $(BIN)/.built ## Build the Rust core and install the package into .venv
 
 .PHONY: run
-run: build ## Build and start the server with 4 workers on port $$PORT or 8081 (ARGS= adds flags)
+run: build ## Build and start the server with 4 workers on port $PORT or 8081 (ARGS= adds flags)
 	$(BIN)/signaling-sharded --workers 4 $(ARGS)
 
 .PHONY: wheel
-wheel: $(BIN)/.deps ## Build the abi3 wheel (one wheel for CPython 3.9+) into dist/
+wheel: $(BIN)/.build-deps ## Build the abi3 wheel (one wheel for every CPython claimed, Linux) into dist/
 	$(BIN)/maturin build --release --out dist
 
 .PHONY: test
-test: build system-deps ## Run every test: cargo test, then pytest against the real server
+test: build $(BIN)/.group-test system-deps ## Run every test: cargo test, then pytest against the real server
 	cargo test --quiet
 	cargo build --release --quiet -p signaling-bench
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# The floor: a virtualenv of its own with the lowest Python the package
+# claims, the package built from source by the lowest maturin allowed, and
+# the lowest versions of its dependencies and test tools that pyproject.toml
+# allows (uv's lowest-direct resolution: the named packages at their lower
+# bounds, what they pull in at its newest). The tests start the server next
+# to the venv's python, so they run against that venv's install.
+# FLOOR_PYTHON names the interpreter; else pyenv's, else python3.X on PATH.
+# The same on another Python with the newest versions, e.g.:
+#   make test-floor FLOOR_VERSION=3.13 RESOLUTION=highest FLOOR_VENV=.venv-3.13
+FLOOR_VENV  ?= .venv-floor
+RESOLUTION  ?= lowest-direct
+FLOOR_PYTHON ?= $(or $(shell p=$$(pyenv prefix $(FLOOR_VERSION) 2>/dev/null) && echo "$$p/bin/python$(FLOOR_VERSION)"),$(shell command -v python$(FLOOR_VERSION) 2>/dev/null))
+FLOOR_ENV   := VIRTUAL_ENV=$(abspath $(FLOOR_VENV)) PATH=$(abspath $(FLOOR_VENV))/bin:$$PATH UV_PYTHON_DOWNLOADS=never UV_NO_CONFIG=1
+UV          := $(FLOOR_ENV) $(abspath $(BIN))/uv
+# Wheels only, as on a machine without compilers: the newest release of a
+# dependency's dependency may be an sdist alone (av 14.4.0, under aiortc 1.13).
+UV_INSTALL  := --resolution $(RESOLUTION) --only-binary :all:
+
+.PHONY: test-floor
+test-floor: $(BIN)/.group-floor system-deps ## Every test on the lowest Python and dependency versions claimed (.venv-floor)
+	@if [ -z "$(FLOOR_PYTHON)" ] || [ ! -x "$(FLOOR_PYTHON)" ]; then \
+		echo "test-floor: no Python $(FLOOR_VERSION) found (\"$(FLOOR_PYTHON)\"): install it" \
+			"(pyenv install $(FLOOR_VERSION)) or name it: make test-floor FLOOR_PYTHON=/path/to/python$(FLOOR_VERSION)" >&2; \
+		exit 1; fi
+	@"$(FLOOR_PYTHON)" -c 'import sys; v = "%d.%d" % sys.version_info[:2]; sys.exit(None if v == "$(FLOOR_VERSION)" else "$(FLOOR_PYTHON) is Python " + v)'
+	rm -rf $(FLOOR_VENV)
+	$(UV) venv --quiet --python "$(FLOOR_PYTHON)" $(FLOOR_VENV)
+	$(UV) pip install --quiet $(UV_INSTALL) "$(MATURIN_REQ)"
+	$(FLOOR_ENV) maturin build --release --quiet --out $(FLOOR_VENV)/dist
+	$(UV) pip install --quiet $(UV_INSTALL) -r pyproject.toml --group test $(FLOOR_VENV)/dist/*.whl
+	$(UV) pip list
+	$(FLOOR_ENV) python -m pytest -q $(PYTEST_ARGS)
+
 .PHONY: lint
-lint: build ## ruff, mypy (with stubtest), cargo fmt --check, clippy -D warnings
+lint: build $(BIN)/.group-lint ## ruff, mypy (with stubtest), cargo fmt --check, clippy -D warnings
 	$(BIN)/ruff check python tests bench
 	$(BIN)/ruff format --check python tests bench
 	$(BIN)/mypy
@@ -81,8 +127,7 @@ lint: build ## ruff, mypy (with stubtest), cargo fmt --check, clippy -D warnings
 BENCH_ARGS ?=
 
 .PHONY: bench
-bench: build ## Every bench scenario, ours vs the Go design on one pinned core each (~10 min)
-	$(PY) -m pip install -q matplotlib
+bench: build $(BIN)/.group-bench ## Every bench scenario, ours vs the Go design on one pinned core each (~10 min)
 	cargo build --release --quiet -p signaling-bench
 	$(PY) bench/run.py $(BENCH_ARGS)
 
@@ -97,5 +142,5 @@ soak: build ## Churn for 10 min (SOAK_SECONDS) against 2 workers; fail on leaks 
 	$(PY) bench/soak.py
 
 .PHONY: clean
-clean: ## Remove build products and the venv
-	rm -rf target $(VENV) dist
+clean: ## Remove build products and the venvs
+	rm -rf target $(VENV) $(FLOOR_VENV) dist

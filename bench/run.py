@@ -50,7 +50,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_BIN = ROOT / "target" / "release" / "signaling-bench"
@@ -64,7 +64,7 @@ STOP_TIMEOUT_S = 10.0
 TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 Result = dict[str, Any]
-Key = Union[str, Callable[[Result], Any]]
+Key = str | Callable[[Result], Any]
 """A field of a result, or a function of it."""
 
 
@@ -1002,13 +1002,13 @@ def plot(bench: Bench, path: Path) -> bool:
             runs = [[v * scale for v in values(rows, key)] for _, rows in got]
             mid = [statistics.median(v) for v in runs]
             spread = [
-                [m - min(v) for m, v in zip(mid, runs)],
-                [max(v) - m for m, v in zip(mid, runs)],
+                [m - min(v) for m, v in zip(mid, runs, strict=True)],
+                [max(v) - m for m, v in zip(mid, runs, strict=True)],
             ]
             axis.errorbar(
                 xs, mid, yerr=spread, color=color, marker=marker, capsize=3, label=NAMES[server]
             )
-            medians[(server, key)] = dict(zip(xs, mid))
+            medians[(server, key)] = dict(zip(xs, mid, strict=True))
     for axis, key, _ in panels:
         seed = medians.get(("seed", key), {})
         for w, value in medians.get(("ours", key), {}).items():

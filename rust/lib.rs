@@ -13,7 +13,8 @@
 //! - [`topic_hash`]: the stable topic hash that shards topics over workers.
 //!
 //! `python` (feature `python`, on in the maturin build) is the thin PyO3
-//! glue that exposes them as `signaling_sharded._native`.
+//! glue that exposes them as `signaling_sharded._native`; it builds for
+//! Linux only.
 
 pub mod cluster;
 pub mod engine;
@@ -25,5 +26,16 @@ pub mod registry;
 pub mod request;
 pub mod topic_hash;
 
-#[cfg(feature = "python")]
+// The Python package is Linux-only: the server relies on memfd, abstract Unix
+// sockets, SOCK_SEQPACKET and SCM_RIGHTS between its processes. Say so at
+// build time rather than ship an extension that cannot serve. The pure core
+// above builds and tests anywhere.
+#[cfg(all(feature = "python", not(target_os = "linux")))]
+compile_error!(
+    "signaling-sharded's Python extension (feature `python`) builds for Linux only: \
+     the server needs memfd, abstract Unix sockets and SOCK_SEQPACKET. \
+     The pure Rust core (no features) builds on any platform."
+);
+
+#[cfg(all(feature = "python", target_os = "linux"))]
 mod python;
