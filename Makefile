@@ -8,8 +8,8 @@ PY     := $(BIN)/python
 ARGS   ?=
 export VIRTUAL_ENV := $(abspath $(VENV))
 
-RUST_SOURCES := Cargo.toml Cargo.lock $(wildcard rust/*.rs)
-PY_SOURCES   := pyproject.toml $(wildcard python/signaling_sharded/*.py)
+RUST_SOURCES := Cargo.toml Cargo.lock $(shell find rust -name '*.rs')
+PY_SOURCES   := pyproject.toml $(shell find python -name '*.py' -o -name '*.pyi' -o -name '*.lua')
 
 .DEFAULT_GOAL := help
 
@@ -45,7 +45,7 @@ system-deps: ## Install the programs the tests drive (chromium, redis-server) wi
 	DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q --no-install-recommends $$missing >/dev/null
 
 $(BIN)/.built: $(BIN)/.deps $(RUST_SOURCES) $(PY_SOURCES)
-	$(BIN)/maturin develop --release --quiet
+	$(BIN)/maturin develop --release --quiet --features test-hooks
 	touch $@
 
 .PHONY: build

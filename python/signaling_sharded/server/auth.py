@@ -19,7 +19,6 @@ from typing import Any
 
 import jwt
 from jwt.warnings import InsecureKeyLengthWarning
-
 from signaling_sharded._native import MAX_METADATA_BYTES
 
 ALGORITHM = "HS256"
