@@ -84,17 +84,17 @@ BENCH_ARGS ?=
 bench: build ## Every bench scenario, ours vs the Go design on one pinned core each (~10 min)
 	$(PY) -m pip install -q matplotlib
 	cargo build --release --quiet -p signaling-bench
-	$(PY) bench/run.py $(BENCH_ARGS)
+	PYTHONPATH=$(CURDIR) $(PY) bench/run.py $(BENCH_ARGS)
 
 .PHONY: bench-cluster
 bench-cluster: build system-deps ## Cluster mode: relays/s of topics split over two servers vs one (Redis)
 	cargo build --release --quiet -p signaling-bench
-	$(PY) bench/cluster.py
+	PYTHONPATH=$(CURDIR) $(PY) bench/cluster.py
 
 .PHONY: soak
 soak: build ## Churn for 10 min (SOAK_SECONDS) against 2 workers; fail on leaks or ghosts
 	cargo build --release --quiet -p signaling-bench
-	$(PY) bench/soak.py
+	PYTHONPATH=$(CURDIR) $(PY) bench/soak.py
 
 .PHONY: clean
 clean: ## Remove build products and the venv

@@ -19,6 +19,7 @@ use rustc_hash::FxHashMap;
 use serde_json::value::RawValue;
 
 use super::conn::{Closing, LeaveReason, Queued, State};
+pub use super::outbox::ClusterOp;
 use super::outbox::Outbox;
 use super::remote::RemoteTopic;
 use super::{Engine, Now};
@@ -36,28 +37,6 @@ pub(super) const MAX_HELD_EXTRA: usize = 4096;
 /// senders are told `target_not_found` (the relay may have died with it).
 const FORWARD_MEMORY: Duration = Duration::from_secs(5);
 const FORWARD_MEMORY_LEN: usize = 16 * 1024;
-
-/// Work for the worker's Redis connection, in the order it must be done.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ClusterOp {
-    /// Add a local peer to the topic; `snapshot`: the caller wants the
-    /// topic's members back (through `Engine::snapshot`).
-    Join {
-        topic: Arc<str>,
-        peer: PeerId,
-        metadata: Option<Box<str>>,
-        snapshot: bool,
-    },
-    /// Remove a peer from the topic: a local one, or a remote one found gone.
-    Leave { topic: Arc<str>, peer: PeerId },
-    /// Publish `message` to `node`'s inbox. A relay (`relay`) that does
-    /// not arrive comes back through `Engine::undeliverable`.
-    Publish {
-        node: Arc<str>,
-        message: Vec<u8>,
-        relay: bool,
-    },
-}
 
 /// A connection that will join `topic` as `peer` once the cluster's
 /// snapshot of the topic is here, and what it sent meanwhile.

@@ -4,9 +4,8 @@ use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 
-use super::cluster::ClusterOp;
-use super::LeaveReason;
 use crate::wire::peer_id::PeerId;
+use crate::wire::reason::LeaveReason;
 
 /// What the caller does to a connection's socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,6 +19,28 @@ pub enum Action {
     Close,
     /// Reset now: the peer is dead or did not finish closing in time.
     Abort,
+}
+
+/// Work for the worker's Redis connection, in the order it must be done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterOp {
+    /// Add a local peer to the topic; `snapshot`: the caller wants the
+    /// topic's members back (through `Engine::snapshot`).
+    Join {
+        topic: Arc<str>,
+        peer: PeerId,
+        metadata: Option<Box<str>>,
+        snapshot: bool,
+    },
+    /// Remove a peer from the topic: a local one, or a remote one found gone.
+    Leave { topic: Arc<str>, peer: PeerId },
+    /// Publish `message` to `node`'s inbox. A relay (`relay`) that does
+    /// not arrive comes back through `Engine::undeliverable`.
+    Publish {
+        node: Arc<str>,
+        message: Vec<u8>,
+        relay: bool,
+    },
 }
 
 /// What one engine call asks of the caller, in order per connection.
