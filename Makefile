@@ -13,8 +13,8 @@ PY     := $(BIN)/python
 ARGS   ?=
 export VIRTUAL_ENV := $(abspath $(VENV))
 
-RUST_SOURCES := Cargo.toml Cargo.lock $(wildcard rust/*.rs)
-PY_SOURCES   := pyproject.toml $(wildcard python/signaling_sharded/*.py)
+RUST_SOURCES := Cargo.toml Cargo.lock $(shell find rust -name '*.rs')
+PY_SOURCES   := pyproject.toml $(shell find python -name '*.py' -o -name '*.pyi' -o -name '*.lua')
 
 # Facts that pyproject.toml states once: the build requirement (maturin) and
 # the lowest Python the package claims.
@@ -58,7 +58,7 @@ system-deps: ## Install the programs the tests drive (chromium, redis-server) wi
 	DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q --no-install-recommends $$missing >/dev/null
 
 $(BIN)/.built: $(BIN)/.build-deps $(RUST_SOURCES) $(PY_SOURCES)
-	$(BIN)/maturin develop --release --quiet
+	$(BIN)/maturin develop --release --quiet --features test-hooks
 	touch $@
 
 .PHONY: build
@@ -106,21 +106,22 @@ test-floor: $(BIN)/.group-floor system-deps ## Every test on the lowest Python a
 	rm -rf $(FLOOR_VENV)
 	$(UV) venv --quiet --python "$(FLOOR_PYTHON)" $(FLOOR_VENV)
 	$(UV) pip install --quiet $(UV_INSTALL) "$(MATURIN_REQ)"
-	$(FLOOR_ENV) maturin build --release --quiet --out $(FLOOR_VENV)/dist
+	$(FLOOR_ENV) maturin build --release --quiet --features test-hooks --out $(FLOOR_VENV)/dist
 	$(UV) pip install --quiet $(UV_INSTALL) -r pyproject.toml --group test $(FLOOR_VENV)/dist/*.whl
 	$(UV) pip list
 	$(FLOOR_ENV) python -m pytest -q $(PYTEST_ARGS)
 
 .PHONY: lint
-lint: build $(BIN)/.group-lint ## ruff, mypy (with stubtest), cargo fmt --check, clippy -D warnings
-	$(BIN)/ruff check python tests bench
-	$(BIN)/ruff format --check python tests bench
+lint: build $(BIN)/.group-lint $(BIN)/.group-test ## ruff, mypy (with stubtest), import contracts, cargo fmt --check, clippy -D warnings
+	$(BIN)/ruff check python tests bench testkit
+	$(BIN)/ruff format --check python tests bench testkit
 	$(BIN)/mypy
 	$(BIN)/mypy --strict bench/run.py bench/soak.py bench/cluster.py
 	$(PY) -m mypy.stubtest signaling_sharded._native
+	$(BIN)/lint-imports
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
-	cargo clippy --all-targets --features python -- -D warnings
+	cargo clippy --all-targets --features python,test-hooks -- -D warnings
 
 # Options of bench/run.py, e.g. BENCH_ARGS="--only relay,connect"; ROUNDS=5 and
 # BENCH_QUICK=1 (short runs, 1 round) are read from the environment.
@@ -129,17 +130,17 @@ BENCH_ARGS ?=
 .PHONY: bench
 bench: build $(BIN)/.group-bench ## Every bench scenario, ours vs the Go design on one pinned core each (~10 min)
 	cargo build --release --quiet -p signaling-bench
-	$(PY) bench/run.py $(BENCH_ARGS)
+	PYTHONPATH=$(CURDIR) $(PY) bench/run.py $(BENCH_ARGS)
 
 .PHONY: bench-cluster
 bench-cluster: build system-deps ## Cluster mode: relays/s of topics split over two servers vs one (Redis)
 	cargo build --release --quiet -p signaling-bench
-	$(PY) bench/cluster.py
+	PYTHONPATH=$(CURDIR) $(PY) bench/cluster.py
 
 .PHONY: soak
 soak: build ## Churn for 10 min (SOAK_SECONDS) against 2 workers; fail on leaks or ghosts
 	cargo build --release --quiet -p signaling-bench
-	$(PY) bench/soak.py
+	PYTHONPATH=$(CURDIR) $(PY) bench/soak.py
 
 .PHONY: clean
 clean: ## Remove build products and the venvs

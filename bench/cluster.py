@@ -31,80 +31,64 @@ import time
 from pathlib import Path
 from typing import Any
 
-from run import BENCH_BIN, ROOT, free_port, healthy
+from common import BENCH_BIN, ROOT
+
+from testkit.processes import RedisProcess, ServerProcess, free_port, pinned
 
 SERVER = ROOT / ".venv" / "bin" / "signaling-sharded"
 RELAY_ARGS = ("--topics", "50", "--peers", "4", "--window", "4", "--warmup", "2")
 SETUPS = ("alone", "one", "split")
+#: The servers and Redis share one core; the load generator has the other.
+SERVER_CPU, LOAD_CPU = 0, 1
 
 
-def pinned(cpu: int, command: list[str]) -> list[str]:
-    return ["taskset", "-c", str(cpu), *command] if shutil.which("taskset") else command
+def start_redis(folder: Path) -> RedisProcess:
+    executable = shutil.which("redis-server")
+    if executable is None:
+        raise SystemExit("redis-server is not installed")
+    redis = RedisProcess(executable, folder, cpu=SERVER_CPU)
+    redis.start()
+    return redis
 
 
-class Redis:
-    def __init__(self, folder: Path) -> None:
-        self.port = free_port()
-        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
-        command += ["--save", "", "--appendonly", "no", "--dir", str(folder)]
-        self.proc = subprocess.Popen(pinned(0, command), stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while not self.answers():
-            if time.monotonic() > deadline:
-                raise SystemExit("redis-server did not start")
-            time.sleep(0.05)
-
-    def answers(self) -> bool:
-        ping = ["redis-cli", "-p", str(self.port), "ping"]
-        return subprocess.run(ping, capture_output=True, text=True).stdout.strip() == "PONG"
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait()
-
-
-def start_server(redis_url: str | None, log: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start_server(redis_url: str | None, folder: Path) -> ServerProcess:
     port = free_port()
     command = [str(SERVER), "--workers", "1", "--port", str(port), "--host", "127.0.0.1"]
     command += ["--log-level", "warning"]
     if redis_url is not None:
         command += ["--redis", redis_url]
-    proc = subprocess.Popen(pinned(0, command), stdout=log.open("ab"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 20
-    while not healthy(port):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"the server did not start; see {log}")
-        time.sleep(0.05)
+    server = ServerProcess(command, port, folder / f"server-{port}.log", cpu=SERVER_CPU)
+    try:
+        server.wait_ready()
+    except RuntimeError as exc:
+        raise SystemExit(f"the server did not start: {exc}") from None
     time.sleep(1.0)  # cluster mode: the worker connects to Redis after it listens
-    return proc, port
+    return server
 
 
 def measure(setup: str, duration: float, folder: Path) -> dict[str, Any]:
-    redis = Redis(folder) if setup != "alone" else None
+    redis = start_redis(folder) if setup != "alone" else None
     servers = []
     try:
         count = 2 if setup == "split" else 1
         for _ in range(count):
-            servers.append(start_server(redis.url if redis else None, folder / "servers.log"))
+            servers.append(start_server(redis.url if redis else None, folder))
         command = [str(BENCH_BIN), "relay", *RELAY_ARGS, "--duration", f"{duration:g}"]
-        for proc, port in servers:
-            command += ["--url", f"ws://127.0.0.1:{port}", "--server-pid", str(proc.pid)]
-        if redis is not None:
+        for server in servers:
+            command += ["--url", f"ws://127.0.0.1:{server.port}", "--server-pid", str(server.pid)]
+        if redis is not None and redis.proc is not None:
             command += ["--redis-pid", str(redis.proc.pid)]
-        done = subprocess.run(pinned(1, command), capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            pinned(LOAD_CPU, command), capture_output=True, text=True, check=False
+        )
         if done.returncode != 0:
             raise SystemExit(f"signaling-bench failed:\n{done.stderr}")
         result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
         result["setup"] = setup
         return result
     finally:
-        for proc, _ in servers:
-            proc.terminate()
-            proc.wait()
+        for server in servers:
+            server.stop()
         if redis is not None:
             redis.stop()
 

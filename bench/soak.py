@@ -22,7 +22,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from run import BENCH_BIN, ROOT, free_port, healthy, process_tree
+from common import BENCH_BIN, ROOT
+from host import process_tree
+
+from testkit.processes import free_port, healthy
 
 SERVER = ROOT / ".venv" / "bin" / "signaling-sharded"
 TOLERANCE = 0.10

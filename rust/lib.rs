@@ -1,30 +1,22 @@
-//! The Rust core of signaling-sharded.
+//! The Rust core of signaling-sharded, in three layers, each depending
+//! only on the ones below it:
 //!
-//! Pure modules, tested by `cargo test` without Python:
-//! - [`frame`]: WebSocket frames of an open connection (RFC 6455);
-//! - [`message`]: the protocol's JSON messages, parsed and written;
-//! - [`ice`]: the ICE servers and TURN credentials of `welcome`;
-//! - [`registry`]: topics and their peers;
-//! - [`cluster`]: remote members of topics, and the messages between nodes;
-//! - [`engine`]: one worker's connections and the relay hot path;
-//! - [`metrics`]: every worker's counters, in one table all of them map;
-//! - [`request`]: the HTTP request that opens a connection, read once for
-//!   routing and upgrade;
-//! - [`topic_hash`]: the stable topic hash that shards topics over workers.
+//! - [`python`] (feature `python`, on in the maturin build): the PyO3 seam
+//!   that exposes the core as `signaling_sharded._native`;
+//! - [`engine`]: one worker's connections, topics, relays and limits,
+//!   sans-I/O (cluster mode a module of its own);
+//! - [`wire`]: the protocol's codecs, stateless: the request, frames,
+//!   messages, close codes, peer ids, the cluster's messages.
 //!
-//! `python` (feature `python`, on in the maturin build) is the thin PyO3
-//! glue that exposes them as `signaling_sharded._native`; it builds for
-//! Linux only.
+//! Beside them, [`metrics`] (every worker's counters, in one table all of
+//! them map) and [`topic_hash`] (the stable hash that shards topics over
+//! workers). Everything but `python` is tested by `cargo test` without
+//! Python; `python` builds for Linux only.
 
-pub mod cluster;
 pub mod engine;
-pub mod frame;
-pub mod ice;
-pub mod message;
 pub mod metrics;
-pub mod registry;
-pub mod request;
 pub mod topic_hash;
+pub mod wire;
 
 // The Python package is Linux-only: the server relies on memfd, abstract Unix
 // sockets, SOCK_SEQPACKET and SCM_RIGHTS between its processes. Say so at

@@ -22,6 +22,9 @@ use std::sync::Arc;
 
 use memmap2::{MmapOptions, MmapRaw};
 
+use crate::wire::message::ErrorCode;
+use crate::wire::reason::LeaveReason;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Counter,
@@ -42,36 +45,34 @@ pub struct Family {
 
 const NONE: &[&str] = &[""];
 
-/// Peers leave for these reasons, in [`crate::engine::LeaveReason`] order.
-pub const LEAVE_REASONS: &[&str] = &[
-    "closed",
-    "disconnected",
-    "ping_timeout",
-    "slow_consumer",
-    "rate_abuse",
-    "protocol_error",
-    "shutdown",
-];
+/// Peers leave for these reasons, in [`LeaveReason`] order.
+pub const LEAVE_REASONS: &[&str] = &leave_reasons();
 
-/// Error codes, in [`crate::message::ErrorCode`] order.
-pub const ERROR_CODES: &[&str] = &[
-    "invalid_type",
-    "missing_target",
-    "target_not_found",
-    "dropped",
-    "invalid_json",
-    "invalid_message",
-    "unsupported_frame",
-    "rate_limited",
-    "unauthorized",
-    "topic_full",
-    "server_full",
-    "slow_consumer",
-    "invalid_topic",
-    "invalid_metadata",
-];
+const fn leave_reasons() -> [&'static str; LeaveReason::ALL.len()] {
+    let mut names = [""; LeaveReason::ALL.len()];
+    let mut i = 0;
+    while i < names.len() {
+        names[i] = LeaveReason::ALL[i].as_str();
+        i += 1;
+    }
+    names
+}
 
-/// Why a connection did not become a peer; the last one takes any other.
+/// Error codes, in [`ErrorCode`] order.
+pub const ERROR_CODES: &[&str] = &error_codes();
+
+const fn error_codes() -> [&'static str; ErrorCode::ALL.len()] {
+    let mut names = [""; ErrorCode::ALL.len()];
+    let mut i = 0;
+    while i < names.len() {
+        names[i] = ErrorCode::ALL[i].code();
+        i += 1;
+    }
+    names
+}
+
+/// Why a connection did not become a peer: a timeout, the HTTP status it
+/// was answered with, or the error it was refused with after the upgrade.
 pub const HANDSHAKE_FAILURES: &[&str] = &[
     "timeout",
     "400",
@@ -88,7 +89,6 @@ pub const HANDSHAKE_FAILURES: &[&str] = &[
     "server_full",
     "invalid_topic",
     "invalid_metadata",
-    "other",
 ];
 
 /// What became of a connection sent to (or received from) another worker.
@@ -278,12 +278,10 @@ pub const fn cell(family: usize, value: usize) -> usize {
     OFFSETS[family] + value
 }
 
-/// The index of `label` among `values`, or of the last value ("other").
-pub fn value_index(values: &[&str], label: &str) -> usize {
-    values
-        .iter()
-        .position(|v| *v == label)
-        .unwrap_or(values.len() - 1)
+/// The index of `label` among a family's `values`; `None` for a label it
+/// does not have (the caller raises: a typo must not land in some bucket).
+pub fn value_index(values: &[&str], label: &str) -> Option<usize> {
+    values.iter().position(|v| *v == label)
 }
 
 enum Backing {
@@ -473,31 +471,16 @@ impl Recorder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::LeaveReason;
-    use crate::message::ErrorCode;
-
     #[test]
     fn label_values_follow_the_enums() {
-        let reasons = [
-            LeaveReason::Closed,
-            LeaveReason::Disconnected,
-            LeaveReason::PingTimeout,
-            LeaveReason::SlowConsumer,
-            LeaveReason::RateAbuse,
-            LeaveReason::ProtocolError,
-            LeaveReason::Shutdown,
-        ];
-        assert_eq!(reasons.len(), LEAVE_REASONS.len());
-        for reason in reasons {
-            assert_eq!(
-                LEAVE_REASONS[reason as usize],
-                reason.as_str().replace(' ', "_")
-            );
+        for (index, reason) in LeaveReason::ALL.into_iter().enumerate() {
+            assert_eq!(reason as usize, index);
+            assert_eq!(LEAVE_REASONS[index], reason.as_str());
         }
-        for (index, code) in ERROR_CODES.iter().enumerate() {
-            assert_eq!(ErrorCode::ALL[index].code(), *code);
+        for (index, code) in ErrorCode::ALL.into_iter().enumerate() {
+            assert_eq!(code as usize, index);
+            assert_eq!(ERROR_CODES[index], code.code());
         }
-        assert_eq!(ErrorCode::ALL.len(), ERROR_CODES.len());
     }
 
     #[test]
@@ -543,12 +526,9 @@ mod tests {
     }
 
     #[test]
-    fn unknown_labels_count_as_other() {
-        assert_eq!(
-            value_index(HANDSHAKE_FAILURES, "418"),
-            HANDSHAKE_FAILURES.len() - 1
-        );
-        assert_eq!(value_index(HANDSHAKE_FAILURES, "404"), 3);
+    fn unknown_labels_are_none() {
+        assert_eq!(value_index(HANDSHAKE_FAILURES, "418"), None);
+        assert_eq!(value_index(HANDSHAKE_FAILURES, "404"), Some(3));
     }
 
     #[test]

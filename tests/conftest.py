@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Generator, Iterator
@@ -24,6 +20,8 @@ import pytest
 from signaling_sharded._native import topic_owner
 from wsclient import http_get
 
+from testkit.processes import ServerProcess, free_port
+
 EXECUTABLE = Path(sys.executable).parent / "signaling-sharded"
 STARTUP_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
@@ -33,14 +31,7 @@ WORKERS = os.environ.get("SIGNALING_TEST_WORKERS", "1")
 _running: list[Server] = []
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class Server:
+class Server(ServerProcess):
     """A `signaling-sharded` process; its stdout and stderr go to files in *log_dir*."""
 
     def __init__(
@@ -54,24 +45,16 @@ class Server:
         """*fd_limit* caps the server's open descriptors (as ``ulimit -n`` would)."""
         if not executable.exists():
             pytest.fail(f"{executable} not found: run `make build` first")
-        self.port = free_port() if port is None else port
-        self.args = ("--host", "127.0.0.1", "--port", str(self.port), *args)
-        self.stdout_path = log_dir / f"server-{self.port}-{time.monotonic_ns()}.out"
-        self.stderr_path = self.stdout_path.with_suffix(".err")
-
-        def limit() -> None:
-            if fd_limit is not None:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, fd_limit))
-
-        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
-            # Its own process group, so that a forced kill reaches its workers too.
-            self.proc = subprocess.Popen(
-                [str(executable), *self.args],
-                stdout=out,
-                stderr=err,
-                start_new_session=True,
-                preexec_fn=limit if fd_limit is not None else None,
-            )
+        port = free_port() if port is None else port
+        self.args = ("--host", "127.0.0.1", "--port", str(port), *args)
+        stem = log_dir / f"server-{port}-{time.monotonic_ns()}"
+        super().__init__(
+            [str(executable), *self.args],
+            port,
+            stem.with_suffix(".out"),
+            stderr_path=stem.with_suffix(".err"),
+            fd_limit=fd_limit,
+        )
 
     def url(self, topic: str, **query: str) -> str:
         """The WebSocket url of *topic*, percent-encoded, with optional query parameters."""
@@ -83,24 +66,11 @@ class Server:
     def status(self, path: str, headers: dict[str, str] | None = None) -> int:
         return http_get(self.port, path, headers).status
 
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if self.status("/healthz") == 200:
-                    return
-            except (OSError, AssertionError):
-                pass
-            time.sleep(0.05)
-        self.stop()
-        pytest.fail(f"server not healthy after {STARTUP_TIMEOUT} s:\n{self.output()}")
-
-    def output(self) -> str:
-        out = self.stdout_path.read_text(errors="replace")
-        err = self.stderr_path.read_text(errors="replace")
-        return f"$ signaling-sharded {' '.join(self.args)}\n--- stdout\n{out}--- stderr\n{err}"
+    def wait_ready(self, timeout: float = STARTUP_TIMEOUT) -> None:
+        try:
+            super().wait_ready(timeout)
+        except RuntimeError as exc:
+            pytest.fail(str(exc))
 
     def log_records(self) -> list[dict[str, Any]]:
         """Every line logged so far on stdout, each parsed as one JSON object."""
@@ -134,23 +104,12 @@ class Server:
                 )
             time.sleep(0.02)
 
-    def wait_exit(self, timeout: float = STOP_TIMEOUT) -> int | None:
-        """The exit code, or None if the process still runs after *timeout*."""
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def stop(self) -> int:
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
         """SIGTERM, then SIGKILL to the whole process group if it does not exit in time."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            if self.wait_exit() is None:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        code = super().stop(timeout)
         if self in _running:
             _running.remove(self)
-        return self.proc.returncode
+        return code
 
 
 def topics_owned(workers: int, prefix: str) -> list[str]:

@@ -19,7 +19,9 @@ from conftest import Server
 from signaling_sharded.client import PeerJoined, Relay, SignalingClient
 from wsclient import run
 
-aiortc = pytest.importorskip("aiortc", reason="aiortc is not installed (pip install 'aiortc>=1.13')")
+aiortc = pytest.importorskip(
+    "aiortc", reason="aiortc is not installed (pip install 'aiortc>=1.13')"
+)
 from aiortc import (  # noqa: E402
     RTCConfiguration,
     RTCDataChannel,

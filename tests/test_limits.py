@@ -320,7 +320,7 @@ def test_non_reader_in_a_busy_topic_is_cut_and_the_others_keep_relaying(
                     await peer.wait_left(stalled_id)
                     assert stalled_id not in peer.view
                 assert joiner.initial_view.keys() == {stalled_id, *(p.id for p in busy)}
-                srv.wait_records("peer left", peer=stalled_id, reason="slow consumer")
+                srv.wait_records("peer left", peer=stalled_id, reason="slow_consumer")
 
                 messages, code = await asyncio.to_thread(stalled.read_until_close, 10)
                 assert code == 4008

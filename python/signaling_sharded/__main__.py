@@ -1,3 +1,3 @@
-from signaling_sharded.cli import main
+from signaling_sharded.server.cli import main
 
 main()

@@ -1,14 +1,20 @@
-"""The Rust core (``rust/python.rs``)."""
+"""The Rust core (``rust/python/``): the seam over ``rust/engine`` and
+``rust/wire``. ``frame_events`` and ``message_answer`` exist only in builds
+with the ``test-hooks`` feature (``make build``), not in released wheels."""
 
 from collections.abc import Callable
-from typing import Any, final
+from typing import Any, Protocol, final
 
 __all__ = [
+    "CLOSE_CODES",
     "MAX_METADATA_BYTES",
     "MAX_REQUEST_HEAD",
     "Hub",
+    "JoinOp",
+    "LeaveOp",
     "MetricsTable",
     "Peer",
+    "PublishOp",
     "Request",
     "RequestReader",
     "frame_events",
@@ -21,6 +27,74 @@ __all__ = [
 MAX_REQUEST_HEAD: int
 #: Largest metadata (the query's, a token's), in bytes of UTF-8.
 MAX_METADATA_BYTES: int
+#: The close codes the server sends, by name (``rust/wire/close.rs``).
+CLOSE_CODES: dict[str, int]
+
+class _Settings(Protocol):
+    """What ``Hub`` reads of the server's ``Config``, by attribute."""
+
+    @property
+    def max_message_size(self) -> int: ...
+    @property
+    def max_queue_bytes(self) -> int: ...
+    @property
+    def ping_interval(self) -> float: ...
+    @property
+    def ping_timeout(self) -> float: ...
+    @property
+    def close_timeout(self) -> float: ...
+    @property
+    def max_peers_per_topic(self) -> int: ...
+    @property
+    def max_connections(self) -> int: ...
+    @property
+    def rate_limit(self) -> float | None: ...
+    @property
+    def rate_burst(self) -> float | None: ...
+    @property
+    def stun_uris(self) -> tuple[str, ...]: ...
+    @property
+    def turn_uris(self) -> tuple[str, ...]: ...
+    @property
+    def turn_secret(self) -> str | None: ...
+    @property
+    def turn_ttl(self) -> int: ...
+    @property
+    def redis_prefix(self) -> str: ...
+
+@final
+class JoinOp:
+    """Cluster work: add local peer ``peer`` to ``topic``; with
+    ``snapshot``, the hub waits for the topic's members."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def peer(self) -> str: ...
+    @property
+    def metadata(self) -> str | None: ...
+    @property
+    def snapshot(self) -> bool: ...
+
+@final
+class LeaveOp:
+    """Cluster work: remove ``peer`` from ``topic``."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def peer(self) -> str: ...
+
+@final
+class PublishOp:
+    """Cluster work: the encoded ``PUBLISH`` (``command``) of a message to
+    another node's inbox. A relay (``is_relay``) that reaches nobody goes
+    back with ``Hub.undeliverable(op, ...)``."""
+
+    @property
+    def command(self) -> bytes: ...
+    @property
+    def is_relay(self) -> bool: ...
 
 @final
 class Hub:
@@ -28,27 +102,18 @@ class Hub:
 
     def __new__(
         cls,
-        *,
-        max_message_size: int,
-        max_queue_bytes: int,
-        ping_interval: float,
-        ping_timeout: float,
-        close_timeout: float,
+        config: _Settings,
         on_left: Callable[[str, str, str], object],
-        max_peers_per_topic: int = 1000,
-        max_connections: int = 50000,
-        rate_limit: float | None = None,
-        rate_burst: float | None = None,
-        stun_uris: list[str] = ...,
-        turn_uris: list[str] = ...,
-        turn_secret: str | None = None,
-        turn_ttl: int = 86400,
+        *,
         metrics: MetricsTable | None = None,
         worker: int = 0,
         cluster_node: str | None = None,
-        on_cluster: Callable[[list[tuple[Any, ...]]], object] | None = None,
-        cluster_prefix: str = ...,
-    ) -> Hub: ...
+        on_cluster: Callable[[list[Any]], object] | None = None,
+    ) -> Hub:
+        """A hub with the settings of ``config``, read once. ``metrics`` is
+        the server's table and ``worker`` this worker's row; in cluster
+        mode, ``cluster_node`` names the node and ``on_cluster`` takes its
+        work for Redis, in order: ``JoinOp``, ``LeaveOp``, ``PublishOp``."""
     def join(self, transport: Any, topic: str, metadata: str | None = None) -> Peer:
         """Add the upgraded connection on ``transport`` to ``topic``.
 
@@ -74,9 +139,11 @@ class Hub:
     def topic_count(self) -> int: ...
     def count_handshake_failure(self, reason: str) -> None:
         """Count a connection that did not become a peer, by HTTP status or
-        reason (``"timeout"``, ``"404"``, ``"unauthorized"``, ...)."""
+        reason (``"timeout"``, ``"404"``, ``"unauthorized"``, ...); an
+        unknown label raises ValueError."""
     def count_handoff(self, result: str) -> None:
-        """Count a hand-off: ``"sent"``, ``"failed"``, ``"received"``, ``"refused"``."""
+        """Count a hand-off: ``"sent"``, ``"failed"``, ``"received"``,
+        ``"refused"``; an unknown label raises ValueError."""
     def metrics_text(self) -> str:
         """Every worker's metrics in the Prometheus text format."""
     def set_cluster_connected(self, connected: bool, lost: bool = True) -> None:
@@ -95,8 +162,9 @@ class Hub:
     def greet_waiting(self, topic: str) -> None:
         """Cluster mode: greet the connections waiting for ``topic``'s
         snapshot with what is known; the snapshot completes their view."""
-    def undeliverable(self, message: bytes, unreachable: bool) -> None:
-        """Cluster mode: a published relay reached nobody, or was not sent."""
+    def undeliverable(self, op: PublishOp, unreachable: bool) -> None:
+        """Cluster mode: the relay ``op`` published reached nobody
+        (``unreachable``), or was not sent."""
     def local_members(self) -> list[tuple[str, list[tuple[str, str | None]]]]:
         """Cluster mode: each followed topic with its local peers."""
     def begin_resync(self) -> None:

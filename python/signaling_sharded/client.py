@@ -56,6 +56,8 @@ from urllib.parse import quote, urlencode, urlsplit
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
+from signaling_sharded._native import CLOSE_CODES
+
 __all__ = [
     "RELAY_TYPES",
     "Disconnected",
@@ -76,7 +78,9 @@ __all__ = [
 RELAY_TYPES = ("offer", "answer", "ice-candidate")
 """The message types the server relays to the peer named in ``to``."""
 
-FINAL_CLOSE_CODES = frozenset({4001, 4009, 4400})
+FINAL_CLOSE_CODES = frozenset(
+    CLOSE_CODES[name] for name in ("UNAUTHORIZED", "TOPIC_FULL", "BAD_REQUEST")
+)
 """Close codes after which reconnecting cannot succeed: unauthorized, topic
 full, and an invalid topic or metadata."""
 

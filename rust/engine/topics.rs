@@ -7,31 +7,12 @@
 //! One event-loop thread owns a registry; nothing here blocks or locks.
 
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use rustc_hash::FxHashMap;
-use ulid::{Generator, Ulid};
+use ulid::Generator;
 
-/// A peer id: a ULID in its 26-character Crockford base32 text.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PeerId([u8; ulid::ULID_LEN]);
-
-impl PeerId {
-    fn from_ulid(id: Ulid) -> Self {
-        let mut text = [0; ulid::ULID_LEN];
-        id.array_to_str(&mut text);
-        Self(text)
-    }
-
-    /// The id a client wrote, if it has the shape of one.
-    pub fn parse(text: &str) -> Option<Self> {
-        text.as_bytes().try_into().ok().map(Self)
-    }
-
-    pub fn as_str(&self) -> &str {
-        // Crockford base32 is ASCII, and `parse` only keeps what was a str.
-        std::str::from_utf8(&self.0).expect("peer ids are ASCII")
-    }
-}
+use crate::wire::peer_id::PeerId;
 
 /// One member of a topic.
 #[derive(Debug)]
@@ -61,8 +42,9 @@ impl Registry {
     /// that were there before are `members(topic)` minus the last entry.
     ///
     /// Panics if `conn` is already a member: a connection joins once.
+    #[cfg(test)]
     pub fn join(&mut self, conn: u64, topic: &str, metadata: Option<Box<str>>) -> PeerId {
-        let peer = self.new_peer_id();
+        let peer = self.new_peer_id(SystemTime::now());
         self.join_as(conn, topic, metadata, peer);
         peer
     }
@@ -93,16 +75,20 @@ impl Registry {
         self.by_peer.insert(peer, conn);
     }
 
-    /// A fresh peer id, unused by any member.
-    pub fn new_peer_id(&mut self) -> PeerId {
+    /// A fresh peer id, unused by any member, for a peer joining at `wall`.
+    pub fn new_peer_id(&mut self, wall: SystemTime) -> PeerId {
+        let mut at = wall;
         loop {
             // Monotonic within a millisecond; on the (2^80 per ms) overflow,
-            // wait for the next millisecond rather than break ordering.
-            if let Ok(id) = self.ids.generate() {
-                let peer = PeerId::from_ulid(id);
-                if !self.by_peer.contains_key(&peer) {
-                    return peer;
+            // take the next millisecond rather than break ordering.
+            match self.ids.generate_from_datetime(at) {
+                Ok(id) => {
+                    let peer = PeerId::from_ulid(id);
+                    if !self.by_peer.contains_key(&peer) {
+                        return peer;
+                    }
                 }
+                Err(_) => at += Duration::from_millis(1),
             }
         }
     }
@@ -183,6 +169,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::collections::{BTreeMap, BTreeSet};
+    use ulid::Ulid;
 
     #[test]
     fn join_find_leave() {

@@ -19,14 +19,12 @@ import logging
 import time
 from collections.abc import Iterable
 from importlib import resources
-from typing import TYPE_CHECKING, cast
+from typing import Protocol, cast
 
-from signaling_sharded import auth, routing
-from signaling_sharded._native import Peer, Request
-from signaling_sharded.logs import log
-
-if TYPE_CHECKING:
-    from signaling_sharded.worker import Worker
+from signaling_sharded._native import Hub, Peer, Request, RequestReader
+from signaling_sharded.server import auth, routing
+from signaling_sharded.server.config import Config
+from signaling_sharded.server.logs import log
 
 #: The transport's high-water mark after the upgrade: past it, the Rust core
 #: queues a peer's bytes itself, bounded by --max-queue-bytes.
@@ -47,6 +45,38 @@ LINGER = 2.0
 def static_file(name: str) -> bytes:
     """A file of the browser demo, read once from the package."""
     return (resources.files("signaling_sharded") / "static" / name).read_bytes()
+
+
+class Site(Protocol):
+    """What serving a connection needs of the worker it is served in (the
+    worker is one): the handshake and the acceptor depend on this, not on
+    the worker, so imports point one way."""
+
+    index: int
+    config: Config
+    hub: Hub
+    reader: RequestReader
+    draining: bool
+    handshakes: set[Handshake]
+
+    def count_handshake_failure(self, reason: str) -> None:
+        """Count a connection that did not become a peer (see ``Hub``)."""
+
+    def origin_refused(self, origin: str) -> None:
+        """Log a browser Origin off the allow-list (rate-limited)."""
+
+    def metrics_text(self) -> str:
+        """Every worker's metrics, as Prometheus text."""
+        raise NotImplementedError
+
+
+def switching_protocols(worker: int, accept: str) -> bytes:
+    """The 101 response accepting an upgrade whose key gives ``accept``."""
+    return (
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n"
+        f"{WORKER_HEADER}: {worker}\r\n\r\n"
+    ).encode()
 
 
 def http_response(
@@ -83,7 +113,7 @@ class Handshake(asyncio.Protocol):
 
     def __init__(
         self,
-        worker: Worker,
+        worker: Site,
         *,
         deadline: float | None = None,
         unavailable: bool = False,
@@ -241,7 +271,7 @@ class Handshake(asyncio.Protocol):
         assert transport is not None and request.accept is not None
         worker = self.worker
         self.finish()
-        transport.write(worker.switching_protocols(request.accept))
+        transport.write(switching_protocols(worker.index, request.accept))
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         hub = worker.hub
         if request.invalid is not None:

@@ -15,8 +15,8 @@ from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from signaling_sharded import __version__
-from signaling_sharded.config import Config
-from signaling_sharded.logs import configure, log
+from signaling_sharded.server.config import Config
+from signaling_sharded.server.logs import configure, log
 
 
 def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
@@ -450,7 +450,7 @@ def token_main(argv: Sequence[str]) -> None:
     args = parser.parse_args(argv)
     if not args.secret:
         parser.error("--secret or $SIGNALING_AUTH_SECRET is required")
-    from signaling_sharded import auth
+    from signaling_sharded.server import auth
 
     metadata: object = auth.ABSENT
     if args.metadata is not None:
@@ -482,10 +482,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if not sys.platform.startswith("linux"):
         sys.exit(f"signaling-sharded: error: the server runs on Linux only, not {sys.platform}")
+    if not hasattr(os, "memfd_create"):
+        # CPython has it when built against glibc 2.27 or later.
+        sys.exit("signaling-sharded: error: this Python lacks os.memfd_create (glibc 2.27+)")
     config = parse_config(arguments)
     configure(config.log_level)
     for warning in risky(config):
         log(logging.WARNING, warning)
-    from signaling_sharded.supervisor import Supervisor
+    from signaling_sharded.server.supervisor import Supervisor
 
     sys.exit(Supervisor(config).run())

@@ -29,16 +29,19 @@ import resource
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from signaling_sharded import routing
 from signaling_sharded._native import Request
-from signaling_sharded.handoff import MAX_RECEIVED, Arrival, Courier, Drained, Inbox, inbox_ready
-from signaling_sharded.handshake import RETRY_AFTER, Handshake, http_response
-from signaling_sharded.logs import log
-
-if TYPE_CHECKING:
-    from signaling_sharded.worker import Worker
+from signaling_sharded.server import routing
+from signaling_sharded.server.handoff import (
+    MAX_RECEIVED,
+    Arrival,
+    Courier,
+    Drained,
+    Inbox,
+    inbox_ready,
+)
+from signaling_sharded.server.handshake import RETRY_AFTER, Handshake, Site, http_response
+from signaling_sharded.server.logs import log
 
 #: Connections accepted (or hand-offs received) per wake-up before other
 #: work gets a turn.
@@ -89,7 +92,7 @@ class Spare:
 
 
 class Acceptor:
-    def __init__(self, worker: Worker, listener: socket.socket, group: str) -> None:
+    def __init__(self, worker: Site, listener: socket.socket, group: str) -> None:
         self.worker = worker
         self.listener = listener
         self.group = group

@@ -11,7 +11,7 @@ use serde::de::{Deserializer, Error as _};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::frame::push_text;
+use crate::wire::frame::push_text;
 
 /// The relay message types; the server forwards these to one peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,7 +92,7 @@ impl ErrorCode {
         Self::InvalidMetadata,
     ];
 
-    pub fn code(self) -> &'static str {
+    pub const fn code(self) -> &'static str {
         match self {
             Self::InvalidType => "invalid_type",
             Self::MissingTarget => "missing_target",
@@ -112,7 +112,7 @@ impl ErrorCode {
     }
 
     /// The human-readable text; the first four are the original design's.
-    pub fn message(self) -> &'static str {
+    pub const fn message(self) -> &'static str {
         match self {
             Self::InvalidType => "unknown message type",
             Self::MissingTarget => "to required",

@@ -1,15 +1,5 @@
-//! Cluster mode: what one worker knows of the peers other nodes hold, and
-//! the messages nodes send each other through their Redis inboxes.
-//!
-//! Each worker process is a node. A topic's members on other nodes are its
-//! *remote* members; the engine keeps them per topic beside its own, so a
-//! joiner's `peer-list` and every relay lookup see the whole topic. Remote
-//! membership changes arrive as presence events, published by the Redis
-//! functions that change the topic (see `python/signaling_sharded/cluster.lua`)
-//! in the order Redis ran them, each with the topic's version then. A
-//! worker that starts following a topic takes a snapshot (version `v`) and
-//! applies only later events; events that arrive while the snapshot is on
-//! its way wait for it.
+//! The messages cluster nodes send each other through their Redis inboxes
+//! (see `engine::cluster` for what a node does with them).
 //!
 //! Inbox messages, by their first byte:
 //! - `R`: a relay for a local peer: `to` (26), `from` (26), the origin
@@ -25,11 +15,10 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use rustc_hash::FxHashMap;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::registry::PeerId;
+use crate::wire::peer_id::PeerId;
 
 /// A member of a topic held by another node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,36 +36,6 @@ pub struct Presence {
     /// The peers left because their node died: relays sent to them lately
     /// may have been lost with it.
     pub dead: bool,
-}
-
-/// What a worker knows of one topic's remote members. It exists while the
-/// worker has members of the topic, or connections waiting to become so.
-#[derive(Debug, Default)]
-pub struct RemoteTopic {
-    pub members: FxHashMap<PeerId, RemotePeer>,
-    /// The version of the last snapshot or event applied.
-    pub version: u64,
-    /// `Some` while a snapshot is awaited: the events that came meanwhile.
-    pub pending: Option<Vec<Presence>>,
-    /// Connections to greet once the snapshot is here, in arrival order.
-    pub waiting: Vec<u64>,
-}
-
-/// Work for the worker's Redis connection, in the order it must be done.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ClusterOp {
-    /// Add a local peer to the topic; `snapshot`: the caller wants the
-    /// topic's members back (through `Engine::snapshot`).
-    Join {
-        topic: Arc<str>,
-        peer: PeerId,
-        metadata: Option<Box<str>>,
-        snapshot: bool,
-    },
-    /// Remove a peer from the topic: a local one, or a remote one found gone.
-    Leave { topic: Arc<str>, peer: PeerId },
-    /// Publish `message` to `node`'s inbox.
-    Publish { node: Arc<str>, message: Vec<u8> },
 }
 
 pub const RELAY: u8 = b'R';
@@ -227,71 +186,6 @@ pub fn remote_peer(node: &str, metadata: Option<&RawValue>) -> RemotePeer {
     }
 }
 
-impl RemoteTopic {
-    /// Applies `event` if it is newer than what is known; returns the
-    /// changes that were news (peers that left, peers that joined).
-    pub fn apply(&mut self, event: Presence) -> (Vec<PeerId>, Vec<(PeerId, RemotePeer)>) {
-        if event.version <= self.version {
-            return (Vec::new(), Vec::new());
-        }
-        self.version = event.version;
-        let left = event
-            .left
-            .into_iter()
-            .filter(|peer| self.members.remove(peer).is_some())
-            .collect();
-        let joined = event
-            .joined
-            .into_iter()
-            .filter(|(peer, remote)| self.members.insert(*peer, remote.clone()).is_none())
-            .collect();
-        (left, joined)
-    }
-
-    /// Replaces the members with a snapshot taken at `version`, then
-    /// applies the events that waited for it; returns what changed.
-    pub fn replace(
-        &mut self,
-        version: u64,
-        members: FxHashMap<PeerId, RemotePeer>,
-    ) -> (Vec<PeerId>, Vec<(PeerId, RemotePeer)>) {
-        let mut left: Vec<PeerId> = self
-            .members
-            .keys()
-            .filter(|peer| !members.contains_key(peer))
-            .copied()
-            .collect();
-        let mut joined: Vec<(PeerId, RemotePeer)> = members
-            .iter()
-            .filter(|(peer, _)| !self.members.contains_key(peer))
-            .map(|(peer, remote)| (*peer, remote.clone()))
-            .collect();
-        self.members = members;
-        self.version = version;
-        for event in self.pending.take().unwrap_or_default() {
-            let (gone, came) = self.apply(event);
-            for peer in gone {
-                // Joined then left before anyone was told: no news at all.
-                match joined.iter().position(|(p, _)| *p == peer) {
-                    Some(index) => {
-                        joined.swap_remove(index);
-                    }
-                    None => left.push(peer),
-                }
-            }
-            for (peer, remote) in came {
-                match left.iter().position(|p| *p == peer) {
-                    Some(index) => {
-                        left.swap_remove(index);
-                    }
-                    None => joined.push((peer, remote)),
-                }
-            }
-        }
-        (left, joined)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -361,55 +255,5 @@ mod tests {
         assert_eq!(event.joined[0].1.metadata.as_deref(), Some(r#"{"a":1}"#));
         assert_eq!(event.joined[1].1, remote("n2"));
         assert!(parse_presence(br#"{"topic":"room","v":1,"left":["short"]}"#).is_none());
-    }
-
-    #[test]
-    fn stale_events_are_ignored_and_pending_ones_wait_for_the_snapshot() {
-        let mut topic = RemoteTopic {
-            pending: Some(Vec::new()),
-            ..RemoteTopic::default()
-        };
-        // Came before the snapshot: one older than it, two newer.
-        let events = vec![
-            Presence {
-                version: 4,
-                left: vec![],
-                joined: vec![(id(9), remote("n"))],
-                dead: false,
-            },
-            Presence {
-                version: 6,
-                left: vec![id(1)],
-                joined: vec![(id(2), remote("n"))],
-                dead: false,
-            },
-            Presence {
-                version: 7,
-                left: vec![id(2)],
-                joined: vec![(id(3), remote("n"))],
-                dead: false,
-            },
-        ];
-        topic.pending = Some(events);
-        let snapshot = [(id(1), remote("n"))].into_iter().collect();
-        let (left, joined) = topic.replace(5, snapshot);
-        // Before: nothing; snapshot: 1; then 1 left, 2 came and went, 3 came.
-        assert_eq!(left, Vec::<PeerId>::new());
-        assert_eq!(joined, vec![(id(3), remote("n"))]);
-        assert_eq!(
-            topic.members.keys().copied().collect::<Vec<_>>(),
-            vec![id(3)]
-        );
-        assert_eq!(topic.version, 7);
-        let (left, joined) = topic.apply(Presence {
-            version: 7,
-            left: vec![id(3)],
-            joined: vec![],
-            dead: false,
-        });
-        assert!(
-            left.is_empty() && joined.is_empty(),
-            "a replayed event is news again"
-        );
     }
 }

@@ -29,11 +29,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 
-from signaling_sharded import auth
 from signaling_sharded._native import MetricsTable
-from signaling_sharded.config import Config
-from signaling_sharded.logs import log
-from signaling_sharded.worker import EXIT_BOOT_ERROR, PortInUse, bound_socket, lock_port, run
+from signaling_sharded.server import auth
+from signaling_sharded.server.config import Config
+from signaling_sharded.server.logs import log
+from signaling_sharded.server.worker import EXIT_BOOT_ERROR, PortInUse, bound_socket, lock_port, run
 
 CRASH_WINDOW = 5.0
 CRASH_LIMIT = 3

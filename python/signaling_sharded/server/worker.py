@@ -26,16 +26,16 @@ import signal
 import socket
 import sys
 import time
-from typing import Any
 
-from signaling_sharded._native import Hub, MetricsTable, RequestReader
-from signaling_sharded.cluster import Cluster
-from signaling_sharded.config import Config
-from signaling_sharded.handshake import WORKER_HEADER, Handshake
-from signaling_sharded.logs import configure, flush, log
+from signaling_sharded._native import CLOSE_CODES, Hub, MetricsTable, RequestReader
+from signaling_sharded.server.acceptor import Acceptor
+from signaling_sharded.server.cluster import Cluster
+from signaling_sharded.server.config import Config
+from signaling_sharded.server.handshake import Handshake
+from signaling_sharded.server.logs import configure, flush, log
 
 #: Close code and reason sent to every peer when the server drains.
-CLOSE_GOING_AWAY = 1001
+CLOSE_GOING_AWAY = CLOSE_CODES["GOING_AWAY"]
 GOING_AWAY_REASON = "server going away"
 #: Exit code of a worker that could not start (e.g. the port is taken): the
 #: supervisor stops the server instead of restarting it.
@@ -121,33 +121,19 @@ class Worker:
         self.index = index
         #: Names this server's hand-off sockets (see handoff.py).
         self.group = group or f"{os.getpid()}.{config.port}"
-        self.cluster: Cluster | None = None
-        cluster_options: dict[str, Any] = {}
-        if config.redis_url is not None:
-            self.cluster = Cluster(config.redis_url, config.redis_prefix, index)
-            cluster_options = {
-                "cluster_node": self.cluster.node,
-                "cluster_prefix": config.redis_prefix,
-                "on_cluster": self.cluster.submit,
-            }
+        self.cluster = (
+            Cluster(config.redis_url, config.redis_prefix, index)
+            if config.redis_url is not None
+            else None
+        )
+        # The settings cross into the Rust core once, as this Config.
         self.hub = Hub(
-            max_message_size=config.max_message_size,
-            max_queue_bytes=config.max_queue_bytes,
-            ping_interval=config.ping_interval,
-            ping_timeout=config.ping_timeout,
-            close_timeout=config.close_timeout,
-            on_left=self.on_left,
-            max_peers_per_topic=config.max_peers_per_topic,
-            max_connections=config.max_connections,
-            rate_limit=config.rate_limit,
-            rate_burst=config.rate_burst,
-            stun_uris=list(config.stun_uris),
-            turn_uris=list(config.turn_uris),
-            turn_secret=config.turn_secret,
-            turn_ttl=config.turn_ttl,
+            config,
+            self.on_left,
             metrics=metrics,
             worker=index,
-            **cluster_options,
+            cluster_node=None if self.cluster is None else self.cluster.node,
+            on_cluster=None if self.cluster is None else self.cluster.submit,
         )
         # A request without Origin (a native client) always passes the
         # allow-list.
@@ -157,14 +143,6 @@ class Worker:
         self.origins_logged: dict[str, float] = {}
         self.draining = False
         self.done: asyncio.Future[None] | None = None
-
-    def switching_protocols(self, accept: str) -> bytes:
-        """The 101 response accepting an upgrade whose key gives ``accept``."""
-        return (
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n"
-            f"{WORKER_HEADER}: {self.index}\r\n\r\n"
-        ).encode()
 
     def on_left(self, peer: str, topic: str, reason: str) -> None:
         log(logging.INFO, "peer left", peer=peer, topic=topic, reason=reason)
@@ -189,8 +167,6 @@ class Worker:
         self.hub.count_handshake_failure(reason)
 
     async def serve(self, listener: socket.socket) -> None:
-        from signaling_sharded.acceptor import Acceptor
-
         loop = asyncio.get_running_loop()
         self.done = loop.create_future()
         acceptor = Acceptor(self, listener, self.group)

@@ -1,8 +1,12 @@
 //! The engine in cluster mode, sans-I/O: what it asks of Redis, and what
 //! it does with what comes back.
 
-use super::tests::{masked, text, written};
+use super::cluster::ClusterOp;
+use super::tests::{at, masked, text, written};
 use super::*;
+use crate::wire::cluster::{self, RemotePeer};
+use serde_json::value::RawValue;
+use std::time::Duration;
 
 /// This engine's node name.
 const HERE: &str = "n1";
@@ -30,7 +34,7 @@ impl Node {
         self.out.clear();
         let (conn, peer) = self
             .engine
-            .join((), topic, metadata, self.now, &mut self.out);
+            .join((), topic, metadata, at(self.now), &mut self.out);
         (conn, peer.expect("admitted"))
     }
 
@@ -59,7 +63,7 @@ impl Node {
             .collect();
         self.out.clear();
         self.engine
-            .snapshot(topic, Some((v, members)), self.now, &mut self.out);
+            .snapshot(topic, Some((v, members)), at(self.now), &mut self.out);
     }
 
     fn undeliverable(&mut self, message: &[u8], unreachable: bool) {
@@ -70,15 +74,16 @@ impl Node {
 
     fn release(&mut self, conn: u64) {
         self.out.clear();
-        self.engine.release(conn, &mut self.out);
+        self.engine.release(conn, self.now, &mut self.out);
     }
 
     /// The remote members of `topic` as the engine knows them, sorted.
     fn remote_members(&self, topic: &str) -> Vec<PeerId> {
         let mut peers: Vec<PeerId> = self
             .engine
-            .remote
-            .get(topic)
+            .cluster
+            .as_ref()
+            .and_then(|cluster| cluster.remote.get(topic))
             .map(|r| r.members.keys().copied().collect())
             .unwrap_or_default();
         peers.sort();
@@ -99,6 +104,7 @@ impl Node {
             [ClusterOp::Publish {
                 node: to_node,
                 message,
+                relay: true,
             }] if &**to_node == node => message.clone(),
             ops => panic!("expected one publish to {node}: {ops:?}"),
         }
@@ -303,11 +309,11 @@ fn snapshot_without_redis_greets_with_what_is_known() {
     let mut n = Node::new();
     let (a, a_id) = n.join("room", None);
     n.out.clear();
-    n.engine.snapshot("room", None, n.now, &mut n.out);
+    n.engine.snapshot("room", None, at(n.now), &mut n.out);
     assert_eq!(written(&n.out, a), vec![welcome(&a_id), peer_list(&[])]);
     // Once ready, a failed snapshot changes nothing.
     n.out.clear();
-    n.engine.snapshot("room", None, n.now, &mut n.out);
+    n.engine.snapshot("room", None, at(n.now), &mut n.out);
     assert!(n.out.is_empty());
 }
 
@@ -405,7 +411,12 @@ fn relay_to_a_remote_member_is_published_to_its_node() {
         )),
     );
     assert!(written(&n.out, a).is_empty());
-    let [ClusterOp::Publish { node, message }] = n.out.cluster.as_slice() else {
+    let [ClusterOp::Publish {
+        node,
+        message,
+        relay: true,
+    }] = n.out.cluster.as_slice()
+    else {
         panic!("expected one publish: {:?}", n.out.cluster);
     };
     assert_eq!(&**node, "n2");
@@ -481,6 +492,7 @@ fn relay_for_an_unknown_local_peer_bounces_to_its_origin() {
         vec![ClusterOp::Publish {
             node: Arc::from("n2"),
             message: expected,
+            relay: false,
         }]
     );
 }
@@ -593,7 +605,7 @@ fn held_connection_that_closes_leaves_the_cluster() {
     // A half-close while held: the same, once.
     let (b, b_id) = n.join("room", None);
     n.out.clear();
-    n.engine.eof(b, &mut n.out);
+    n.engine.eof(b, n.now, &mut n.out);
     assert_eq!(n.out.cluster, vec![leave_op("room", b_id)]);
     n.release(b);
     assert!(n.out.cluster.is_empty());
@@ -614,7 +626,7 @@ fn held_connection_leaving_keeps_the_others_waiting() {
 fn too_much_input_before_welcome_is_refused() {
     let mut n = Node::new();
     let (a, a_id) = n.join("room", None);
-    let chunk = vec![0u8; n.engine.config().max_message + MAX_HELD_EXTRA + 1];
+    let chunk = vec![0u8; n.engine.config().max_message + super::cluster::MAX_HELD_EXTRA + 1];
     n.send(a, &chunk);
     assert_eq!(written(&n.out, a), vec!["<close 1008>"]);
     assert_eq!(n.out.cluster, vec![leave_op("room", a_id)]);
@@ -673,7 +685,8 @@ fn joiners_greeted_before_the_snapshot_learn_the_rest_from_it() {
     let (conn, peer) = node.join("room", None);
     assert!(written(&node.out, conn).is_empty());
     node.out.clear();
-    node.engine.greet_waiting("room", node.now, &mut node.out);
+    node.engine
+        .greet_waiting("room", at(node.now), &mut node.out);
     assert_eq!(
         written(&node.out, conn),
         vec![welcome(&peer), peer_list(&[])]

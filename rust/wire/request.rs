@@ -24,7 +24,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use sha1::{Digest, Sha1};
 
-use crate::message;
+use crate::wire::message;
 
 /// Largest request head (empty lines, request line, headers, blank line).
 pub const MAX_HEAD: usize = 16 * 1024;

@@ -14,10 +14,8 @@ use std::mem;
 use tungstenite::protocol::frame::coding::{CloseCode, Control, Data, OpCode};
 use tungstenite::protocol::frame::FrameHeader;
 
-/// Close code for a normal closure.
-pub const CLOSE_NORMAL: u16 = 1000;
-/// Close code sent to every peer when the server drains.
-pub const CLOSE_GOING_AWAY: u16 = 1001;
+use crate::wire::close;
+
 /// Most frames one message may span; a message of more fails with
 /// [`Fault::TooManyFrames`]. Browsers send every message in one frame, and
 /// a library that fragments a 64 KiB message into 64-byte frames stays
@@ -65,9 +63,9 @@ pub enum Fault {
 impl Fault {
     pub fn close_code(self) -> u16 {
         match self {
-            Fault::Protocol => 1002,
-            Fault::InvalidUtf8 => 1007,
-            Fault::TooBig | Fault::TooManyFrames => 1009,
+            Fault::Protocol => close::PROTOCOL_ERROR,
+            Fault::InvalidUtf8 => close::INVALID_UTF8,
+            Fault::TooBig | Fault::TooManyFrames => close::TOO_BIG,
         }
     }
 

@@ -42,8 +42,9 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import hiredis
 from redis import asyncio as aioredis
@@ -51,10 +52,8 @@ from redis.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from signaling_sharded.logs import log
-
-if TYPE_CHECKING:
-    from signaling_sharded._native import Hub
+from signaling_sharded._native import Hub, JoinOp, LeaveOp, PublishOp
+from signaling_sharded.server.logs import log
 
 #: Seconds the ``alive`` key lives, and between its refreshes.
 ALIVE_TTL = 10.0
@@ -78,7 +77,31 @@ STALL = 3.0
 #: Reconnect backoff: first and longest wait, in seconds.
 BACKOFF = (0.1, 2.0)
 
-Op = tuple[Any, ...]
+
+@dataclass(frozen=True)
+class SyncOp:
+    """Rewrite this node's members of ``topic`` (after Redis came back)."""
+
+    topic: str
+    members: list[tuple[str, str | None]]
+
+
+@dataclass(frozen=True)
+class TouchOp:
+    """Refresh the expiry of this node's ``peers`` of ``topic``."""
+
+    topic: str
+    peers: list[str]
+
+
+@dataclass(frozen=True)
+class ReadyOp:
+    """A marker, answered once everything sent before it was."""
+
+
+#: Work for Redis: the hub's (JoinOp, LeaveOp, PublishOp) and this
+#: module's own.
+Op = JoinOp | LeaveOp | PublishOp | SyncOp | TouchOp | ReadyOp
 
 
 def node_name() -> str:
@@ -206,7 +229,7 @@ class Cluster:
         self.silent: dict[str, int] = {}
         self.task: asyncio.Task[None] | None = None
         self.subscribed: asyncio.Future[None] | None = None
-        self.library = (resources.files("signaling_sharded") / "cluster.lua").read_text()
+        self.library = (resources.files("signaling_sharded.server") / "cluster.lua").read_text()
 
     # --- the hub's side --------------------------------------------------
 
@@ -227,10 +250,11 @@ class Cluster:
         hub = self.hub
         assert hub is not None
         for op in ops:
-            if wants_snapshot(op):
-                hub.snapshot(op[1])
-            elif op[0] == "publish" and op[2] >= 0:
-                hub.undeliverable(relay_of(op), False)
+            topic = wants_snapshot(op)
+            if topic is not None:
+                hub.snapshot(topic)
+            elif isinstance(op, PublishOp) and op.is_relay:
+                hub.undeliverable(op, False)
 
     def send(self, ops: list[Op]) -> None:
         writer, hub = self.writer, self.hub
@@ -241,45 +265,58 @@ class Cluster:
         ttl = ms(ENTRY_TTL)
         chunks = []
         for op in ops:
-            kind = op[0]
-            if kind == "publish":
-                chunks.append(op[1])
-            elif kind == "join":
-                _, topic, peer, metadata, want = op
-                loop.call_later(JOIN_WAIT, hub.greet_waiting, topic)
+            if isinstance(op, PublishOp):
+                chunks.append(op.command)
+            elif isinstance(op, JoinOp):
+                loop.call_later(JOIN_WAIT, hub.greet_waiting, op.topic)
                 chunks.append(
                     command(
                         "FCALL",
                         "signaling_join",
                         0,
                         self.prefix,
-                        topic,
-                        peer,
+                        op.topic,
+                        op.peer,
                         self.node,
-                        metadata or "",
-                        1 if want else 0,
+                        op.metadata or "",
+                        1 if op.snapshot else 0,
                         ttl,
                     )
                 )
-            elif kind == "leave":
-                _, topic, peer = op
-                chunks.append(
-                    command("FCALL", "signaling_leave", 0, self.prefix, topic, peer, self.node, ttl)
-                )
-            elif kind == "sync":
-                _, topic, members = op
-                flat = [item for peer, metadata in members for item in (peer, metadata or "")]
-                chunks.append(
-                    command("FCALL", "signaling_sync", 0, self.prefix, topic, self.node, ttl, *flat)
-                )
-            elif kind == "touch":
-                _, topic, peers = op
+            elif isinstance(op, LeaveOp):
                 chunks.append(
                     command(
-                        "FCALL", "signaling_touch", 0, self.prefix, topic, self.node, ttl, *peers
+                        "FCALL",
+                        "signaling_leave",
+                        0,
+                        self.prefix,
+                        op.topic,
+                        op.peer,
+                        self.node,
+                        ttl,
                     )
                 )
-            else:  # "ready": a marker, answered once everything before it was
+            elif isinstance(op, SyncOp):
+                flat = [item for peer, metadata in op.members for item in (peer, metadata or "")]
+                chunks.append(
+                    command(
+                        "FCALL", "signaling_sync", 0, self.prefix, op.topic, self.node, ttl, *flat
+                    )
+                )
+            elif isinstance(op, TouchOp):
+                chunks.append(
+                    command(
+                        "FCALL",
+                        "signaling_touch",
+                        0,
+                        self.prefix,
+                        op.topic,
+                        self.node,
+                        ttl,
+                        *op.peers,
+                    )
+                )
+            else:
                 chunks.append(command("PING"))
             self.waiting.append(op)
         writer.write(b"".join(chunks))
@@ -292,19 +329,19 @@ class Cluster:
         resync = False
         for reply in replies:
             op = self.waiting.popleft()
-            kind = op[0]
+            topic = wants_snapshot(op)
             if isinstance(reply, hiredis.ReplyError):
-                log(logging.ERROR, "cluster command failed", op=kind, error=str(reply))
-                if wants_snapshot(op):
-                    hub.snapshot(op[1])
-            elif kind == "publish":
-                if reply == 0 and op[2] >= 0:
-                    hub.undeliverable(relay_of(op), True)
-            elif wants_snapshot(op):
-                hub.snapshot(op[1], *snapshot(reply))
-            elif kind == "touch" and reply:
+                log(logging.ERROR, "cluster command failed", op=type(op).__name__, error=str(reply))
+                if topic is not None:
+                    hub.snapshot(topic)
+            elif isinstance(op, PublishOp):
+                if reply == 0 and op.is_relay:
+                    hub.undeliverable(op, True)
+            elif topic is not None:
+                hub.snapshot(topic, *snapshot(reply))
+            elif isinstance(op, TouchOp) and reply:
                 resync = True
-            elif kind == "ready":
+            elif isinstance(op, ReadyOp):
                 if self.down_since is None:
                     log(logging.INFO, "cluster ready", worker=self.worker, node=self.node)
                 else:
@@ -464,9 +501,9 @@ class Cluster:
         hub = self.hub
         assert hub is not None
         hub.begin_resync()
-        ops: list[Op] = [("sync", topic, members) for topic, members in hub.local_members()]
+        ops: list[Op] = [SyncOp(topic, members) for topic, members in hub.local_members()]
         if announce:
-            ops.append(("ready",))
+            ops.append(ReadyOp())
         if ops:
             self.submit(ops)
 
@@ -489,8 +526,7 @@ class Cluster:
         hub = self.hub
         assert hub is not None
         ops: list[Op] = [
-            ("touch", topic, [peer for peer, _ in members])
-            for topic, members in hub.local_members()
+            TouchOp(topic, [peer for peer, _ in members]) for topic, members in hub.local_members()
         ]
         if ops:
             self.submit(ops)
@@ -533,15 +569,13 @@ class Cluster:
             log(logging.WARNING, "cluster: reaped a dead node", node=node, peers=removed)
 
 
-def relay_of(op: Op) -> bytes:
-    """The relay message inside a ``publish`` op's command."""
-    data: bytes = op[1]
-    return data[op[2] : len(data) - 2]
-
-
-def wants_snapshot(op: Op) -> bool:
-    """Whether the hub waits for this op's snapshot of its topic."""
-    return (op[0] == "join" and bool(op[4])) or op[0] == "sync"
+def wants_snapshot(op: Op) -> str | None:
+    """The topic whose snapshot the hub waits for on this op's reply."""
+    if isinstance(op, JoinOp) and op.snapshot:
+        return op.topic
+    if isinstance(op, SyncOp):
+        return op.topic
+    return None
 
 
 def ms(seconds: float) -> int:

@@ -1,0 +1,89 @@
+"""The scenarios, and the steps a run of the benchmark takes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Params:
+    """Scenario parameters; the defaults suit a 2-core machine (about 10 minutes at 3 rounds)."""
+
+    topics: int = 10
+    peers: int = 4
+    windows: tuple[int, ...] = (1, 2, 4, 8)
+    window: int = 4
+    """The window at which the relay targets are read."""
+    payload_bytes: int = 200
+    relay_duration_s: float = 10.0
+    relay_warmup_s: float = 2.0
+    connections: int = 3000
+    connect_concurrency: int = 100
+    connect_topics: int = 300
+    churn_duration_s: float = 10.0
+    churn_clients: int = 50
+    churn_topics: int = 10
+    fanout_peers: int = 1000
+    fanout_timeout_s: float = 30.0
+    syscall_duration_s: float = 5.0
+
+
+QUICK = Params(
+    relay_duration_s=2.0,
+    relay_warmup_s=1.0,
+    connections=500,
+    churn_duration_s=3.0,
+    fanout_peers=200,
+    fanout_timeout_s=10.0,
+    syscall_duration_s=2.0,
+)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One scenario configuration, run once per server and round."""
+
+    scenario: str
+    label: str
+    args: tuple[str, ...]
+    budget_s: float
+    """Expected wall time; the run is abandoned at this plus a margin."""
+
+
+def relay_args(p: Params, window: int, duration: float, warmup: float) -> tuple[str, ...]:
+    return (
+        f"--topics={p.topics}",
+        f"--peers={p.peers}",
+        f"--window={window}",
+        f"--duration={duration:g}",
+        f"--warmup={warmup:g}",
+        f"--payload-bytes={p.payload_bytes}",
+    )
+
+
+def plan(p: Params, scenarios: Sequence[str]) -> list[Step]:
+    steps: list[Step] = []
+    if "relay" in scenarios:
+        for w in p.windows:
+            args = relay_args(p, w, p.relay_duration_s, p.relay_warmup_s)
+            budget = p.relay_duration_s + p.relay_warmup_s
+            steps.append(Step("relay", f"relay-w{w}", args, budget))
+    if "connect" in scenarios:
+        args = (
+            f"--connections={p.connections}",
+            f"--concurrency={p.connect_concurrency}",
+            f"--topics={p.connect_topics}",
+        )
+        steps.append(Step("connect", "connect", args, 30.0))
+    if "churn" in scenarios:
+        args = (
+            f"--duration={p.churn_duration_s:g}",
+            f"--clients={p.churn_clients}",
+            f"--topics={p.churn_topics}",
+        )
+        steps.append(Step("churn", "churn", args, p.churn_duration_s + 20.0))
+    if "fanout" in scenarios:
+        args = (f"--peers={p.fanout_peers}", f"--timeout={p.fanout_timeout_s:g}")
+        steps.append(Step("fanout", "fanout", args, p.fanout_timeout_s + 10.0))
+    return steps

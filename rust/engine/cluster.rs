@@ -1,0 +1,557 @@
+//! The engine in cluster mode: each worker process is a node, and a topic's
+//! members on other nodes are its *remote* members. The engine keeps them
+//! per topic beside its own (see [`RemoteTopic`]), so a joiner's
+//! `peer-list` and every relay lookup see the whole topic; the caller
+//! carries out the [`ClusterOp`]s it asks for on Redis and brings back
+//! what Redis answers (`snapshot`, `deliver`, `undeliverable`).
+//!
+//! The local path calls into this module through a few methods that do
+//! nothing on one machine: `join_cluster`, `cluster_holds`, `hold`,
+//! `remote_count`, `remote_members`, `remote_target`, `forward`,
+//! `cluster_forget_joiner` and `cluster_left`.
+
+use std::collections::VecDeque;
+use std::mem;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustc_hash::FxHashMap;
+use serde_json::value::RawValue;
+
+use super::conn::{Closing, LeaveReason, Queued, State};
+pub use super::outbox::ClusterOp;
+use super::outbox::Outbox;
+use super::remote::RemoteTopic;
+use super::{Engine, Now};
+use crate::metrics::relay;
+use crate::wire::close;
+use crate::wire::cluster::{self, Presence, RemotePeer};
+use crate::wire::message::{self, ErrorCode, RelayKind};
+use crate::wire::peer_id::PeerId;
+
+/// Bytes past the largest message a joining connection may send before it
+/// has joined (it joins within a Redis round trip).
+pub(super) const MAX_HELD_EXTRA: usize = 4096;
+/// Relays forwarded to other nodes are remembered this long, and at most
+/// this many, so that if the target's node is found dead meanwhile their
+/// senders are told `target_not_found` (the relay may have died with it).
+const FORWARD_MEMORY: Duration = Duration::from_secs(5);
+const FORWARD_MEMORY_LEN: usize = 16 * 1024;
+
+/// A connection that will join `topic` as `peer` once the cluster's
+/// snapshot of the topic is here, and what it sent meanwhile.
+#[derive(Debug)]
+struct Joining {
+    topic: Arc<str>,
+    peer: PeerId,
+    metadata: Option<Box<str>>,
+    held: Vec<u8>,
+}
+
+/// A relay forwarded to another node, as remembered.
+#[derive(Debug)]
+struct Forward {
+    at: Instant,
+    to: PeerId,
+    from: PeerId,
+    msg_id: Option<Box<RawValue>>,
+}
+
+/// A relay to a peer on another node, on its way there.
+pub(super) struct Forwarded<'a> {
+    pub(super) node: Arc<str>,
+    pub(super) to: PeerId,
+    pub(super) from: PeerId,
+    pub(super) kind: RelayKind,
+    pub(super) payload: Option<&'a RawValue>,
+    pub(super) msg_id: Option<&'a RawValue>,
+}
+
+/// What a node keeps of the cluster.
+#[derive(Debug)]
+pub(super) struct ClusterState {
+    node: Arc<str>,
+    /// Each followed topic's members on other nodes.
+    pub(super) remote: FxHashMap<Arc<str>, RemoteTopic>,
+    joining: FxHashMap<u64, Joining>,
+    /// The recent relays forwarded, oldest first.
+    forwards: VecDeque<Forward>,
+}
+
+impl ClusterState {
+    pub(super) fn new(node: Arc<str>) -> Self {
+        Self {
+            node,
+            remote: FxHashMap::default(),
+            joining: FxHashMap::default(),
+            forwards: VecDeque::new(),
+        }
+    }
+}
+
+impl<W> Engine<W> {
+    // --- what the local path asks ----------------------------------------
+
+    /// Cluster mode: tells the cluster `conn` joins `topic` as `peer`; it
+    /// enters at once if the topic's remote members are known, else once
+    /// their snapshot is here. One machine: it enters at once.
+    pub(super) fn join_cluster(
+        &mut self,
+        conn: u64,
+        topic: &str,
+        peer: PeerId,
+        metadata: Option<Box<str>>,
+        now: Now,
+        out: &mut Outbox,
+    ) {
+        let Some(cluster) = &mut self.cluster else {
+            return self.enter(conn, topic, peer, metadata, now, out);
+        };
+        let (topic, fresh): (Arc<str>, bool) = match cluster.remote.get_key_value(topic) {
+            Some((name, _)) => (Arc::clone(name), false),
+            None => (Arc::from(topic), true),
+        };
+        let remote = cluster
+            .remote
+            .entry(Arc::clone(&topic))
+            .or_insert_with(|| RemoteTopic {
+                pending: Some(Vec::new()),
+                ..RemoteTopic::default()
+            });
+        out.cluster.push(ClusterOp::Join {
+            topic: Arc::clone(&topic),
+            peer,
+            metadata: metadata.clone(),
+            snapshot: fresh,
+        });
+        if remote.pending.is_none() {
+            return self.enter(conn, &topic, peer, metadata, now, out);
+        }
+        remote.waiting.push(conn);
+        let joining = Joining {
+            topic,
+            peer,
+            metadata,
+            held: Vec::new(),
+        };
+        cluster.joining.insert(conn, joining);
+    }
+
+    /// Whether `conn` waits to join (its input is held, it is not pinged).
+    pub(super) fn cluster_holds(&self, conn: u64) -> bool {
+        self.cluster
+            .as_ref()
+            .is_some_and(|cluster| cluster.joining.contains_key(&conn))
+    }
+
+    /// Keeps what a joining connection sent until it has joined: nothing
+    /// may reach it before its `welcome`, not even a `pong`.
+    pub(super) fn hold(&mut self, conn: u64, data: &[u8], now: Instant, out: &mut Outbox) {
+        if !matches!(self.conns.get(&conn), Some(c) if c.state == State::Open) {
+            return;
+        }
+        let Some(joining) = self
+            .cluster
+            .as_mut()
+            .and_then(|cluster| cluster.joining.get_mut(&conn))
+        else {
+            return;
+        };
+        joining.held.extend_from_slice(data);
+        if joining.held.len() > self.config.max_message + MAX_HELD_EXTRA {
+            let closing = Closing {
+                code: close::POLICY,
+                reason: "too much data before welcome",
+                error: None,
+                why: LeaveReason::ProtocolError,
+            };
+            self.close(conn, closing, now, out);
+        }
+    }
+
+    /// Members of `topic` on other nodes, counting those about to join here.
+    pub(super) fn remote_count(&self, topic: &str) -> usize {
+        let remote = self.cluster.as_ref().and_then(|c| c.remote.get(topic));
+        remote.map_or(0, |r| r.members.len() + r.waiting.len())
+    }
+
+    /// The members of `topic` on other nodes, with their metadata.
+    pub(super) fn remote_members<'a>(
+        &'a self,
+        topic: &str,
+    ) -> impl Iterator<Item = (&'a str, Option<&'a str>)> + 'a {
+        let remote = self.cluster.as_ref().and_then(|c| c.remote.get(topic));
+        remote.into_iter().flat_map(|r| {
+            r.members
+                .iter()
+                .map(|(peer, remote)| (peer.as_str(), remote.metadata.as_deref()))
+        })
+    }
+
+    /// The node holding peer `to` of `conn`'s topic, if another does.
+    pub(super) fn remote_target(&self, conn: u64, to: &str) -> Option<(Arc<str>, PeerId)> {
+        let cluster = self.cluster.as_ref()?;
+        let topic = &self.registry.member(conn)?.topic;
+        let to = PeerId::parse(to)?;
+        let remote = cluster.remote.get(topic)?.members.get(&to)?;
+        Some((Arc::clone(&remote.node), to))
+    }
+
+    /// Publishes a relay to the inbox of the node that holds its target.
+    pub(super) fn forward(&mut self, relay: Forwarded<'_>, now: Instant, out: &mut Outbox) {
+        let Some(cluster) = &mut self.cluster else {
+            return;
+        };
+        let Forwarded {
+            node,
+            to,
+            from,
+            kind,
+            payload,
+            msg_id,
+        } = relay;
+        let mut message = Vec::new();
+        cluster::push_relay(&mut message, &to, &from, &cluster.node, msg_id, |frame| {
+            message::push_relay(frame, kind, from.as_str(), payload, msg_id)
+        });
+        out.cluster.push(ClusterOp::Publish {
+            node,
+            message,
+            relay: true,
+        });
+        let forwards = &mut cluster.forwards;
+        while forwards.front().is_some_and(|f| {
+            forwards.len() >= FORWARD_MEMORY_LEN
+                || now.saturating_duration_since(f.at) > FORWARD_MEMORY
+        }) {
+            forwards.pop_front();
+        }
+        forwards.push_back(Forward {
+            at: now,
+            to,
+            from,
+            msg_id: msg_id.map(|id| id.to_owned()),
+        });
+        self.count_relay(relay::FORWARDED);
+    }
+
+    /// Forgets `conn` if it was waiting to join (it never joined here, but
+    /// the cluster was told it would); returns whether it was.
+    pub(super) fn cluster_forget_joiner(&mut self, conn: u64, out: &mut Outbox) -> bool {
+        let Some(cluster) = &mut self.cluster else {
+            return false;
+        };
+        let Some(joining) = cluster.joining.remove(&conn) else {
+            return false;
+        };
+        if let Some(remote) = cluster.remote.get_mut(&joining.topic) {
+            remote.waiting.retain(|waiting| *waiting != conn);
+        }
+        self.cluster_left(&joining.topic, joining.peer, out);
+        true
+    }
+
+    /// Tells the cluster a local peer left; forgets the topic's remote
+    /// members once no local peer is in it or waiting for it.
+    pub(super) fn cluster_left(&mut self, topic: &Arc<str>, peer: PeerId, out: &mut Outbox) {
+        let Some(cluster) = &mut self.cluster else {
+            return;
+        };
+        let idle = self.registry.members(topic).is_empty()
+            && cluster
+                .remote
+                .get(topic)
+                .is_some_and(|r| r.waiting.is_empty());
+        if idle {
+            cluster.remote.remove(topic);
+        }
+        let topic = Arc::clone(topic);
+        out.cluster.push(ClusterOp::Leave { topic, peer });
+    }
+
+    // --- what Redis brings back ------------------------------------------
+
+    /// The other nodes' members of `topic` as of `version`, which the
+    /// cluster answered to a `Join` with `snapshot` or to a resync; `None`
+    /// when it could not be asked (Redis is down), in which case what was
+    /// known stands. Local peers are told what changed, and connections
+    /// waiting to join the topic join it.
+    pub fn snapshot(
+        &mut self,
+        topic: &str,
+        snapshot: Option<(u64, FxHashMap<PeerId, RemotePeer>)>,
+        now: Now,
+        out: &mut Outbox,
+    ) {
+        let Some(remote) = self
+            .cluster
+            .as_mut()
+            .and_then(|cluster| cluster.remote.get_mut(topic))
+        else {
+            return; // nobody here follows the topic any more
+        };
+        let (left, joined) = match snapshot {
+            Some((version, _)) if remote.pending.is_none() && version <= remote.version => {
+                return; // older than what was applied since
+            }
+            Some((version, members)) => remote.replace(version, members),
+            None if remote.pending.is_none() => return,
+            None => {
+                let members = mem::take(&mut remote.members);
+                remote.replace(remote.version, members)
+            }
+        };
+        self.announce(topic, left, joined, out);
+        self.greet_waiting(topic, now, out);
+    }
+
+    /// Greets the connections waiting to join `topic` with what is known of
+    /// it now: once its snapshot is here, or without waiting for it any
+    /// longer (Redis is slow to answer), in which case the snapshot, when it
+    /// comes, tells them what they missed.
+    pub fn greet_waiting(&mut self, topic: &str, now: Now, out: &mut Outbox) {
+        let Some(cluster) = &mut self.cluster else {
+            return;
+        };
+        let Some(remote) = cluster.remote.get_mut(topic) else {
+            return;
+        };
+        let mut entering = Vec::new();
+        for conn in mem::take(&mut remote.waiting) {
+            if let Some(joining) = cluster.joining.remove(&conn) {
+                entering.push((conn, joining));
+            }
+        }
+        for (conn, joining) in entering {
+            let Joining {
+                topic,
+                peer,
+                metadata,
+                held,
+            } = joining;
+            self.enter(conn, &topic, peer, metadata, now, out);
+            if !held.is_empty() {
+                self.feed(conn, &held, now.instant, out);
+            }
+        }
+        self.close_doomed(now.instant, out);
+    }
+
+    /// Handles a message from this node's inbox: a relay or a frame for a
+    /// local peer, or a presence event of a topic.
+    pub fn deliver(&mut self, data: &[u8], now: Instant, out: &mut Outbox) {
+        match data.first() {
+            Some(&cluster::RELAY) => self.deliver_relay(data, out),
+            Some(&cluster::DIRECT) => {
+                if let Some((to, frame)) = cluster::parse_direct(data) {
+                    if let Some(conn) = self.registry.conn_of(&to) {
+                        self.send_must(conn, frame, out);
+                    }
+                }
+            }
+            Some(b'{') => {
+                if let Some((topic, event)) = cluster::parse_presence(data) {
+                    self.presence(&topic, event, now, out);
+                }
+            }
+            _ => {}
+        }
+        self.close_doomed(now, out);
+    }
+
+    fn presence(&mut self, topic: &str, event: Presence, now: Instant, out: &mut Outbox) {
+        if event.dead {
+            self.answer_lost(&event.left, now, out);
+        }
+        let Some(remote) = self
+            .cluster
+            .as_mut()
+            .and_then(|cluster| cluster.remote.get_mut(topic))
+        else {
+            return;
+        };
+        if let Some(pending) = &mut remote.pending {
+            pending.push(event);
+            return;
+        }
+        let (left, joined) = remote.apply(event);
+        self.announce(topic, left, joined, out);
+    }
+
+    /// Answers `target_not_found` to the recent relays to `gone` peers,
+    /// whose node died: they may have been lost with it.
+    fn answer_lost(&mut self, gone: &[PeerId], now: Instant, out: &mut Outbox) {
+        let Some(cluster) = &mut self.cluster else {
+            return;
+        };
+        let mut lost = Vec::new();
+        cluster.forwards.retain_mut(|forward| {
+            let fresh = now.saturating_duration_since(forward.at) <= FORWARD_MEMORY;
+            if fresh && gone.contains(&forward.to) {
+                lost.push((forward.from, forward.msg_id.take()));
+                return false;
+            }
+            fresh
+        });
+        for (from, msg_id) in lost {
+            if let Some(sender) = self.registry.conn_of(&from) {
+                self.count_relay(relay::TARGET_NOT_FOUND);
+                self.send_error(sender, ErrorCode::TargetNotFound, msg_id.as_deref(), out);
+            }
+        }
+    }
+
+    /// Tells the local members of `topic` of remote peers that left or joined.
+    fn announce(
+        &mut self,
+        topic: &str,
+        left: Vec<PeerId>,
+        joined: Vec<(PeerId, RemotePeer)>,
+        out: &mut Outbox,
+    ) {
+        for peer in left {
+            let mut bytes = Vec::new();
+            message::push_peer_left(&mut bytes, peer.as_str());
+            self.broadcast(topic, None, bytes, out);
+        }
+        for (peer, remote) in joined {
+            let mut bytes = Vec::new();
+            message::push_peer_joined(&mut bytes, peer.as_str(), remote.metadata.as_deref());
+            self.broadcast(topic, None, bytes, out);
+        }
+    }
+
+    fn deliver_relay(&mut self, data: &[u8], out: &mut Outbox) {
+        let Some(relay) = cluster::parse_relay(data) else {
+            return;
+        };
+        let bounce = match self.registry.conn_of(&relay.to) {
+            Some(conn) => {
+                let write = |buf: &mut Vec<u8>| buf.extend_from_slice(relay.frame);
+                match self.queue_or_write(conn, out, write) {
+                    Queued::Yes => {
+                        self.count_relay(relay::DELIVERED);
+                        return;
+                    }
+                    Queued::OverBound => {
+                        self.count_relay(relay::DROPPED);
+                        ErrorCode::Dropped
+                    }
+                }
+            }
+            None => {
+                self.count_relay(relay::TARGET_NOT_FOUND);
+                ErrorCode::TargetNotFound
+            }
+        };
+        self.count_error(bounce);
+        let mut message = Vec::new();
+        cluster::push_direct(&mut message, &relay.from, |frame| {
+            message::push_error(frame, bounce, relay.msg_id)
+        });
+        out.cluster.push(ClusterOp::Publish {
+            node: Arc::from(relay.origin),
+            message,
+            relay: false,
+        });
+    }
+
+    /// A relay this node published (`message`, of a `ClusterOp::Publish`
+    /// with `relay`) did not arrive: no node listens on the target's inbox
+    /// (`unreachable`: the target is gone, its sender gets
+    /// `target_not_found` and everyone here a `peer-left`), or Redis could
+    /// not be reached (its sender gets `dropped`).
+    pub fn undeliverable(
+        &mut self,
+        message: &[u8],
+        unreachable: bool,
+        now: Instant,
+        out: &mut Outbox,
+    ) {
+        let Some(relay) = cluster::parse_relay(message) else {
+            return;
+        };
+        let Some(sender) = self.registry.conn_of(&relay.from) else {
+            return;
+        };
+        let (code, result) = if unreachable {
+            (ErrorCode::TargetNotFound, relay::TARGET_NOT_FOUND)
+        } else {
+            (ErrorCode::Dropped, relay::DROPPED)
+        };
+        self.count_relay(result);
+        self.send_error(sender, code, relay.msg_id, out);
+        let topic = match self.registry.member(sender) {
+            Some(member) if unreachable => Arc::clone(&member.topic),
+            _ => return self.close_doomed(now, out),
+        };
+        let gone = self
+            .cluster
+            .as_mut()
+            .and_then(|cluster| cluster.remote.get_mut(&topic))
+            .and_then(|remote| remote.members.remove(&relay.to));
+        if gone.is_some() {
+            self.announce(&topic, vec![relay.to], Vec::new(), out);
+            out.cluster.push(ClusterOp::Leave {
+                topic,
+                peer: relay.to,
+            });
+        }
+        self.close_doomed(now, out);
+    }
+
+    // --- what the caller asks --------------------------------------------
+
+    /// Every topic this node follows, with its local peers (and those
+    /// about to join): what the cluster must hold of this node.
+    #[allow(clippy::type_complexity)]
+    pub fn local_members(&self) -> Vec<(Arc<str>, Vec<(PeerId, Option<&str>)>)> {
+        let Some(cluster) = &self.cluster else {
+            return Vec::new();
+        };
+        cluster
+            .remote
+            .iter()
+            .map(|(topic, remote)| {
+                let members = self.registry.members(topic).iter().map(|conn| {
+                    let member = self.registry.member(*conn).expect("listed members exist");
+                    (member.peer, member.metadata.as_deref())
+                });
+                let waiting = remote.waiting.iter().filter_map(|conn| {
+                    let joining = cluster.joining.get(conn)?;
+                    Some((joining.peer, joining.metadata.as_deref()))
+                });
+                (Arc::clone(topic), members.chain(waiting).collect())
+            })
+            .collect()
+    }
+
+    /// Starts resynchronising every topic (after Redis came back): presence
+    /// events wait until the topic's snapshot is here.
+    pub fn begin_resync(&mut self) {
+        if let Some(cluster) = &mut self.cluster {
+            for remote in cluster.remote.values_mut() {
+                remote.pending.get_or_insert_with(Vec::new);
+            }
+        }
+    }
+
+    /// The other nodes that hold members of this node's topics.
+    pub fn remote_nodes(&self) -> Vec<Arc<str>> {
+        let mut nodes: Vec<Arc<str>> = Vec::new();
+        let Some(cluster) = &self.cluster else {
+            return nodes;
+        };
+        for remote in cluster.remote.values() {
+            for peer in remote.members.values() {
+                if !nodes
+                    .iter()
+                    .any(|node| Arc::ptr_eq(node, &peer.node) || *node == peer.node)
+                {
+                    nodes.push(Arc::clone(&peer.node));
+                }
+            }
+        }
+        nodes
+    }
+}

@@ -1,0 +1,253 @@
+//! One connection after the upgrade: its state, what waits to be written
+//! to it, and how it ends.
+
+use std::time::Instant;
+
+use super::limits::{Bucket, Refusal};
+use super::outbox::{Action, Outbox};
+use super::Engine;
+use crate::metrics::{cell, family};
+use crate::wire::close;
+use crate::wire::frame::{self, Fault, FrameReader};
+use crate::wire::message::{self, ErrorCode};
+pub use crate::wire::reason::LeaveReason;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum State {
+    /// A member of its topic (or, in cluster mode, about to be).
+    Open,
+    /// Sent a close frame and FIN; waiting for the client's FIN.
+    Closing { since: Instant },
+    /// Being closed or reset; waiting for `release`.
+    Done,
+}
+
+#[derive(Debug)]
+pub(super) struct Conn<W> {
+    pub(super) transport: W,
+    pub(super) state: State,
+    pub(super) reader: FrameReader,
+    /// Bytes waiting for the transport to accept more (`paused`).
+    pub(super) queue: Vec<u8>,
+    pub(super) paused: bool,
+    pub(super) ping_sent: Instant,
+    pub(super) awaiting_pong: bool,
+    pub(super) bucket: Bucket,
+}
+
+impl<W> Conn<W> {
+    pub(super) fn new(transport: W, burst: f64, now: Instant) -> Self {
+        Self {
+            transport,
+            state: State::Open,
+            reader: FrameReader::default(),
+            queue: Vec::new(),
+            paused: false,
+            ping_sent: now,
+            awaiting_pong: false,
+            bucket: Bucket::full(burst, now),
+        }
+    }
+}
+
+/// How the server closes a connection: the close frame's code and reason,
+/// the `error` sent before it, if any, and why the peer leaves.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Closing<'a> {
+    pub(super) code: u16,
+    pub(super) reason: &'a str,
+    pub(super) error: Option<ErrorCode>,
+    pub(super) why: LeaveReason,
+}
+
+impl Closing<'static> {
+    pub(super) const SLOW_CONSUMER: Self = Self {
+        code: close::SLOW_CONSUMER,
+        reason: "slow consumer",
+        error: Some(ErrorCode::SlowConsumer),
+        why: LeaveReason::SlowConsumer,
+    };
+    pub(super) const RATE_ABUSE: Self = Self {
+        code: close::SLOW_CONSUMER,
+        reason: "rate limit abuse",
+        error: Some(ErrorCode::SlowConsumer),
+        why: LeaveReason::RateAbuse,
+    };
+
+    pub(super) fn fault(fault: Fault) -> Self {
+        Self {
+            code: fault.close_code(),
+            reason: fault.reason(),
+            error: None,
+            why: LeaveReason::ProtocolError,
+        }
+    }
+
+    pub(super) fn refusal(refusal: Refusal) -> Self {
+        Self {
+            code: refusal.close_code(),
+            reason: refusal.error().message(),
+            error: Some(refusal.error()),
+            why: LeaveReason::Closed,
+        }
+    }
+}
+
+/// The outcome of queueing bytes for a connection.
+pub(super) enum Queued {
+    Yes,
+    OverBound,
+}
+
+impl<W> Engine<W> {
+    /// Writes to `conn` directly, or queues while its transport is full.
+    pub(super) fn queue_or_write(
+        &mut self,
+        conn: u64,
+        out: &mut Outbox,
+        write: impl FnOnce(&mut Vec<u8>),
+    ) -> Queued {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return Queued::OverBound;
+        };
+        if !c.paused {
+            write(out.private(conn));
+            return Queued::Yes;
+        }
+        let mark = c.queue.len();
+        write(&mut c.queue);
+        if c.queue.len() > self.config.max_queue {
+            c.queue.truncate(mark);
+            return Queued::OverBound;
+        }
+        Queued::Yes
+    }
+
+    /// Sends bytes the peer must receive; over its bound it is doomed.
+    pub(super) fn send_must(&mut self, conn: u64, bytes: &[u8], out: &mut Outbox) {
+        if let Queued::OverBound =
+            self.queue_or_write(conn, out, |buf| buf.extend_from_slice(bytes))
+        {
+            self.doom(conn);
+        }
+    }
+
+    pub(super) fn send_error(
+        &mut self,
+        conn: u64,
+        code: ErrorCode,
+        msg_id: Option<&serde_json::value::RawValue>,
+        out: &mut Outbox,
+    ) {
+        self.count_error(code);
+        let mut bytes = Vec::new();
+        message::push_error(&mut bytes, code, msg_id);
+        self.send_must(conn, &bytes, out);
+    }
+
+    pub(super) fn doom(&mut self, conn: u64) {
+        if !self.doomed.contains(&conn) {
+            self.doomed.push(conn);
+        }
+    }
+
+    /// Closes the connections that a must-deliver write found over their
+    /// bound (slow consumers), once the write that found them is done.
+    pub(super) fn close_doomed(&mut self, now: Instant, out: &mut Outbox) {
+        while let Some(conn) = self.doomed.pop() {
+            self.close(conn, Closing::SLOW_CONSUMER, now, out);
+        }
+    }
+
+    /// Sends `bytes` to every member of `topic` but `except`.
+    pub(super) fn broadcast(
+        &mut self,
+        topic: &str,
+        except: Option<u64>,
+        bytes: Vec<u8>,
+        out: &mut Outbox,
+    ) {
+        let members = self.registry.members(topic);
+        let mut shared = None;
+        let mut doomed = Vec::new();
+        for &member in members {
+            if Some(member) == except {
+                continue;
+            }
+            let c = self
+                .conns
+                .get_mut(&member)
+                .expect("members have connections");
+            if c.paused {
+                if c.queue.len() + bytes.len() > self.config.max_queue {
+                    doomed.push(member);
+                } else {
+                    c.queue.extend_from_slice(&bytes);
+                }
+                continue;
+            }
+            let index = *shared.get_or_insert_with(|| out.shared(bytes.clone()));
+            out.act(member, Action::Write(index));
+        }
+        for member in doomed {
+            self.doom(member);
+        }
+    }
+
+    /// Removes `conn` from its topic and tells the others.
+    pub(super) fn leave(&mut self, conn: u64, reason: LeaveReason, out: &mut Outbox) {
+        if self.cluster_forget_joiner(conn, out) {
+            return;
+        }
+        let Some(member) = self.registry.leave(conn) else {
+            return;
+        };
+        let mut left = Vec::new();
+        message::push_peer_left(&mut left, member.peer.as_str());
+        self.broadcast(&member.topic, None, left, out);
+        self.metrics.add(cell(family::LEFT, reason as usize), 1);
+        self.cluster_left(&member.topic, member.peer, out);
+        out.left.push((member.peer, member.topic, reason));
+    }
+
+    /// Server-side close: the peer leaves at once, is sent an optional
+    /// `error`, then the close frame and FIN, and has `close_timeout` to
+    /// close its side. What it still had queued is dropped.
+    pub(super) fn close(
+        &mut self,
+        conn: u64,
+        closing: Closing<'_>,
+        now: Instant,
+        out: &mut Outbox,
+    ) {
+        match self.conns.get(&conn) {
+            Some(c) if c.state == State::Open => {}
+            _ => return,
+        }
+        self.leave(conn, closing.why, out);
+        let c = self.conns.get_mut(&conn).expect("checked above");
+        c.state = State::Closing { since: now };
+        c.queue = Vec::new();
+        let buf = out.private(conn);
+        if let Some(error) = closing.error {
+            message::push_error(buf, error, None);
+            self.count_error(error);
+        }
+        frame::push_close(buf, closing.code, closing.reason);
+        out.act(conn, Action::Finish);
+    }
+
+    /// The peer leaves its topic (if it still was in one) and its socket is
+    /// on its way out: nothing more is read from or queued for it. Returns
+    /// whether the connection was not already ending so.
+    pub(super) fn end(&mut self, conn: u64, reason: LeaveReason, out: &mut Outbox) -> bool {
+        self.leave(conn, reason, out);
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return false;
+        };
+        c.queue = Vec::new();
+        let was_done = c.state == State::Done;
+        c.state = State::Done;
+        !was_done
+    }
+}

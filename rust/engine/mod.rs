@@ -1,0 +1,319 @@
+//! One worker's connections after the upgrade: the per-message hot path.
+//!
+//! The engine is sans-I/O and reads no clock. The caller feeds it what it
+//! read from a socket (`receive`), what happened to a socket (`eof`,
+//! `release`, `pause`, `resume`) and the passing of time (`tick`), each
+//! with the time it happened; every call fills an [`Outbox`] with what to
+//! write to which connection and which sockets to shut down, and the
+//! caller carries that out after the call returns.
+//!
+//! Outbound bytes go straight to the caller's transport while it accepts
+//! them; once the transport reports it is full (`pause`), they wait here in
+//! the connection's queue, bounded by `max_queue` bytes. Over the bound a
+//! relay is refused (`dropped` to the sender) and anything the peer must
+//! see (presence, errors, pongs) disconnects it with 4008 instead, so a
+//! connected peer's view of its topic is never wrong.
+//!
+//! The concerns, a module each: [`conn`] (a connection's state, its
+//! queue, how it ends), [`topics`] (who is in which topic), [`relay`]
+//! (frames read, messages answered and relayed), [`limits`] (refusals and
+//! the rate limit), [`liveness`] (pings and timeouts) and [`cluster`]
+//! (remote members, in cluster mode only).
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use rustc_hash::FxHashMap;
+
+pub mod cluster;
+mod config;
+mod conn;
+mod limits;
+mod liveness;
+mod outbox;
+mod relay;
+pub mod remote;
+pub mod topics;
+
+pub use config::{Config, RateLimit};
+pub use conn::LeaveReason;
+pub use limits::{Refusal, ABUSE_LIMIT, ABUSE_WINDOW};
+pub use outbox::{Action, Outbox};
+
+use cluster::ClusterState;
+use conn::{Closing, Conn, State};
+use topics::Registry;
+
+use crate::metrics::{cell, family, Recorder};
+use crate::wire::message::{self, ErrorCode};
+use crate::wire::peer_id::PeerId;
+
+/// When an engine call happens: `instant` for every timeout, `wall` for
+/// what carries the date (peer ids, TURN credentials). The caller reads
+/// the clocks; the engine reads none.
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    pub instant: Instant,
+    pub wall: SystemTime,
+}
+
+#[derive(Debug)]
+pub struct Engine<W> {
+    config: Config,
+    /// `pingInterval` as written in `welcome`.
+    ping_interval_text: String,
+    registry: Registry,
+    conns: FxHashMap<u64, Conn<W>>,
+    next_conn: u64,
+    /// Unmasking buffer lent to every connection's reader in turn.
+    scratch: Vec<u8>,
+    /// Connections found over their bound by a must-deliver write; closed
+    /// once the write that found them is done.
+    doomed: Vec<u64>,
+    metrics: Recorder,
+    /// Cluster mode only.
+    cluster: Option<ClusterState>,
+}
+
+impl<W> Engine<W> {
+    pub fn new(config: Config) -> Self {
+        Self::with_metrics(config, Recorder::default())
+    }
+
+    /// An engine counting into `metrics` (its worker's row of the table
+    /// every worker maps).
+    pub fn with_metrics(config: Config, metrics: Recorder) -> Self {
+        let ping_interval_text = format!("{}", config.ping_interval.as_secs_f64());
+        let cluster = config.cluster_node.clone().map(ClusterState::new);
+        Self {
+            config,
+            ping_interval_text,
+            registry: Registry::new(),
+            conns: FxHashMap::default(),
+            next_conn: 1,
+            scratch: Vec::new(),
+            doomed: Vec::new(),
+            metrics,
+            cluster,
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn metrics(&self) -> &Recorder {
+        &self.metrics
+    }
+
+    /// Writes the gauges (connections, peers, topics) into the metrics.
+    pub fn record_gauges(&self) {
+        let connections = self.conns.len() as u64;
+        self.metrics.set(cell(family::CONNECTIONS, 0), connections);
+        self.metrics
+            .set(cell(family::WORKER_CONNECTIONS, 0), connections);
+        self.metrics
+            .set(cell(family::PEERS, 0), self.registry.member_count() as u64);
+        self.metrics
+            .set(cell(family::TOPICS, 0), self.registry.topic_count() as u64);
+    }
+
+    fn count_error(&self, code: ErrorCode) {
+        self.metrics.add(cell(family::ERRORS, code as usize), 1);
+    }
+
+    pub fn transport(&self, conn: u64) -> Option<&W> {
+        self.conns.get(&conn).map(|c| &c.transport)
+    }
+
+    pub fn peer_id(&self, conn: u64) -> Option<PeerId> {
+        self.registry.member(conn).map(|m| m.peer)
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn peer_count(&self) -> usize {
+        self.registry.member_count()
+    }
+
+    pub fn topic_count(&self) -> usize {
+        self.registry.topic_count()
+    }
+
+    fn add_conn(&mut self, transport: W, now: Instant) -> u64 {
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        let burst = self.config.rate_limit.map_or(0.0, |limit| limit.burst);
+        self.conns.insert(conn, Conn::new(transport, burst, now));
+        conn
+    }
+
+    /// Adds an upgraded connection as a new peer of `topic`: it is sent
+    /// `welcome` and `peer-list`, the others `peer-joined`. Over a limit it
+    /// is refused instead (the error, then the close). Returns the
+    /// connection id the caller passes to every later call.
+    pub fn join(
+        &mut self,
+        transport: W,
+        topic: &str,
+        metadata: Option<&str>,
+        now: Now,
+        out: &mut Outbox,
+    ) -> (u64, Result<PeerId, Refusal>) {
+        let conn = self.add_conn(transport, now.instant);
+        let refusal = if self.conns.len() > self.config.max_connections {
+            Some(Refusal::ServerFull)
+        } else if self.topic_size(topic) >= self.config.max_peers_per_topic {
+            Some(Refusal::TopicFull)
+        } else {
+            None
+        };
+        if let Some(refusal) = refusal {
+            self.close(conn, Closing::refusal(refusal), now.instant, out);
+            return (conn, Err(refusal));
+        }
+        let peer = self.registry.new_peer_id(now.wall);
+        self.join_cluster(conn, topic, peer, metadata.map(Box::from), now, out);
+        (conn, Ok(peer))
+    }
+
+    /// Peers in `topic`, here and (cluster mode) on other nodes, counting
+    /// those about to join.
+    fn topic_size(&self, topic: &str) -> usize {
+        self.registry.members(topic).len() + self.remote_count(topic)
+    }
+
+    /// Makes `conn` a member of `topic` as `peer`: it is sent `welcome` and
+    /// `peer-list` (every local and remote member), the others `peer-joined`.
+    fn enter(
+        &mut self,
+        conn: u64,
+        topic: &str,
+        peer: PeerId,
+        metadata: Option<Box<str>>,
+        now: Now,
+        out: &mut Outbox,
+    ) {
+        self.registry.join_as(conn, topic, metadata, peer);
+        let member = self.registry.member(conn).expect("just joined");
+        let topic = Arc::clone(&member.topic);
+        let greeting = out.private(conn);
+        let unix = now
+            .wall
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let ice = self.config.ice.welcome_field(peer.as_str(), unix);
+        message::push_welcome(greeting, peer.as_str(), &self.ping_interval_text, &ice);
+        let others = self.registry.members(&topic);
+        let others = &others[..others.len() - 1];
+        let local = others.iter().map(|other| {
+            let member = self.registry.member(*other).expect("listed members exist");
+            (member.peer.as_str(), member.metadata.as_deref())
+        });
+        message::push_peer_list(greeting, local.chain(self.remote_members(&topic)));
+        let mut joined = Vec::new();
+        let metadata = self
+            .registry
+            .member(conn)
+            .and_then(|m| m.metadata.as_deref());
+        message::push_peer_joined(&mut joined, peer.as_str(), metadata);
+        self.broadcast(&topic, Some(conn), joined, out);
+        self.metrics.add(cell(family::JOINED, 0), 1);
+        self.close_doomed(now.instant, out);
+    }
+
+    /// Takes an upgraded connection that may not join (e.g. its token was
+    /// refused): it is sent the refusal's error and close code, and learns
+    /// nothing of any topic.
+    pub fn refuse(
+        &mut self,
+        transport: W,
+        refusal: Refusal,
+        now: Instant,
+        out: &mut Outbox,
+    ) -> u64 {
+        let conn = self.add_conn(transport, now);
+        self.close(conn, Closing::refusal(refusal), now, out);
+        conn
+    }
+
+    /// Handles bytes read from `conn`'s socket.
+    pub fn receive(&mut self, conn: u64, data: &[u8], now: Instant, out: &mut Outbox) {
+        self.metrics
+            .add(cell(family::RECEIVED_BYTES, 0), data.len() as u64);
+        if self.cluster_holds(conn) {
+            self.hold(conn, data, now, out);
+        } else {
+            self.feed(conn, data, now, out);
+        }
+    }
+
+    /// The client half-closed its side (or finished our close handshake).
+    pub fn eof(&mut self, conn: u64, now: Instant, out: &mut Outbox) {
+        self.end(conn, LeaveReason::Disconnected, out);
+        self.close_doomed(now, out);
+    }
+
+    /// The socket is gone; forget the connection.
+    pub fn release(&mut self, conn: u64, now: Instant, out: &mut Outbox) {
+        self.leave(conn, LeaveReason::Disconnected, out);
+        self.conns.remove(&conn);
+        self.close_doomed(now, out);
+    }
+
+    /// The transport's buffer is over its high-water mark.
+    pub fn pause(&mut self, conn: u64) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.paused = true;
+        }
+    }
+
+    /// The transport drained below its low-water mark: write the queue.
+    pub fn resume(&mut self, conn: u64, out: &mut Outbox) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        c.paused = false;
+        if !c.queue.is_empty() {
+            let queue = std::mem::take(&mut c.queue);
+            let index = out.shared(queue);
+            out.act(conn, Action::Write(index));
+        }
+    }
+
+    /// Closes every open connection with `code` (1001 when draining).
+    pub fn close_all(&mut self, code: u16, reason: &str, now: Instant, out: &mut Outbox) {
+        let open: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.state == State::Open)
+            .map(|(conn, _)| *conn)
+            .collect();
+        let closing = Closing {
+            code,
+            reason,
+            error: None,
+            why: LeaveReason::Shutdown,
+        };
+        for conn in open {
+            self.close(conn, closing, now, out);
+        }
+    }
+
+    /// Resets every connection still here (the end of a drain).
+    pub fn abort_all(&mut self, out: &mut Outbox) {
+        let conns: Vec<u64> = self.conns.keys().copied().collect();
+        for conn in conns {
+            if self.end(conn, LeaveReason::Shutdown, out) {
+                out.act(conn, Action::Abort);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod cluster_tests;
+#[cfg(test)]
+mod tests;

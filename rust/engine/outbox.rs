@@ -1,0 +1,95 @@
+//! What one engine call asks of its caller.
+
+use std::sync::Arc;
+
+use rustc_hash::FxHashMap;
+
+use crate::wire::peer_id::PeerId;
+use crate::wire::reason::LeaveReason;
+
+/// What the caller does to a connection's socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Write `Outbox::bufs[i]`.
+    Write(usize),
+    /// Half-close: send FIN after what was written, keep reading until the
+    /// client closes (it has been sent a close frame).
+    Finish,
+    /// Close after what was written (the close handshake is complete).
+    Close,
+    /// Reset now: the peer is dead or did not finish closing in time.
+    Abort,
+}
+
+/// Work for the worker's Redis connection, in the order it must be done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterOp {
+    /// Add a local peer to the topic; `snapshot`: the caller wants the
+    /// topic's members back (through `Engine::snapshot`).
+    Join {
+        topic: Arc<str>,
+        peer: PeerId,
+        metadata: Option<Box<str>>,
+        snapshot: bool,
+    },
+    /// Remove a peer from the topic: a local one, or a remote one found gone.
+    Leave { topic: Arc<str>, peer: PeerId },
+    /// Publish `message` to `node`'s inbox. A relay (`relay`) that does
+    /// not arrive comes back through `Engine::undeliverable`.
+    Publish {
+        node: Arc<str>,
+        message: Vec<u8>,
+        relay: bool,
+    },
+}
+
+/// What one engine call asks of the caller, in order per connection.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    pub bufs: Vec<Vec<u8>>,
+    pub actions: Vec<(u64, Action)>,
+    /// Peers that left their topic during the call.
+    pub left: Vec<(PeerId, Arc<str>, LeaveReason)>,
+    /// Work for the cluster's Redis connection (cluster mode only).
+    pub cluster: Vec<ClusterOp>,
+    /// The buffer each connection is still appending to: written only to
+    /// that connection and its last action, so later bytes can join it.
+    open: FxHashMap<u64, usize>,
+}
+
+impl Outbox {
+    pub fn clear(&mut self) {
+        self.bufs.clear();
+        self.actions.clear();
+        self.left.clear();
+        self.cluster.clear();
+        self.open.clear();
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.actions.is_empty() && self.left.is_empty() && self.cluster.is_empty()
+    }
+
+    /// The buffer for bytes to `conn`, coalesced with what it was already
+    /// sent in this call.
+    pub(super) fn private(&mut self, conn: u64) -> &mut Vec<u8> {
+        let index = *self.open.entry(conn).or_insert_with(|| {
+            self.bufs.push(Vec::new());
+            self.actions
+                .push((conn, Action::Write(self.bufs.len() - 1)));
+            self.bufs.len() - 1
+        });
+        &mut self.bufs[index]
+    }
+
+    /// A buffer written to several connections (see [`Outbox::act`]).
+    pub(super) fn shared(&mut self, bytes: Vec<u8>) -> usize {
+        self.bufs.push(bytes);
+        self.bufs.len() - 1
+    }
+
+    pub(super) fn act(&mut self, conn: u64, action: Action) {
+        self.open.remove(&conn);
+        self.actions.push((conn, action));
+    }
+}

@@ -1,0 +1,140 @@
+//! What a connection sends: frames read, the rate limit applied, and each
+//! message answered or relayed to its target.
+
+use std::mem;
+use std::time::Instant;
+
+use super::conn::{Closing, Queued, State};
+use super::limits::Admission;
+use super::outbox::{Action, Outbox};
+use super::{Engine, LeaveReason};
+use crate::metrics::{cell, family, relay};
+use crate::wire::close;
+use crate::wire::frame::{self, Event, Flow};
+use crate::wire::message::{self, ErrorCode, Inbound};
+
+impl<W> Engine<W> {
+    /// Parses what `conn` sent and acts on every frame in it.
+    pub(super) fn feed(&mut self, conn: u64, data: &[u8], now: Instant, out: &mut Outbox) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if c.state != State::Open {
+            return; // closing: the rest of the input is of no interest
+        }
+        c.awaiting_pong = false;
+        let mut reader = mem::take(&mut c.reader);
+        let mut scratch = mem::take(&mut self.scratch);
+        let max_message = self.config.max_message;
+        let result = reader.feed(data, max_message, &mut scratch, |event| {
+            self.on_event(conn, event, now, out)
+        });
+        self.scratch = scratch;
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.reader = reader;
+        }
+        if let Err(fault) = result {
+            self.close(conn, Closing::fault(fault), now, out);
+        }
+        self.close_doomed(now, out);
+    }
+
+    fn on_event(&mut self, conn: u64, event: Event<'_>, now: Instant, out: &mut Outbox) -> Flow {
+        if let Event::Close(code) = event {
+            self.end(conn, LeaveReason::Closed, out);
+            frame::push_close(out.private(conn), code.unwrap_or(close::NORMAL), "");
+            out.act(conn, Action::Close);
+            return Flow::Stop;
+        }
+        // Every frame but a close counts against the rate limit: control
+        // frames cost as much to answer as messages.
+        match self.admit(conn, now) {
+            Admission::Yes => self.on_frame(conn, event, now, out),
+            Admission::Limited => {
+                // A message is told why it was dropped; a ping is not
+                // answered, a pong is ignored.
+                if let Event::Text(_) | Event::Binary = event {
+                    let msg_id = match event {
+                        Event::Text(text) => message::msg_id_of(text),
+                        _ => None,
+                    };
+                    self.send_error(conn, ErrorCode::RateLimited, msg_id, out);
+                }
+            }
+            Admission::Abusive => {
+                self.close(conn, Closing::RATE_ABUSE, now, out);
+                return Flow::Stop;
+            }
+        }
+        // A must-deliver write may have doomed this very connection.
+        match self.conns.get(&conn) {
+            Some(c) if c.state == State::Open && !self.doomed.contains(&conn) => Flow::Continue,
+            _ => Flow::Stop,
+        }
+    }
+
+    /// Answers a message or control frame the rate limit admitted.
+    fn on_frame(&mut self, conn: u64, event: Event<'_>, now: Instant, out: &mut Outbox) {
+        match event {
+            Event::Text(text) => self.on_text(conn, text, now, out),
+            Event::Binary => self.send_error(conn, ErrorCode::UnsupportedFrame, None, out),
+            Event::Ping(payload) => {
+                let mut pong = Vec::with_capacity(2 + payload.len());
+                frame::push_pong(&mut pong, payload);
+                self.send_must(conn, &pong, out);
+            }
+            Event::Pong | Event::Close(_) => {}
+        }
+    }
+
+    fn on_text(&mut self, conn: u64, text: &str, now: Instant, out: &mut Outbox) {
+        match message::parse_inbound(text) {
+            Ok(Inbound::Relay {
+                kind,
+                to,
+                payload,
+                msg_id,
+            }) => {
+                let from = self
+                    .registry
+                    .member(conn)
+                    .expect("open connections are members")
+                    .peer;
+                let Some(target) = self.registry.find_in_topic_of(conn, &to) else {
+                    if let Some((node, to)) = self.remote_target(conn, &to) {
+                        let relay = super::cluster::Forwarded {
+                            node,
+                            to,
+                            from,
+                            kind,
+                            payload,
+                            msg_id,
+                        };
+                        return self.forward(relay, now, out);
+                    }
+                    self.count_relay(relay::TARGET_NOT_FOUND);
+                    return self.send_error(conn, ErrorCode::TargetNotFound, msg_id, out);
+                };
+                let delivered = self.queue_or_write(target, out, |buf| {
+                    message::push_relay(buf, kind, from.as_str(), payload, msg_id);
+                });
+                if let Queued::OverBound = delivered {
+                    self.count_relay(relay::DROPPED);
+                    self.send_error(conn, ErrorCode::Dropped, msg_id, out);
+                } else {
+                    self.count_relay(relay::DELIVERED);
+                }
+            }
+            Ok(Inbound::Ping { msg_id }) => {
+                let mut pong = Vec::new();
+                message::push_pong_message(&mut pong, msg_id);
+                self.send_must(conn, &pong, out);
+            }
+            Err(rejected) => self.send_error(conn, rejected.code, rejected.msg_id, out),
+        }
+    }
+
+    pub(super) fn count_relay(&self, result: usize) {
+        self.metrics.add(cell(family::RELAYS, result), 1);
+    }
+}

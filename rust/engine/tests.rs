@@ -1,0 +1,356 @@
+//! The engine on one machine, sans-I/O.
+
+use super::*;
+use crate::wire::frame::apply_mask;
+use std::time::{Duration, SystemTime};
+
+/// A call at `instant`, on today's date.
+pub(super) fn at(instant: Instant) -> Now {
+    Now {
+        instant,
+        wall: SystemTime::now(),
+    }
+}
+
+/// Text of the frames written to `conn`, decoded; "<close N>" for a
+/// close frame, "<ping>"/"<pong>" for control frames.
+pub(super) fn written(out: &Outbox, conn: u64) -> Vec<String> {
+    let mut bytes = Vec::new();
+    for (c, action) in &out.actions {
+        if let (true, Action::Write(i)) = (*c == conn, action) {
+            bytes.extend_from_slice(&out.bufs[*i]);
+        }
+    }
+    decode(&bytes)
+}
+
+fn decode(mut bytes: &[u8]) -> Vec<String> {
+    let mut frames = Vec::new();
+    while !bytes.is_empty() {
+        let (len, start) = match bytes[1] {
+            126 => (u16::from_be_bytes([bytes[2], bytes[3]]) as usize, 4),
+            127 => (
+                u64::from_be_bytes(bytes[2..10].try_into().unwrap()) as usize,
+                10,
+            ),
+            n => (n as usize, 2),
+        };
+        let payload = &bytes[start..start + len];
+        frames.push(match bytes[0] & 0x0f {
+            1 => String::from_utf8(payload.to_vec()).unwrap(),
+            8 => format!("<close {}>", u16::from_be_bytes([payload[0], payload[1]])),
+            9 => "<ping>".into(),
+            10 => "<pong>".into(),
+            op => format!("<op {op}>"),
+        });
+        bytes = &bytes[start + len..];
+    }
+    frames
+}
+
+pub(super) fn text(payload: &str) -> Vec<u8> {
+    masked(0x81, payload.as_bytes())
+}
+
+pub(super) fn masked(first: u8, payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() < 126);
+    let key = [1, 2, 3, 4];
+    let mut out = vec![first, 0x80 | payload.len() as u8];
+    out.extend_from_slice(&key);
+    let mut body = payload.to_vec();
+    apply_mask(&mut body, key);
+    out.extend(body);
+    out
+}
+
+struct Harness {
+    engine: Engine<()>,
+    out: Outbox,
+    now: Instant,
+}
+
+impl Harness {
+    fn new(config: Config) -> Self {
+        Self {
+            engine: Engine::new(config),
+            out: Outbox::default(),
+            now: Instant::now(),
+        }
+    }
+
+    fn join(&mut self, topic: &str) -> (u64, String) {
+        self.out.clear();
+        let (conn, peer) = self
+            .engine
+            .join((), topic, None, at(self.now), &mut self.out);
+        (conn, peer.expect("admitted").as_str().to_owned())
+    }
+
+    fn send(&mut self, conn: u64, bytes: &[u8]) {
+        self.out.clear();
+        self.engine.receive(conn, bytes, self.now, &mut self.out);
+    }
+}
+
+#[test]
+fn join_relay_leave() {
+    let mut h = Harness::new(Config::default());
+    let (a, a_id) = h.join("room");
+    assert_eq!(written(&h.out, a).len(), 2);
+    let (b, b_id) = h.join("room");
+    assert_eq!(
+        written(&h.out, a),
+        vec![format!(r#"{{"type":"peer-joined","peerId":"{b_id}"}}"#)]
+    );
+    assert_eq!(
+        written(&h.out, b)[1],
+        format!(r#"{{"type":"peer-list","peers":[{{"id":"{a_id}"}}]}}"#)
+    );
+    h.send(
+        a,
+        &text(&format!(
+            r#"{{"type":"offer","to":"{b_id}","payload":{{"x":1}},"msgId":"m"}}"#
+        )),
+    );
+    assert_eq!(
+        written(&h.out, b),
+        vec![format!(
+            r#"{{"type":"offer","from":"{a_id}","payload":{{"x":1}},"msgId":"m"}}"#
+        )]
+    );
+    h.send(a, &masked(0x88, &1000u16.to_be_bytes()));
+    assert_eq!(written(&h.out, a), vec!["<close 1000>"]);
+    assert!(h.out.actions.contains(&(a, Action::Close)));
+    assert_eq!(
+        written(&h.out, b),
+        vec![format!(r#"{{"type":"peer-left","peerId":"{a_id}"}}"#)]
+    );
+    assert_eq!(h.engine.peer_count(), 1);
+}
+
+#[test]
+fn many_messages_in_one_chunk_are_one_write() {
+    let mut h = Harness::new(Config::default());
+    let (a, _) = h.join("room");
+    let (b, b_id) = h.join("room");
+    let msg = text(&format!(r#"{{"type":"ice-candidate","to":"{b_id}"}}"#));
+    let chunk: Vec<u8> = msg.iter().copied().cycle().take(msg.len() * 5).collect();
+    h.send(a, &chunk);
+    let writes: Vec<_> = h.out.actions.iter().filter(|(c, _)| *c == b).collect();
+    assert_eq!(writes.len(), 1);
+    assert_eq!(written(&h.out, b).len(), 5);
+}
+
+#[test]
+fn errors_keep_the_connection_open() {
+    let mut h = Harness::new(Config::default());
+    let (a, _) = h.join("room");
+    h.send(a, &text("nope"));
+    h.send(a, &masked(0x82, b"bin"));
+    assert!(written(&h.out, a)[0].contains("unsupported_frame"));
+    h.send(
+        a,
+        &text(r#"{"type":"offer","to":"01ARZ3NDEKTSV4RRFFQ69G5FAV","msgId":"q"}"#),
+    );
+    assert!(written(&h.out, a)[0]
+        .contains(r#""code":"target_not_found","message":"peer not found","msgId":"q""#));
+    assert_eq!(h.engine.peer_count(), 1);
+}
+
+#[test]
+fn protocol_fault_closes_with_its_code() {
+    let mut h = Harness::new(Config::default());
+    let (a, _) = h.join("room");
+    let (b, _) = h.join("room");
+    h.send(a, &masked(0x81, &[0xff]));
+    assert_eq!(written(&h.out, a), vec!["<close 1007>"]);
+    assert!(h.out.actions.contains(&(a, Action::Finish)));
+    assert!(written(&h.out, b)[0].contains("peer-left"));
+}
+
+#[test]
+fn full_queue_drops_relays_and_dooms_on_presence() {
+    let config = Config {
+        max_queue: 200,
+        ..Config::default()
+    };
+    let mut h = Harness::new(config);
+    let (a, _) = h.join("room");
+    let (b, b_id) = h.join("room");
+    h.engine.pause(b);
+    let offer = text(&format!(
+        r#"{{"type":"offer","to":"{b_id}","payload":"xxxxxxxxxxxxxxxxxxxxxxxxxx"}}"#
+    ));
+    let mut dropped = 0;
+    for _ in 0..10 {
+        h.send(a, &offer);
+        dropped += written(&h.out, a)
+            .iter()
+            .filter(|m| m.contains("\"dropped\""))
+            .count();
+    }
+    assert!(dropped > 0, "a full queue refuses relays");
+    assert_eq!(
+        h.engine.peer_count(),
+        2,
+        "a relay never disconnects the target"
+    );
+    // A presence event that does not fit: b is cut rather than left with a wrong view.
+    let (_c, _) = h.join("room");
+    assert_eq!(
+        written(&h.out, b),
+        vec![
+            r#"{"type":"error","code":"slow_consumer","message":"outbound buffer full"}"#
+                .to_owned(),
+            "<close 4008>".to_owned(),
+        ]
+    );
+    assert!(h
+        .out
+        .left
+        .iter()
+        .any(|(_, _, why)| *why == LeaveReason::SlowConsumer));
+    assert_eq!(h.engine.peer_count(), 2);
+    // Resuming writes nothing more: its queue went with it.
+    h.out.clear();
+    h.engine.resume(b, &mut h.out);
+    assert!(written(&h.out, b).is_empty());
+}
+
+#[test]
+fn queue_is_written_on_resume_in_order() {
+    let mut h = Harness::new(Config::default());
+    let (a, _) = h.join("room");
+    let (b, b_id) = h.join("room");
+    h.engine.pause(b);
+    for i in 0..3 {
+        h.send(
+            a,
+            &text(&format!(
+                r#"{{"type":"answer","to":"{b_id}","msgId":"{i}"}}"#
+            )),
+        );
+        assert!(written(&h.out, b).is_empty());
+    }
+    h.out.clear();
+    h.engine.resume(b, &mut h.out);
+    let got = written(&h.out, b);
+    assert_eq!(got.len(), 3);
+    assert!(got[0].ends_with(r#""msgId":"0"}"#) && got[2].ends_with(r#""msgId":"2"}"#));
+}
+
+#[test]
+fn silent_peer_times_out() {
+    let config = Config {
+        ping_interval: Duration::from_millis(100),
+        ping_timeout: Duration::from_millis(100),
+        ..Config::default()
+    };
+    let mut h = Harness::new(config);
+    let (a, _) = h.join("room");
+    let (b, _) = h.join("room");
+    h.out.clear();
+    h.engine
+        .tick(h.now + Duration::from_millis(100), &mut h.out);
+    assert_eq!(written(&h.out, a), vec!["<ping>"]);
+    // a answers, b stays silent
+    h.send(a, &masked(0x8A, b""));
+    h.out.clear();
+    h.engine
+        .tick(h.now + Duration::from_millis(200), &mut h.out);
+    assert!(h.out.actions.contains(&(b, Action::Abort)));
+    assert!(!h.out.actions.contains(&(a, Action::Abort)));
+    assert!(written(&h.out, a).iter().any(|m| m.contains("peer-left")));
+}
+
+#[test]
+fn full_topic_and_full_server_refuse_with_their_codes() {
+    let config = Config {
+        max_peers_per_topic: 2,
+        max_connections: 3,
+        ..Config::default()
+    };
+    let mut h = Harness::new(config);
+    let (a, _) = h.join("room");
+    h.join("room");
+    h.out.clear();
+    let (c, refused) = h.engine.join((), "room", None, at(h.now), &mut h.out);
+    assert_eq!(refused, Err(Refusal::TopicFull));
+    assert_eq!(
+        written(&h.out, c),
+        vec![
+            r#"{"type":"error","code":"topic_full","message":"topic is full"}"#.to_owned(),
+            "<close 4009>".to_owned(),
+        ]
+    );
+    assert!(
+        written(&h.out, a).is_empty(),
+        "the others learn nothing of it"
+    );
+    h.out.clear();
+    let (d, refused) = h.engine.join((), "other", None, at(h.now), &mut h.out);
+    assert_eq!(refused, Err(Refusal::ServerFull));
+    assert_eq!(written(&h.out, d)[1], "<close 4029>");
+    assert_eq!(h.engine.peer_count(), 2);
+}
+
+#[test]
+fn rate_limit_drops_then_disconnects_abusers() {
+    let limit = RateLimit {
+        per_second: 1.0,
+        burst: 2.0,
+    };
+    let mut h = Harness::new(Config {
+        rate_limit: Some(limit),
+        ..Config::default()
+    });
+    let (a, _) = h.join("room");
+    let (b, _) = h.join("room");
+    let ping = text(r#"{"type":"ping","msgId":"p"}"#);
+    let mut codes = Vec::new();
+    for _ in 0..ABUSE_LIMIT + 2 {
+        h.send(a, &ping);
+        codes.extend(written(&h.out, a));
+    }
+    assert_eq!(
+        codes[..2],
+        [
+            r#"{"type":"pong","msgId":"p"}"#,
+            r#"{"type":"pong","msgId":"p"}"#
+        ]
+    );
+    assert_eq!(
+        codes[2],
+        r#"{"type":"error","code":"rate_limited","message":"message rate limit exceeded","msgId":"p"}"#
+    );
+    assert!(codes.ends_with(&["<close 4008>".to_owned()]), "{codes:?}");
+    assert!(h
+        .out
+        .left
+        .iter()
+        .any(|(_, _, why)| *why == LeaveReason::RateAbuse));
+    assert!(written(&h.out, b).iter().any(|m| m.contains("peer-left")));
+    // Tokens come back with time.
+    let (c, _) = h.join("room");
+    h.send(c, &ping);
+    h.send(c, &ping);
+    h.now += Duration::from_secs(1);
+    h.send(c, &ping);
+    assert_eq!(written(&h.out, c), vec![r#"{"type":"pong","msgId":"p"}"#]);
+}
+
+#[test]
+fn close_all_then_timeout_aborts() {
+    let mut h = Harness::new(Config::default());
+    let (a, _) = h.join("room");
+    h.out.clear();
+    h.engine.close_all(1001, "going away", h.now, &mut h.out);
+    assert_eq!(written(&h.out, a), vec!["<close 1001>"]);
+    h.out.clear();
+    h.engine.tick(h.now + Duration::from_secs(3), &mut h.out);
+    assert!(h.out.actions.contains(&(a, Action::Abort)));
+    h.out.clear();
+    h.engine.release(a, h.now, &mut h.out);
+    assert_eq!(h.engine.connection_count(), 0);
+    assert_eq!(h.engine.topic_count(), 0);
+}

@@ -1,0 +1,100 @@
+//! The work for Redis, as typed operations the server's cluster link
+//! carries out in order (see `engine::cluster::ClusterOp`).
+
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use crate::engine::cluster::ClusterOp;
+use crate::wire::cluster::publish_command;
+
+/// Add local peer `peer` to `topic`; with `snapshot`, the hub waits for the
+/// topic's members (`Hub.snapshot`).
+#[pyclass(frozen, get_all, module = "signaling_sharded._native")]
+pub struct JoinOp {
+    topic: String,
+    peer: String,
+    metadata: Option<String>,
+    snapshot: bool,
+}
+
+/// Remove `peer` from `topic`.
+#[pyclass(frozen, get_all, module = "signaling_sharded._native")]
+pub struct LeaveOp {
+    topic: String,
+    peer: String,
+}
+
+/// The `PUBLISH` of a message to another node's inbox, encoded (RESP),
+/// to write to Redis as is. A relay that reaches no one goes back to the
+/// hub with `Hub.undeliverable(op, ...)`.
+#[pyclass(frozen, module = "signaling_sharded._native")]
+pub struct PublishOp {
+    #[pyo3(get)]
+    command: Py<PyBytes>,
+    /// Where the relay's message starts in `command`, if it is a relay.
+    relay_at: Option<usize>,
+}
+
+#[pymethods]
+impl PublishOp {
+    /// Whether this carries a relay (else a frame bounced to its sender).
+    #[getter]
+    fn is_relay(&self) -> bool {
+        self.relay_at.is_some()
+    }
+}
+
+impl PublishOp {
+    /// The relay message inside the command, if this carries one.
+    pub(super) fn relay<'a>(&'a self, py: Python<'a>) -> Option<&'a [u8]> {
+        let command = self.command.bind(py).as_bytes();
+        // The command ends with the CRLF after the message.
+        self.relay_at.map(|at| &command[at..command.len() - 2])
+    }
+}
+
+/// `op` as the Python side takes it; `channel_prefix` names the inboxes.
+pub(super) fn to_python<'py>(
+    py: Python<'py>,
+    channel_prefix: &[u8],
+    op: &ClusterOp,
+) -> PyResult<Bound<'py, PyAny>> {
+    let object = match op {
+        ClusterOp::Join {
+            topic,
+            peer,
+            metadata,
+            snapshot,
+        } => Bound::new(
+            py,
+            JoinOp {
+                topic: topic.to_string(),
+                peer: peer.as_str().to_owned(),
+                metadata: metadata.as_deref().map(str::to_owned),
+                snapshot: *snapshot,
+            },
+        )?
+        .into_any(),
+        ClusterOp::Leave { topic, peer } => Bound::new(
+            py,
+            LeaveOp {
+                topic: topic.to_string(),
+                peer: peer.as_str().to_owned(),
+            },
+        )?
+        .into_any(),
+        ClusterOp::Publish {
+            node,
+            message,
+            relay,
+        } => {
+            let (command, offset) = publish_command(channel_prefix, node, message);
+            let op = PublishOp {
+                command: PyBytes::new(py, &command).unbind(),
+                relay_at: relay.then_some(offset),
+            };
+            Bound::new(py, op)?.into_any()
+        }
+    };
+    Ok(object)
+}

@@ -1,0 +1,392 @@
+//! `Hub`: one worker's engine, and the carrying out of what it decides.
+//!
+//! After the HTTP upgrade the worker hands the socket's transport to
+//! `Hub.join`, which returns a [`Peer`]; the worker installs it with
+//! `transport.set_protocol(peer)`. Every call into the engine fills an
+//! outbox under the lock; the writes, closes and callbacks it asks for
+//! are made after the lock is released.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use pyo3::exceptions::PyValueError;
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList};
+use rustc_hash::FxHashMap;
+
+use super::cluster::{self, PublishOp};
+use super::config::Settings;
+use super::metrics::MetricsTable;
+use super::now;
+use super::peer::Peer;
+use crate::engine::{Action, Engine, Outbox, Refusal};
+use crate::metrics::{self as counters, cell, family, Table};
+use crate::wire::cluster::RemotePeer;
+use crate::wire::peer_id::PeerId;
+
+pub(super) struct Core {
+    pub(super) engine: Engine<Py<PyAny>>,
+    outbox: Outbox,
+}
+
+/// One worker's peers and topics.
+#[pyclass(frozen, module = "signaling_sharded._native")]
+pub struct Hub {
+    core: Mutex<Core>,
+    /// Called as `on_left(peer_id, topic, reason)` when a peer leaves.
+    on_left: Py<PyAny>,
+    /// Cluster mode: called with a list of operations for Redis, after
+    /// each call that produced some.
+    on_cluster: Option<Py<PyAny>>,
+    /// What every node's inbox channel name starts with (cluster mode).
+    channel_prefix: Vec<u8>,
+}
+
+/// A socket operation decided under the lock, carried out after it.
+enum Op<'py> {
+    Write(Bound<'py, PyBytes>),
+    Finish,
+    Close,
+    Abort,
+}
+
+impl Hub {
+    pub(super) fn lock(&self) -> MutexGuard<'_, Core> {
+        // A panic inside the engine poisons the lock; the state it left is
+        // still the best there is, and the panic itself was reported.
+        self.core
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Runs `step` on the engine, then performs what it decided.
+    pub(super) fn run<R>(
+        &self,
+        py: Python<'_>,
+        step: impl FnOnce(&mut Engine<Py<PyAny>>, &mut Outbox) -> R,
+    ) -> R {
+        let mut left = Vec::new();
+        let mut cluster_ops = None;
+        let mut ops: Vec<(Bound<'_, PyAny>, Op<'_>)> = Vec::new();
+        let result = {
+            let mut guard = self.lock();
+            let Core { engine, outbox } = &mut *guard;
+            let result = step(engine, outbox);
+            engine.record_gauges();
+            if !outbox.is_empty() {
+                let mut bytes: Vec<Option<Bound<'_, PyBytes>>> = vec![None; outbox.bufs.len()];
+                let mut sent = 0;
+                for &(conn, action) in &outbox.actions {
+                    let Some(transport) = engine.transport(conn) else {
+                        continue;
+                    };
+                    let op = match action {
+                        Action::Write(index) => Op::Write({
+                            sent += outbox.bufs[index].len() as u64;
+                            bytes[index]
+                                .get_or_insert_with(|| PyBytes::new(py, &outbox.bufs[index]))
+                                .clone()
+                        }),
+                        Action::Finish => Op::Finish,
+                        Action::Close => Op::Close,
+                        Action::Abort => Op::Abort,
+                    };
+                    ops.push((transport.bind(py).clone(), op));
+                }
+                engine.metrics().add(cell(family::SENT_BYTES, 0), sent);
+                left.extend(outbox.left.drain(..).map(|(peer, topic, reason)| {
+                    (peer.as_str().to_owned(), topic.to_string(), reason.as_str())
+                }));
+                if !outbox.cluster.is_empty() {
+                    let prefix = &self.channel_prefix;
+                    let list = outbox
+                        .cluster
+                        .iter()
+                        .map(|op| cluster::to_python(py, prefix, op));
+                    cluster_ops = Some(list.collect::<PyResult<Vec<_>>>());
+                }
+                outbox.clear();
+            }
+            result
+        };
+        for (transport, op) in ops {
+            let called = match op {
+                Op::Write(data) => transport.call_method1(intern!(py, "write"), (data,)),
+                Op::Finish => transport.call_method0(intern!(py, "write_eof")),
+                Op::Close => transport.call_method0(intern!(py, "close")),
+                Op::Abort => transport.call_method0(intern!(py, "abort")),
+            };
+            if let Err(err) = called {
+                err.write_unraisable(py, Some(&transport));
+            }
+        }
+        for (peer, topic, reason) in left {
+            if let Err(err) = self.on_left.call1(py, (peer, topic, reason)) {
+                err.write_unraisable(py, Some(self.on_left.bind(py)));
+            }
+        }
+        if let (Some(ops), Some(on_cluster)) = (cluster_ops, &self.on_cluster) {
+            let called = ops
+                .and_then(|ops| PyList::new(py, ops))
+                .and_then(|list| on_cluster.call1(py, (list,)));
+            if let Err(err) = called {
+                err.write_unraisable(py, Some(on_cluster.bind(py)));
+            }
+        }
+        result
+    }
+
+    fn count(&self, family: usize, values: &[&str], label: &str) -> PyResult<()> {
+        let Some(value) = counters::value_index(values, label) else {
+            let known = values.join(", ");
+            return Err(PyValueError::new_err(format!(
+                "unknown label {label:?}; one of {known}"
+            )));
+        };
+        self.lock().engine.metrics().add(cell(family, value), 1);
+        Ok(())
+    }
+}
+
+#[pymethods]
+impl Hub {
+    /// A hub with the settings of `config` (the server's `Config`, read
+    /// once, by attribute). `metrics` is the server's shared table and
+    /// `worker` this worker's row in it; in cluster mode, `cluster_node`
+    /// names this node and `on_cluster` takes its work for Redis.
+    #[new]
+    #[pyo3(signature = (config, on_left, *, metrics=None, worker=0, cluster_node=None, on_cluster=None))]
+    fn new(
+        config: Settings,
+        on_left: Py<PyAny>,
+        metrics: Option<PyRef<'_, MetricsTable>>,
+        worker: usize,
+        cluster_node: Option<String>,
+        on_cluster: Option<Py<PyAny>>,
+    ) -> PyResult<Self> {
+        if cluster_node.is_some() != on_cluster.is_some() {
+            return Err(PyValueError::new_err(
+                "cluster_node and on_cluster go together",
+            ));
+        }
+        let table = match metrics {
+            Some(table) => Arc::clone(&table.table),
+            None => Arc::new(Table::local(worker + 1)),
+        };
+        if worker >= table.workers() {
+            return Err(PyValueError::new_err(
+                "worker is not a row of the metrics table",
+            ));
+        }
+        let engine_config = config.engine_config(cluster_node)?;
+        Ok(Self {
+            core: Mutex::new(Core {
+                engine: Engine::with_metrics(engine_config, table.recorder(worker)),
+                outbox: Outbox::default(),
+            }),
+            on_left,
+            on_cluster,
+            channel_prefix: format!("{}node:", config.redis_prefix).into_bytes(),
+        })
+    }
+
+    /// Adds the upgraded connection on `transport` to `topic`, writes its
+    /// `welcome` and `peer-list` and tells the others; over a limit, writes
+    /// the refusal instead (`Peer.refused` says which). The caller must then
+    /// `transport.set_protocol()` the returned `Peer`.
+    #[pyo3(signature = (transport, topic, metadata=None))]
+    fn join(
+        slf: &Bound<'_, Self>,
+        transport: Py<PyAny>,
+        topic: &str,
+        metadata: Option<&str>,
+    ) -> Peer {
+        let py = slf.py();
+        let (conn, joined) = slf.get().run(py, |engine, out| {
+            let (conn, joined) = engine.join(transport, topic, metadata, now(), out);
+            (conn, joined.map(|peer| peer.as_str().to_owned()))
+        });
+        let (peer_id, refused) = match joined {
+            Ok(peer) => (Some(peer), None),
+            Err(refusal) => (None, Some(refusal.as_str())),
+        };
+        Peer {
+            hub: slf.clone().unbind(),
+            conn,
+            peer_id,
+            refused,
+        }
+    }
+
+    /// Takes the upgraded connection on `transport` only to refuse it with
+    /// `reason` (`"unauthorized"`, `"invalid_topic"`, ...): the `error`,
+    /// then the close code.
+    fn refuse(slf: &Bound<'_, Self>, transport: Py<PyAny>, reason: &str) -> PyResult<Peer> {
+        let Some(refusal) = Refusal::ALL.into_iter().find(|r| r.as_str() == reason) else {
+            return Err(PyValueError::new_err(format!("unknown refusal {reason:?}")));
+        };
+        let py = slf.py();
+        let conn = slf.get().run(py, |engine, out| {
+            engine.refuse(transport, refusal, Instant::now(), out)
+        });
+        Ok(Peer {
+            hub: slf.clone().unbind(),
+            conn,
+            peer_id: None,
+            refused: Some(refusal.as_str()),
+        })
+    }
+
+    /// Sends due pings, and closes peers whose ping or close timed out.
+    fn tick(&self, py: Python<'_>) {
+        self.run(py, |engine, out| engine.tick(Instant::now(), out));
+    }
+
+    /// Starts closing every peer with `code` (1001 when draining).
+    fn close_all(&self, py: Python<'_>, code: u16, reason: &str) {
+        self.run(py, |engine, out| {
+            engine.close_all(code, reason, Instant::now(), out)
+        });
+    }
+
+    /// Resets every connection still open.
+    fn abort_all(&self, py: Python<'_>) {
+        self.run(py, |engine, out| engine.abort_all(out));
+    }
+
+    /// Connections held, closing ones included.
+    fn connection_count(&self) -> usize {
+        self.lock().engine.connection_count()
+    }
+
+    fn peer_count(&self) -> usize {
+        self.lock().engine.peer_count()
+    }
+
+    fn topic_count(&self) -> usize {
+        self.lock().engine.topic_count()
+    }
+
+    /// Counts a connection that did not become a peer: `"timeout"`, the
+    /// HTTP status it was answered (`"404"`), or the error it was refused
+    /// with (`"unauthorized"`). An unknown label raises ValueError.
+    fn count_handshake_failure(&self, reason: &str) -> PyResult<()> {
+        let values = counters::HANDSHAKE_FAILURES;
+        self.count(family::HANDSHAKE_FAILURES, values, reason)
+    }
+
+    /// Counts a hand-off between workers: `"sent"`, `"failed"`,
+    /// `"received"` or `"refused"`. An unknown label raises ValueError.
+    fn count_handoff(&self, result: &str) -> PyResult<()> {
+        self.count(family::HANDOFFS, counters::HANDOFF_RESULTS, result)
+    }
+
+    /// Cluster mode: messages from this node's inbox, in order.
+    fn deliver(&self, py: Python<'_>, messages: Vec<Bound<'_, PyBytes>>) {
+        self.run(py, |engine, out| {
+            let now = Instant::now();
+            for message in &messages {
+                engine.deliver(message.as_bytes(), now, out);
+            }
+        });
+    }
+
+    /// Cluster mode: the other nodes' members of `topic` at `version`, as
+    /// `(peer, node, metadata)`; `None` when Redis could not be asked.
+    #[pyo3(signature = (topic, version=None, members=None))]
+    fn snapshot(
+        &self,
+        py: Python<'_>,
+        topic: &str,
+        version: Option<u64>,
+        members: Option<Vec<(String, String, Option<String>)>>,
+    ) {
+        let snapshot = version.zip(members).map(|(version, members)| {
+            let members: FxHashMap<_, _> = members
+                .into_iter()
+                .filter_map(|(peer, node, metadata)| {
+                    let metadata = metadata.filter(|text| !text.is_empty());
+                    let remote = RemotePeer {
+                        node: node.into(),
+                        metadata: metadata.map(Into::into),
+                    };
+                    Some((PeerId::parse(&peer)?, remote))
+                })
+                .collect();
+            (version, members)
+        });
+        self.run(py, |engine, out| {
+            engine.snapshot(topic, snapshot, now(), out)
+        });
+    }
+
+    /// Cluster mode: stop holding the connections waiting for `topic`'s
+    /// snapshot; greet them with what is known.
+    fn greet_waiting(&self, py: Python<'_>, topic: &str) {
+        self.run(py, |engine, out| engine.greet_waiting(topic, now(), out));
+    }
+
+    /// Cluster mode: the relay that `op` published reached nobody
+    /// (`unreachable`), or could not be published.
+    fn undeliverable(&self, py: Python<'_>, op: PyRef<'_, PublishOp>, unreachable: bool) {
+        let Some(message) = op.relay(py) else {
+            return;
+        };
+        self.run(py, |engine, out| {
+            engine.undeliverable(message, unreachable, Instant::now(), out)
+        });
+    }
+
+    /// Cluster mode: every followed topic with its local peers (and those
+    /// about to join), as `(topic, [(peer, metadata)])`.
+    #[allow(clippy::type_complexity)]
+    fn local_members(&self) -> Vec<(String, Vec<(String, Option<String>)>)> {
+        let core = self.lock();
+        core.engine
+            .local_members()
+            .into_iter()
+            .map(|(topic, peers)| {
+                let peers = peers
+                    .into_iter()
+                    .map(|(peer, metadata)| (peer.as_str().to_owned(), metadata.map(Into::into)))
+                    .collect();
+                (topic.to_string(), peers)
+            })
+            .collect()
+    }
+
+    /// Cluster mode: hold presence events until each topic's snapshot.
+    fn begin_resync(&self) {
+        self.lock().engine.begin_resync();
+    }
+
+    /// Cluster mode: the other nodes holding members of this node's topics.
+    fn remote_nodes(&self) -> Vec<String> {
+        let core = self.lock();
+        core.engine
+            .remote_nodes()
+            .iter()
+            .map(|node| node.to_string())
+            .collect()
+    }
+
+    /// Cluster mode: whether this worker is linked to Redis (a metric);
+    /// losing the link is counted unless `lost` is false (a shutdown).
+    #[pyo3(signature = (connected, lost=true))]
+    fn set_cluster_connected(&self, connected: bool, lost: bool) {
+        let core = self.lock();
+        let metrics = core.engine.metrics();
+        let gauge = cell(family::CLUSTER_CONNECTED, 0);
+        if !connected && lost && metrics.get(gauge) == 1 {
+            metrics.add(cell(family::CLUSTER_DISCONNECTS, 0), 1);
+        }
+        metrics.set(gauge, u64::from(connected));
+    }
+
+    /// Every worker's metrics in the Prometheus text format.
+    fn metrics_text(&self) -> String {
+        let table = Arc::clone(self.lock().engine.metrics().table());
+        table.render()
+    }
+}

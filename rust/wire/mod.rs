@@ -1,0 +1,21 @@
+//! The protocol's codecs, stateless: what crosses a socket and how it is
+//! read and written. Nothing here knows of connections or topics.
+//!
+//! - [`request`]: the HTTP request that opens a connection, read once for
+//!   routing and upgrade;
+//! - [`frame`]: WebSocket frames of an open connection (RFC 6455);
+//! - [`message`]: the protocol's JSON messages, parsed and written;
+//! - [`close`]: the close codes;
+//! - [`peer_id`]: peer ids (ULIDs);
+//! - [`reason`]: why a peer leaves its topic;
+//! - [`ice`]: the ICE servers and TURN credentials of `welcome`;
+//! - [`cluster`]: the messages nodes send each other through Redis.
+
+pub mod close;
+pub mod cluster;
+pub mod frame;
+pub mod ice;
+pub mod message;
+pub mod peer_id;
+pub mod reason;
+pub mod request;

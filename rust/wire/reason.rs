@@ -1,0 +1,40 @@
+//! Why a peer leaves its topic: one name per reason, used in the logs, the
+//! metrics and (for webhooks) on the wire.
+
+/// Why a peer left its topic: logged by the caller and counted in the
+/// metrics under the same name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaveReason {
+    Closed,
+    Disconnected,
+    PingTimeout,
+    SlowConsumer,
+    RateAbuse,
+    ProtocolError,
+    Shutdown,
+}
+
+impl LeaveReason {
+    /// Every reason, in declaration order (`reason as usize` indexes it).
+    pub const ALL: [Self; 7] = [
+        Self::Closed,
+        Self::Disconnected,
+        Self::PingTimeout,
+        Self::SlowConsumer,
+        Self::RateAbuse,
+        Self::ProtocolError,
+        Self::Shutdown,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::Disconnected => "disconnected",
+            Self::PingTimeout => "ping_timeout",
+            Self::SlowConsumer => "slow_consumer",
+            Self::RateAbuse => "rate_abuse",
+            Self::ProtocolError => "protocol_error",
+            Self::Shutdown => "shutdown",
+        }
+    }
+}
