@@ -3,6 +3,7 @@ grows past what one reader holds (docs/architecture.md)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,3 +43,18 @@ def test_no_source_file_is_over_a_thousand_lines() -> None:
         if (n := len(f.read_text().splitlines())) > MAX_LINES
     }
     assert long == {}, long
+
+
+def test_close_codes_are_the_cores_everywhere() -> None:
+    """The close codes are defined once, in the Rust core: the docs list
+    every one, and both clients stop on the same final codes."""
+    from signaling_sharded._native import CLOSE_CODES
+    from signaling_sharded.client import FINAL_CLOSE_CODES
+
+    protocol = (ROOT / "docs" / "protocol.md").read_text()
+    for name, code in CLOSE_CODES.items():
+        assert f"\n| {code} |" in protocol, f"{name} ({code}) is not in docs/protocol.md"
+    script = (ROOT / "python" / "signaling_sharded" / "static" / "signaling.js").read_text()
+    found = re.search(r"FINAL_CLOSE_CODES = new Set\(\[([0-9, ]+)\]\)", script)
+    assert found is not None, "signaling.js names no FINAL_CLOSE_CODES"
+    assert {int(code) for code in found.group(1).split(",")} == set(FINAL_CLOSE_CODES)
