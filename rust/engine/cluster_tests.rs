@@ -4,7 +4,8 @@
 use super::cluster::ClusterOp;
 use super::tests::{at, masked, text, written};
 use super::*;
-use crate::wire::cluster::{self, RemotePeer};
+use crate::wire::cluster;
+use crate::wire::cluster::testing::{id as rid, member as remote};
 use serde_json::value::RawValue;
 use std::time::Duration;
 
@@ -113,18 +114,6 @@ impl Node {
 
 /// A remote member: peer, node, metadata JSON.
 type Member<'a> = (PeerId, &'a str, Option<&'a str>);
-
-fn remote(node: &str, metadata: Option<&str>) -> RemotePeer {
-    RemotePeer {
-        node: Arc::from(node),
-        metadata: metadata.map(Box::from),
-    }
-}
-
-/// A peer id of another node's peer.
-fn rid(n: u8) -> PeerId {
-    PeerId::parse(&format!("01J5{n:022}")).unwrap()
-}
 
 /// The bytes written to `conn`, in order.
 fn bytes_to(out: &Outbox, conn: u64) -> Vec<u8> {

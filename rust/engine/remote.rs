@@ -93,17 +93,10 @@ impl RemoteTopic {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
-
-    fn id(n: u8) -> PeerId {
-        PeerId::parse(&format!("01J5{:022}", n)).unwrap()
-    }
+    use crate::wire::cluster::testing::{id, member};
 
     fn remote(node: &str) -> RemotePeer {
-        RemotePeer {
-            node: Arc::from(node),
-            metadata: None,
-        }
+        member(node, None)
     }
 
     #[test]

@@ -186,19 +186,32 @@ pub fn remote_peer(node: &str, metadata: Option<&RawValue>) -> RemotePeer {
     }
 }
 
+/// Peers and members for the tests of this crate.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
 
-    fn id(n: u8) -> PeerId {
-        PeerId::parse(&format!("01J5{:022}", n)).unwrap()
+    /// The `n`th peer id.
+    pub(crate) fn id(n: u8) -> PeerId {
+        PeerId::parse(&format!("01J5{n:022}")).unwrap()
     }
 
-    fn remote(node: &str) -> RemotePeer {
+    /// A member held by `node`, with `metadata`.
+    pub(crate) fn member(node: &str, metadata: Option<&str>) -> RemotePeer {
         RemotePeer {
             node: Arc::from(node),
-            metadata: None,
+            metadata: metadata.map(Box::from),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{id, member};
+    use super::*;
+
+    fn remote(node: &str) -> RemotePeer {
+        member(node, None)
     }
 
     #[test]
