@@ -99,6 +99,13 @@ pub const HANDOFF_RESULTS: &[&str] = &["sent", "failed", "received", "refused"];
 /// counts the delivery.
 pub const RELAY_RESULTS: &[&str] = &["delivered", "dropped", "target_not_found", "forwarded"];
 
+/// What became of a resume: `resumed`; `forged` (a token this server did
+/// not make, or for another topic); `used` (the token of an earlier
+/// resume); `gone` (the session ended, or resumes are off);
+/// `unreplayable` (`seen` missing, or what the client missed is no longer
+/// kept: the session ends and the client starts afresh).
+pub const RESUME_RESULTS: &[&str] = &["resumed", "forged", "used", "gone", "unreplayable"];
+
 pub const FAMILIES: &[Family] = &[
     Family {
         name: "signaling_worker_up",
@@ -228,6 +235,22 @@ pub const FAMILIES: &[Family] = &[
         values: NONE,
         per_worker: false,
     },
+    Family {
+        name: "signaling_sessions_suspended",
+        help: "Resumable sessions whose connection is lost, waiting for a resume.",
+        kind: Kind::Gauge,
+        label: "",
+        values: NONE,
+        per_worker: false,
+    },
+    Family {
+        name: "signaling_resumes_total",
+        help: "Resume requests, by result.",
+        kind: Kind::Counter,
+        label: "result",
+        values: RESUME_RESULTS,
+        per_worker: false,
+    },
 ];
 
 /// Indexes into [`FAMILIES`].
@@ -248,6 +271,17 @@ pub mod family {
     pub const RECEIVED_BYTES: usize = 13;
     pub const SENT_BYTES: usize = 14;
     pub const CLUSTER_DISCONNECTS: usize = 15;
+    pub const SESSIONS_SUSPENDED: usize = 16;
+    pub const RESUMES: usize = 17;
+}
+
+/// Resume results, as indexes into [`RESUME_RESULTS`].
+pub mod resume {
+    pub const RESUMED: usize = 0;
+    pub const FORGED: usize = 1;
+    pub const USED: usize = 2;
+    pub const GONE: usize = 3;
+    pub const UNREPLAYABLE: usize = 4;
 }
 
 /// Relay results, as indexes into [`RELAY_RESULTS`].
@@ -372,6 +406,7 @@ impl Table {
                 family::CONNECTIONS,
                 family::PEERS,
                 family::TOPICS,
+                family::SESSIONS_SUSPENDED,
             ] {
                 self.at(worker, cell(family, 0)).store(0, Ordering::Relaxed);
             }
@@ -522,7 +557,7 @@ mod tests {
         for (index, name) in names {
             assert_eq!(FAMILIES[index].name, name);
         }
-        assert_eq!(FAMILIES.len(), family::CLUSTER_DISCONNECTS + 1);
+        assert_eq!(FAMILIES.len(), family::RESUMES + 1);
     }
 
     #[test]

@@ -8,6 +8,7 @@ chat messages peer to peer. Needs Playwright for Python and a Chromium at
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -15,7 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from conftest import Server
-from wsclient import http_get
+from wsclient import OP_TEXT, RawClient, http_get
+
+from testkit.proxy import Proxy
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
@@ -175,3 +178,40 @@ def test_a_join_that_cannot_succeed_shows_why_and_is_not_retried(
     # The client decided not to reconnect: no retry was scheduled.
     assert page.evaluate("window.demo.client.retryTimer") is None
     assert len(server.wait_records("peer refused", reason=error)) == 1
+
+
+def test_the_browser_client_resumes_after_its_connection_is_reset(
+    server: Server, open_page: Callable[[str], Page]
+) -> None:
+    """signaling.js asks for a resumable session: after a reset it comes back
+    with the same id, gets the offer sent meanwhile, and no one saw it go."""
+    with Proxy(server.port) as proxy:
+        page = open_page(f"http://127.0.0.1:{server.port}/")
+        first = page.evaluate(
+            """async (port) => {
+                const client = new SignalingClient("browser-resume", {
+                    url: `ws://127.0.0.1:${port}`, minDelay: 50, maxDelay: 200,
+                });
+                window.resumeTest = { client, events: [] };
+                client.on("resumed", (e) => window.resumeTest.events.push(`resumed ${e.selfId}`));
+                client.on("peer-left", (e) => window.resumeTest.events.push(`left ${e.id}`));
+                client.on("offer", (m) => window.resumeTest.events.push(`offer ${m.msgId}`));
+                return await client.connect();
+            }""",
+            proxy.port,
+        )
+        other, other_id = RawClient.join(server.port, "/ws/browser-resume")
+        with other:
+            page.wait_for_function("window.resumeTest.client.peers.size === 1")
+            proxy.reset()
+            server.wait_records("peer suspended", peer=first)
+            offer = {"type": "offer", "to": first, "payload": {}, "msgId": "gap"}
+            other.send_frame(OP_TEXT, json.dumps(offer).encode())
+            page.wait_for_function("window.resumeTest.events.length >= 2")
+            events = page.evaluate("window.resumeTest.events")
+            assert events == [f"resumed {first}", "offer gap"]
+            assert page.evaluate("window.resumeTest.client.selfId") == first
+            # The other peer saw nothing: its next message answers its ping.
+            other.send_frame(OP_TEXT, b'{"type":"ping","msgId":"p"}')
+            assert other.recv_json() == {"type": "pong", "msgId": "p"}
+            assert other_id not in events

@@ -26,6 +26,7 @@ from signaling_sharded.client import (
     Pong,
     Reconnected,
     Relay,
+    Resumed,
     SignalingClient,
     SignalingClosed,
 )
@@ -275,7 +276,10 @@ def test_reconnect_after_a_dropped_connection_reports_the_changes(server: Server
     async def scenario() -> None:
         url = base_url(server)
         async with Proxy(server.port) as proxy:
-            alice = SignalingClient(proxy.url, "drop", metadata="alice", backoff=FAST)
+            # Not resumable: the drop is a leave and a join (see the resume test).
+            alice = SignalingClient(
+                proxy.url, "drop", metadata="alice", backoff=FAST, resumable=False
+            )
             bob = SignalingClient(url, "drop", metadata="bob")
             carol = SignalingClient(url, "drop", metadata="carol")
             async with alice, bob:
@@ -366,7 +370,7 @@ def test_server_full_is_retried(start_server: Callable[..., Server]) -> None:
 
     async def scenario() -> None:
         async with Proxy(srv.port) as proxy:
-            alice = SignalingClient(proxy.url, "full", backoff=FAST)
+            alice = SignalingClient(proxy.url, "full", backoff=FAST, resumable=False)
             async with alice:
                 old_id = alice.self_id
                 proxy.target = None
@@ -383,6 +387,35 @@ def test_server_full_is_retried(start_server: Callable[..., Server]) -> None:
                 _, reconnected = await events_until(alice, Reconnected)
                 assert reconnected.self_id not in (old_id, other.self_id)
                 assert reconnected.peers == {}
+
+    run(scenario())
+
+
+def test_a_dropped_connection_resumes_the_session_unnoticed(server: Server) -> None:
+    """Resumable by default: after a drop the client comes back with the same
+    id, gets what was sent meanwhile, and the other peers see nothing."""
+
+    async def scenario() -> None:
+        async with Proxy(server.port) as proxy:
+            alice = SignalingClient(proxy.url, "blip", metadata="alice", backoff=FAST)
+            bob = SignalingClient(base_url(server), "blip", metadata="bob")
+            async with alice, bob:
+                assert await expect(alice, PeerJoined) == PeerJoined(bob.self_id, "bob")
+                old_id = alice.self_id
+                proxy.cut()
+                assert await expect(alice, Disconnected) == Disconnected(1006, "")
+                await asyncio.to_thread(server.wait_records, "peer suspended", peer=old_id)
+                for n in range(3):
+                    await bob.offer(old_id, {"n": n}, msg_id=str(n))
+                events, resumed = await events_until(alice, Resumed)
+                assert resumed == Resumed(old_id) and events == []
+                assert alice.self_id == old_id and alice.peers == {bob.self_id: "bob"}
+                for n in range(3):
+                    relay = await expect(alice, Relay)
+                    assert relay == Relay("offer", bob.self_id, {"n": n}, str(n))
+                # bob saw nothing: its next event is the answer to a new relay.
+                await alice.answer(bob.self_id, {"back": True}, msg_id="back")
+                assert await next_event(bob) == Relay("answer", old_id, {"back": True}, "back")
 
     run(scenario())
 

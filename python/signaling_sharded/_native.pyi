@@ -61,6 +61,10 @@ class _Settings(Protocol):
     def turn_ttl(self) -> int: ...
     @property
     def redis_prefix(self) -> str: ...
+    @property
+    def resume_window(self) -> float: ...
+    @property
+    def resume_secret(self) -> str | None: ...
 
 @final
 class JoinOp:
@@ -105,16 +109,29 @@ class Hub:
         config: _Settings,
         on_left: Callable[[str, str, str], object],
         *,
+        on_session: Callable[[str, str, str], object] | None = None,
         metrics: MetricsTable | None = None,
         worker: int = 0,
         cluster_node: str | None = None,
         on_cluster: Callable[[list[Any]], object] | None = None,
     ) -> Hub:
-        """A hub with the settings of ``config``, read once. ``metrics`` is
+        """A hub with the settings of ``config``, read once. ``on_left`` and
+        ``on_session`` are called with ``(peer, topic, reason or event)``
+        when a peer leaves, and when a resumable session is ``"suspended"``
+        or ``"resumed"``. ``metrics`` is
         the server's table and ``worker`` this worker's row; in cluster
         mode, ``cluster_node`` names the node and ``on_cluster`` takes its
         work for Redis, in order: ``JoinOp``, ``LeaveOp``, ``PublishOp``."""
-    def join(self, transport: Any, topic: str, metadata: str | None = None) -> Peer:
+    def join(
+        self,
+        transport: Any,
+        topic: str,
+        metadata: str | None = None,
+        *,
+        resumable: bool = False,
+        resume: str | None = None,
+        seen: int | None = None,
+    ) -> Peer:
         """Add the upgraded connection on ``transport`` to ``topic``.
 
         Writes ``welcome`` and ``peer-list`` to it and ``peer-joined`` to the
@@ -122,6 +139,9 @@ class Hub:
         ``transport.set_protocol(peer)``. Over ``max_peers_per_topic`` or
         ``max_connections`` the connection is refused instead: it is sent the
         ``error`` and close code, and ``Peer.refused`` names the error.
+        With ``resumable``, the session outlives a lost connection; with
+        ``resume`` (a token) and ``seen``, it takes that session over if it
+        can (``Peer.resumed``), else it is a new peer.
         """
     def refuse(self, transport: Any, reason: str) -> Peer:
         """Refuse the upgraded connection on ``transport`` with ``reason``
@@ -194,6 +214,9 @@ class Peer:
     def peer_id(self) -> str | None:
         """The peer's id; None for a refused connection."""
     @property
+    def resumed(self) -> bool:
+        """Whether it resumed a session (``peer_id`` is the session's)."""
+    @property
     def refused(self) -> str | None:
         """The error code a refused connection was sent, else None."""
     def connection_made(self, _transport: Any) -> None: ...
@@ -246,6 +269,12 @@ class Request:
     def metadata(self) -> str | None: ...
     @property
     def token(self) -> str | None: ...
+    @property
+    def resumable(self) -> bool: ...
+    @property
+    def resume(self) -> str | None: ...
+    @property
+    def seen(self) -> int | None: ...
     @property
     def accept(self) -> str | None: ...
 

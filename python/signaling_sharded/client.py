@@ -69,6 +69,7 @@ __all__ = [
     "Pong",
     "Reconnected",
     "Relay",
+    "Resumed",
     "SignalingClient",
     "SignalingClosed",
     "SignalingError",
@@ -141,6 +142,15 @@ class Disconnected:
 
 
 @dataclass(frozen=True)
+class Resumed:
+    """Connected again, and the session with it: the same `self_id`, and
+    every message sent meanwhile follows this event; the other peers saw
+    nothing, so the view is unchanged."""
+
+    self_id: str
+
+
+@dataclass(frozen=True)
 class Reconnected:
     """Connected again, with a new `self_id`; `peers` is the view from now on."""
 
@@ -148,7 +158,7 @@ class Reconnected:
     peers: Mapping[str, Any] = field(default_factory=dict)
 
 
-Event = PeerJoined | PeerLeft | Relay | Error | Pong | Disconnected | Reconnected
+Event = PeerJoined | PeerLeft | Relay | Error | Pong | Disconnected | Reconnected | Resumed
 
 
 # --- exceptions --------------------------------------------------------------
@@ -228,6 +238,7 @@ class SignalingClient:
         reconnect: bool = True,
         backoff: tuple[float, float] = (0.5, 30.0),
         open_timeout: float = 10.0,
+        resumable: bool = True,
     ) -> None:
         parts = urlsplit(server_url)
         if parts.scheme not in ("ws", "wss") or not parts.netloc:
@@ -244,6 +255,8 @@ class SignalingClient:
         self._query: dict[str, str] = {}
         if metadata is not None:
             self._query["metadata"] = json.dumps(metadata, separators=(",", ":"), allow_nan=False)
+        if resumable:
+            self._query["resumable"] = "1"
         self._headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
         self._reconnect = reconnect
         self._backoff = (base, cap)
@@ -254,6 +267,9 @@ class SignalingClient:
         self._peers: dict[str, Any] = {}
         self._ice_servers: list[dict[str, Any]] = []
         self._resume_token: str | None = None
+        #: Text messages received since the last ``welcome``, as the server
+        #: numbers them: what a resume says arrived (``seen``).
+        self._seen = 0
         self._events: asyncio.Queue[Event | _End] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._pings: dict[str, asyncio.Future[None]] = {}
@@ -391,11 +407,12 @@ class SignalingClient:
 
     # --- connecting ---------------------------------------------------------
 
-    async def _open(self) -> tuple[ClientConnection, dict[str, Any], list[Any]]:
+    async def _open(self) -> tuple[ClientConnection, dict[str, Any], list[Any] | None]:
         """One attempt: connect, then read ``welcome`` and ``peer-list``."""
         query = dict(self._query)
         if self._resume_token is not None:
             query["resume"] = self._resume_token
+            query["seen"] = str(self._seen)
         url = self.url + ("?" + urlencode(query, quote_via=quote) if query else "")
         try:
             ws = await connect(
@@ -413,13 +430,17 @@ class SignalingClient:
             ws.transport.abort()
             raise
 
-    async def _greeting(self, ws: ClientConnection) -> tuple[dict[str, Any], list[Any]]:
+    async def _greeting(self, ws: ClientConnection) -> tuple[dict[str, Any], list[Any] | None]:
+        """``welcome`` and the ``peer-list`` after it; None for the list of
+        a resumed session, which gets none (its view stands)."""
         welcome: dict[str, Any] | None = None
         error: Error | None = None
         try:
             while True:
                 message = _parse(await ws.recv())
                 kind = message.get("type")
+                if kind == "welcome" and message.get("resumed") is True:
+                    return message, None
                 if kind == "welcome":
                     welcome = message
                 elif kind == "peer-list" and welcome is not None:
@@ -430,14 +451,22 @@ class SignalingClient:
         except ConnectionClosed:
             raise SignalingClosed(ws.close_code or 1006, ws.close_reason or "", error) from None
 
-    def _adopt(self, ws: ClientConnection, welcome: dict[str, Any], peer_list: list[Any]) -> None:
-        """Make a new connection current; on a reconnect, queue the presence diffs."""
+    def _adopt(
+        self, ws: ClientConnection, welcome: dict[str, Any], peer_list: list[Any] | None
+    ) -> None:
+        """Make a new connection current. On a reconnect, queue `Resumed`
+        (the session came back, the view stands), or the presence diffs."""
         self._ws = ws
         self._self_id = str(welcome["selfId"])
         servers = welcome.get("iceServers")
         self._ice_servers = servers if isinstance(servers, list) else []
         token = welcome.get("resumeToken")
         self._resume_token = token if isinstance(token, str) else None
+        if peer_list is None:
+            self._seen = 0  # the replayed messages are counted as they come
+            self._events.put_nowait(Resumed(self._self_id))
+            return
+        self._seen = 1  # the peer-list
         view = {
             entry["id"]: entry.get("metadata")
             for entry in peer_list
@@ -477,7 +506,10 @@ class SignalingClient:
         """Turn messages into events until the connection closes."""
         try:
             while True:
-                message = _parse(await ws.recv())
+                data = await ws.recv()
+                if isinstance(data, str):
+                    self._seen += 1  # as the server numbers what it sends
+                message = _parse(data)
                 event = self._apply(message)
                 if event is not None:
                     self._events.put_nowait(event)
@@ -527,7 +559,8 @@ class SignalingClient:
                 ws.transport.abort()
                 return
             self._adopt(ws, welcome, peer_list)
-            self._events.put_nowait(Reconnected(self.self_id, dict(self._peers)))
+            if peer_list is not None:
+                self._events.put_nowait(Reconnected(self.self_id, dict(self._peers)))
             return
 
     def _fail_pings(self) -> None:

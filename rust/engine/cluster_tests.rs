@@ -2,7 +2,7 @@
 //! it does with what comes back.
 
 use super::cluster::ClusterOp;
-use super::tests::{at, masked, text, written};
+use super::tests::{at, masked, request, text, written};
 use super::*;
 use crate::wire::cluster;
 use crate::wire::cluster::testing::{id as rid, member as remote};
@@ -33,10 +33,10 @@ impl Node {
 
     fn join(&mut self, topic: &str, metadata: Option<&str>) -> (u64, PeerId) {
         self.out.clear();
-        let (conn, peer) = self
-            .engine
-            .join((), topic, metadata, at(self.now), &mut self.out);
-        (conn, peer.expect("admitted"))
+        let (conn, peer) =
+            self.engine
+                .join((), request(topic, metadata), at(self.now), &mut self.out);
+        (conn, peer.expect("admitted").peer)
     }
 
     /// The first local peer of `topic`, greeted with a snapshot at `v`.

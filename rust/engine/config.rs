@@ -27,6 +27,11 @@ pub struct Config {
     pub ice: IceServers,
     /// This worker's node name in cluster mode; `None`: one machine.
     pub cluster_node: Option<Arc<str>>,
+    /// How long a resumable session outlives its connection; `None`: no
+    /// resumable sessions.
+    pub resume_window: Option<Duration>,
+    /// The key of resume tokens.
+    pub resume_secret: Vec<u8>,
 }
 
 /// A token bucket: `per_second` messages a second on average, bursts of up
@@ -52,6 +57,8 @@ impl Default for Config {
             rate_limit: None,
             ice: IceServers::default(),
             cluster_node: None,
+            resume_window: Some(Duration::from_secs(30)),
+            resume_secret: b"engine tests".to_vec(),
         }
     }
 }

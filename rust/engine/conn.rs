@@ -1,10 +1,12 @@
 //! One connection after the upgrade: its state, what waits to be written
 //! to it, and how it ends.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::limits::{Bucket, Refusal};
-use super::outbox::{Action, Outbox};
+use super::outbox::{Action, Outbox, SessionEvent};
+use super::session::{Kept, Session};
 use super::Engine;
 use crate::metrics::{cell, family};
 use crate::wire::close;
@@ -20,6 +22,9 @@ pub(super) enum State {
     Closing { since: Instant },
     /// Being closed or reset; waiting for `release`.
     Done,
+    /// A resumable session whose connection was lost: still a member, its
+    /// transport gone, what it is sent kept for a resume (`session.rs`).
+    Suspended { since: Instant },
 }
 
 #[derive(Debug)]
@@ -33,6 +38,8 @@ pub(super) struct Conn<W> {
     pub(super) ping_sent: Instant,
     pub(super) awaiting_pong: bool,
     pub(super) bucket: Bucket,
+    /// A resumable session's memory of what it sent.
+    pub(super) session: Option<Box<Session>>,
 }
 
 impl<W> Conn<W> {
@@ -46,7 +53,12 @@ impl<W> Conn<W> {
             ping_sent: now,
             awaiting_pong: false,
             bucket: Bucket::full(burst, now),
+            session: None,
         }
+    }
+
+    pub(super) fn suspended(&self) -> bool {
+        matches!(self.state, State::Suspended { .. })
     }
 }
 
@@ -61,6 +73,12 @@ pub(super) struct Closing<'a> {
 }
 
 impl Closing<'static> {
+    pub(super) const REPLACED: Self = Self {
+        code: close::REPLACED,
+        reason: "replaced",
+        error: None,
+        why: LeaveReason::Closed,
+    };
     pub(super) const SLOW_CONSUMER: Self = Self {
         code: close::SLOW_CONSUMER,
         reason: "slow consumer",
@@ -100,35 +118,78 @@ pub(super) enum Queued {
 }
 
 impl<W> Engine<W> {
-    /// Writes to `conn` directly, or queues while its transport is full.
+    /// Writes a text message to `conn` directly, or queues it while its
+    /// transport is full; a resumable session numbers it and keeps it, and
+    /// a suspended one only keeps it. `OverBound` past the queue bound:
+    /// the caller drops a relay, and dooms the peer for what it must see.
     pub(super) fn queue_or_write(
         &mut self,
         conn: u64,
         out: &mut Outbox,
         write: impl FnOnce(&mut Vec<u8>),
     ) -> Queued {
+        let max = self.config.max_queue;
         let Some(c) = self.conns.get_mut(&conn) else {
             return Queued::OverBound;
         };
+        if c.suspended() {
+            let mut frame = Vec::new();
+            write(&mut frame);
+            let session = c
+                .session
+                .as_mut()
+                .expect("suspended sessions are resumable");
+            return match session.keep(&frame, max, true) {
+                Kept::Yes => Queued::Yes,
+                Kept::Over => Queued::OverBound,
+            };
+        }
         if !c.paused {
-            write(out.private(conn));
+            let buf = out.private(conn);
+            let mark = buf.len();
+            write(buf);
+            if let Some(session) = &mut c.session {
+                session.keep(&buf[mark..], max, false);
+            }
             return Queued::Yes;
         }
         let mark = c.queue.len();
         write(&mut c.queue);
-        if c.queue.len() > self.config.max_queue {
+        if c.queue.len() > max {
             c.queue.truncate(mark);
             return Queued::OverBound;
+        }
+        if let Some(session) = &mut c.session {
+            session.keep(&c.queue[mark..], max, false);
         }
         Queued::Yes
     }
 
-    /// Sends bytes the peer must receive; over its bound it is doomed.
+    /// Sends a text message the peer must receive; over its bound it is
+    /// doomed.
     pub(super) fn send_must(&mut self, conn: u64, bytes: &[u8], out: &mut Outbox) {
         if let Queued::OverBound =
             self.queue_or_write(conn, out, |buf| buf.extend_from_slice(bytes))
         {
             self.doom(conn);
+        }
+    }
+
+    /// Sends a control frame (a ping, a pong): not a message, so neither
+    /// numbered nor kept, and nothing for a suspended session.
+    pub(super) fn send_control(&mut self, conn: u64, frame: &[u8], out: &mut Outbox) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if c.suspended() {
+            return;
+        }
+        if !c.paused {
+            out.private(conn).extend_from_slice(frame);
+        } else if c.queue.len() + frame.len() > self.config.max_queue {
+            self.doom(conn);
+        } else {
+            c.queue.extend_from_slice(frame);
         }
     }
 
@@ -159,7 +220,8 @@ impl<W> Engine<W> {
         }
     }
 
-    /// Sends `bytes` to every member of `topic` but `except`.
+    /// Sends `bytes` (one text message) to every member of `topic` but
+    /// `except`.
     pub(super) fn broadcast(
         &mut self,
         topic: &str,
@@ -167,6 +229,7 @@ impl<W> Engine<W> {
         bytes: Vec<u8>,
         out: &mut Outbox,
     ) {
+        let max = self.config.max_queue;
         let members = self.registry.members(topic);
         let mut shared = None;
         let mut doomed = Vec::new();
@@ -178,19 +241,66 @@ impl<W> Engine<W> {
                 .conns
                 .get_mut(&member)
                 .expect("members have connections");
-            if c.paused {
-                if c.queue.len() + bytes.len() > self.config.max_queue {
+            if c.suspended() {
+                let session = c
+                    .session
+                    .as_mut()
+                    .expect("suspended sessions are resumable");
+                if session.keep(&bytes, max, true) == Kept::Over {
                     doomed.push(member);
-                } else {
-                    c.queue.extend_from_slice(&bytes);
                 }
                 continue;
             }
-            let index = *shared.get_or_insert_with(|| out.shared(bytes.clone()));
-            out.act(member, Action::Write(index));
+            if c.paused {
+                if c.queue.len() + bytes.len() > max {
+                    doomed.push(member);
+                    continue;
+                }
+                c.queue.extend_from_slice(&bytes);
+            } else {
+                let index = *shared.get_or_insert_with(|| out.shared(bytes.clone()));
+                out.act(member, Action::Write(index));
+            }
+            if let Some(session) = &mut c.session {
+                session.keep(&bytes, max, false);
+            }
         }
         for member in doomed {
             self.doom(member);
+        }
+    }
+
+    /// The connection of a resumable session was lost without a close
+    /// frame from the client: the session stays in its topic, suspended,
+    /// until it is resumed or its window runs out. Returns false (and does
+    /// nothing) for a connection that is not an open resumable session.
+    pub(super) fn suspend(&mut self, conn: u64, now: Instant, out: &mut Outbox) -> bool {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return false;
+        };
+        if !(c.state == State::Open && c.session.is_some()) {
+            return false;
+        }
+        let Some(member) = self.registry.member(conn) else {
+            return false; // not joined yet (cluster mode): nothing to keep
+        };
+        c.state = State::Suspended { since: now };
+        c.queue = Vec::new();
+        c.paused = false;
+        c.reader = FrameReader::default();
+        self.suspended += 1;
+        let topic = Arc::clone(&member.topic);
+        out.sessions
+            .push((member.peer, topic, SessionEvent::Suspended));
+        true
+    }
+
+    /// Ends a suspended session: it leaves its topic and is forgotten.
+    pub(super) fn end_suspended(&mut self, conn: u64, why: LeaveReason, out: &mut Outbox) {
+        if self.conns.get(&conn).is_some_and(Conn::suspended) {
+            self.suspended -= 1;
+            self.leave(conn, why, out);
+            self.conns.remove(&conn);
         }
     }
 
@@ -222,6 +332,7 @@ impl<W> Engine<W> {
     ) {
         match self.conns.get(&conn) {
             Some(c) if c.state == State::Open => {}
+            Some(c) if c.suspended() => return self.end_suspended(conn, closing.why, out),
             _ => return,
         }
         self.leave(conn, closing.why, out);
@@ -241,6 +352,10 @@ impl<W> Engine<W> {
     /// on its way out: nothing more is read from or queued for it. Returns
     /// whether the connection was not already ending so.
     pub(super) fn end(&mut self, conn: u64, reason: LeaveReason, out: &mut Outbox) -> bool {
+        if self.conns.get(&conn).is_some_and(Conn::suspended) {
+            self.end_suspended(conn, reason, out);
+            return false; // its socket is gone already
+        }
         self.leave(conn, reason, out);
         let Some(c) = self.conns.get_mut(&conn) else {
             return false;

@@ -15,6 +15,7 @@ impl<W> Engine<W> {
         let mut ping = Vec::new();
         frame::push_ping(&mut ping);
         let conns: Vec<u64> = self.conns.keys().copied().collect();
+        let window = self.config.resume_window.unwrap_or_default();
         for conn in conns {
             // Held until the cluster answers its join (a Redis round trip,
             // bounded by the command timeout): nothing may reach it before
@@ -33,7 +34,10 @@ impl<W> Engine<W> {
                     if now.saturating_duration_since(c.ping_sent) >= self.config.ping_interval {
                         c.ping_sent = now;
                         c.awaiting_pong = true;
-                        self.send_must(conn, &ping, out);
+                        if let Some(session) = &mut c.session {
+                            session.pinged();
+                        }
+                        self.send_control(conn, &ping, out);
                     }
                 }
                 State::Closing { since } => {
@@ -41,11 +45,19 @@ impl<W> Engine<W> {
                         dead.push((conn, LeaveReason::Disconnected));
                     }
                 }
+                State::Suspended { since } => {
+                    if now.saturating_duration_since(since) >= window {
+                        self.end_suspended(conn, LeaveReason::Expired, out);
+                    }
+                }
                 State::Done => {}
             }
         }
         for (conn, reason) in dead {
-            self.end(conn, reason, out);
+            // A resumable session outlives a dead connection.
+            if reason != LeaveReason::PingTimeout || !self.suspend(conn, now, out) {
+                self.end(conn, reason, out);
+            }
             out.act(conn, Action::Abort);
         }
         self.close_doomed(now, out);

@@ -33,12 +33,14 @@ mod liveness;
 mod outbox;
 mod relay;
 pub mod remote;
+mod resume;
+mod session;
 pub mod topics;
 
 pub use config::{Config, RateLimit};
 pub use conn::LeaveReason;
 pub use limits::{Refusal, ABUSE_LIMIT, ABUSE_WINDOW};
-pub use outbox::{Action, Outbox};
+pub use outbox::{Action, Outbox, SessionEvent};
 
 use cluster::ClusterState;
 use conn::{Closing, Conn, State};
@@ -73,6 +75,26 @@ pub struct Engine<W> {
     metrics: Recorder,
     /// Cluster mode only.
     cluster: Option<ClusterState>,
+    /// Sessions suspended now.
+    suspended: usize,
+}
+
+/// What a connection asks of its join: the query's `metadata`,
+/// `resumable=1`, and `resume` (a token and `seen`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct JoinRequest<'a> {
+    pub topic: &'a str,
+    pub metadata: Option<&'a str>,
+    pub resumable: bool,
+    pub resume: Option<(&'a str, Option<u64>)>,
+}
+
+/// A connection admitted: its peer id, and whether it resumed a session
+/// (else it is a new peer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Joined {
+    pub peer: PeerId,
+    pub resumed: bool,
 }
 
 impl<W> Engine<W> {
@@ -95,6 +117,7 @@ impl<W> Engine<W> {
             doomed: Vec::new(),
             metrics,
             cluster,
+            suspended: 0,
         }
     }
 
@@ -116,6 +139,8 @@ impl<W> Engine<W> {
             .set(cell(family::PEERS, 0), self.registry.member_count() as u64);
         self.metrics
             .set(cell(family::TOPICS, 0), self.registry.topic_count() as u64);
+        self.metrics
+            .set(cell(family::SESSIONS_SUSPENDED, 0), self.suspended as u64);
     }
 
     fn count_error(&self, code: ErrorCode) {
@@ -150,33 +175,57 @@ impl<W> Engine<W> {
         conn
     }
 
-    /// Adds an upgraded connection as a new peer of `topic`: it is sent
-    /// `welcome` and `peer-list`, the others `peer-joined`. Over a limit it
-    /// is refused instead (the error, then the close). Returns the
-    /// connection id the caller passes to every later call.
+    /// Adds an upgraded connection as a new peer of `request.topic`: it is
+    /// sent `welcome` and `peer-list`, the others `peer-joined`; or, for a
+    /// resume that can be honoured, it takes its session over (see
+    /// `resume.rs`). Over a limit it is refused instead (the error, then
+    /// the close). Returns the connection id the caller passes to every
+    /// later call.
     pub fn join(
         &mut self,
         transport: W,
-        topic: &str,
-        metadata: Option<&str>,
+        request: JoinRequest<'_>,
         now: Now,
         out: &mut Outbox,
-    ) -> (u64, Result<PeerId, Refusal>) {
+    ) -> (u64, Result<Joined, Refusal>) {
         let conn = self.add_conn(transport, now.instant);
-        let refusal = if self.conns.len() > self.config.max_connections {
-            Some(Refusal::ServerFull)
-        } else if self.topic_size(topic) >= self.config.max_peers_per_topic {
-            Some(Refusal::TopicFull)
-        } else {
-            None
-        };
-        if let Some(refusal) = refusal {
-            self.close(conn, Closing::refusal(refusal), now.instant, out);
-            return (conn, Err(refusal));
+        if self.conns.len() > self.config.max_connections {
+            self.close(
+                conn,
+                Closing::refusal(Refusal::ServerFull),
+                now.instant,
+                out,
+            );
+            return (conn, Err(Refusal::ServerFull));
+        }
+        if let Some((token, seen)) = request.resume {
+            if let Some(peer) = self.resume_session(conn, request.topic, token, seen, now, out) {
+                return (
+                    conn,
+                    Ok(Joined {
+                        peer,
+                        resumed: true,
+                    }),
+                );
+            }
+        }
+        if self.topic_size(request.topic) >= self.config.max_peers_per_topic {
+            self.close(conn, Closing::refusal(Refusal::TopicFull), now.instant, out);
+            return (conn, Err(Refusal::TopicFull));
+        }
+        let resumable = request.resumable || request.resume.is_some();
+        if resumable && self.config.resume_window.is_some() {
+            let c = self.conns.get_mut(&conn).expect("just added");
+            c.session.get_or_insert_with(Box::default);
         }
         let peer = self.registry.new_peer_id(now.wall);
-        self.join_cluster(conn, topic, peer, metadata.map(Box::from), now, out);
-        (conn, Ok(peer))
+        let metadata = request.metadata.map(Box::from);
+        self.join_cluster(conn, request.topic, peer, metadata, now, out);
+        let joined = Joined {
+            peer,
+            resumed: false,
+        };
+        (conn, Ok(joined))
     }
 
     /// Peers in `topic`, here and (cluster mode) on other nodes, counting
@@ -199,20 +248,28 @@ impl<W> Engine<W> {
         self.registry.join_as(conn, topic, metadata, peer);
         let member = self.registry.member(conn).expect("just joined");
         let topic = Arc::clone(&member.topic);
-        let greeting = out.private(conn);
         let unix = now
             .wall
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let ice = self.config.ice.welcome_field(peer.as_str(), unix);
-        message::push_welcome(greeting, peer.as_str(), &self.ping_interval_text, &ice);
+        let extra = ice + &self.resume_field(conn, &topic, peer, None);
+        message::push_welcome(
+            out.private(conn),
+            peer.as_str(),
+            &self.ping_interval_text,
+            &extra,
+        );
         let others = self.registry.members(&topic);
         let others = &others[..others.len() - 1];
         let local = others.iter().map(|other| {
             let member = self.registry.member(*other).expect("listed members exist");
             (member.peer.as_str(), member.metadata.as_deref())
         });
-        message::push_peer_list(greeting, local.chain(self.remote_members(&topic)));
+        let mut list = Vec::new();
+        message::push_peer_list(&mut list, local.chain(self.remote_members(&topic)));
+        // The first message numbered after the welcome.
+        self.send_must(conn, &list, out);
         let mut joined = Vec::new();
         let metadata = self
             .registry
@@ -251,15 +308,22 @@ impl<W> Engine<W> {
     }
 
     /// The client half-closed its side (or finished our close handshake).
+    /// A resumable session is suspended: no close frame came.
     pub fn eof(&mut self, conn: u64, now: Instant, out: &mut Outbox) {
-        self.end(conn, LeaveReason::Disconnected, out);
+        if !self.suspend(conn, now, out) {
+            self.end(conn, LeaveReason::Disconnected, out);
+        }
         self.close_doomed(now, out);
     }
 
-    /// The socket is gone; forget the connection.
+    /// The socket is gone; forget the connection, unless it is a resumable
+    /// session, which is suspended (or already was).
     pub fn release(&mut self, conn: u64, now: Instant, out: &mut Outbox) {
-        self.leave(conn, LeaveReason::Disconnected, out);
-        self.conns.remove(&conn);
+        let suspended = self.conns.get(&conn).is_some_and(|c| c.suspended());
+        if !suspended && !self.suspend(conn, now, out) {
+            self.leave(conn, LeaveReason::Disconnected, out);
+            self.conns.remove(&conn);
+        }
         self.close_doomed(now, out);
     }
 
@@ -283,12 +347,13 @@ impl<W> Engine<W> {
         }
     }
 
-    /// Closes every open connection with `code` (1001 when draining).
+    /// Closes every open connection with `code` (1001 when draining), and
+    /// ends every suspended session.
     pub fn close_all(&mut self, code: u16, reason: &str, now: Instant, out: &mut Outbox) {
         let open: Vec<u64> = self
             .conns
             .iter()
-            .filter(|(_, c)| c.state == State::Open)
+            .filter(|(_, c)| c.state == State::Open || c.suspended())
             .map(|(conn, _)| *conn)
             .collect();
         let closing = Closing {
@@ -315,5 +380,7 @@ impl<W> Engine<W> {
 
 #[cfg(test)]
 mod cluster_tests;
+#[cfg(test)]
+mod resume_tests;
 #[cfg(test)]
 mod tests;

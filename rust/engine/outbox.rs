@@ -43,6 +43,25 @@ pub enum ClusterOp {
     },
 }
 
+/// What became of a resumable session, for the caller's log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEvent {
+    /// Its connection was lost without a close frame: it stays in its
+    /// topic, and what it is sent is kept.
+    Suspended,
+    /// A new connection took it over.
+    Resumed,
+}
+
+impl SessionEvent {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Suspended => "suspended",
+            Self::Resumed => "resumed",
+        }
+    }
+}
+
 /// What one engine call asks of the caller, in order per connection.
 #[derive(Debug, Default)]
 pub struct Outbox {
@@ -50,6 +69,8 @@ pub struct Outbox {
     pub actions: Vec<(u64, Action)>,
     /// Peers that left their topic during the call.
     pub left: Vec<(PeerId, Arc<str>, LeaveReason)>,
+    /// Sessions suspended or resumed during the call.
+    pub sessions: Vec<(PeerId, Arc<str>, SessionEvent)>,
     /// Work for the cluster's Redis connection (cluster mode only).
     pub cluster: Vec<ClusterOp>,
     /// The buffer each connection is still appending to: written only to
@@ -62,12 +83,16 @@ impl Outbox {
         self.bufs.clear();
         self.actions.clear();
         self.left.clear();
+        self.sessions.clear();
         self.cluster.clear();
         self.open.clear();
     }
 
     pub fn is_empty(&self) -> bool {
-        self.actions.is_empty() && self.left.is_empty() && self.cluster.is_empty()
+        self.actions.is_empty()
+            && self.left.is_empty()
+            && self.sessions.is_empty()
+            && self.cluster.is_empty()
     }
 
     /// The buffer for bytes to `conn`, coalesced with what it was already

@@ -81,9 +81,16 @@ impl<W> Engine<W> {
             Event::Ping(payload) => {
                 let mut pong = Vec::with_capacity(2 + payload.len());
                 frame::push_pong(&mut pong, payload);
-                self.send_must(conn, &pong, out);
+                self.send_control(conn, &pong, out);
             }
-            Event::Pong | Event::Close(_) => {}
+            Event::Pong => {
+                // Everything sent before the ping it answers has arrived.
+                let session = self.conns.get_mut(&conn).and_then(|c| c.session.as_mut());
+                if let Some(session) = session {
+                    session.ponged();
+                }
+            }
+            Event::Close(_) => {}
         }
     }
 

@@ -4,6 +4,15 @@ use super::*;
 use crate::wire::frame::apply_mask;
 use std::time::{Duration, SystemTime};
 
+/// A join of `topic`, not resumable.
+pub(super) fn request<'a>(topic: &'a str, metadata: Option<&'a str>) -> JoinRequest<'a> {
+    JoinRequest {
+        topic,
+        metadata,
+        ..JoinRequest::default()
+    }
+}
+
 /// A call at `instant`, on today's date.
 pub(super) fn at(instant: Instant) -> Now {
     Now {
@@ -82,8 +91,8 @@ impl Harness {
         self.out.clear();
         let (conn, peer) = self
             .engine
-            .join((), topic, None, at(self.now), &mut self.out);
-        (conn, peer.expect("admitted").as_str().to_owned())
+            .join((), request(topic, None), at(self.now), &mut self.out);
+        (conn, peer.expect("admitted").peer.as_str().to_owned())
     }
 
     fn send(&mut self, conn: u64, bytes: &[u8]) {
@@ -274,7 +283,9 @@ fn full_topic_and_full_server_refuse_with_their_codes() {
     let (a, _) = h.join("room");
     h.join("room");
     h.out.clear();
-    let (c, refused) = h.engine.join((), "room", None, at(h.now), &mut h.out);
+    let (c, refused) = h
+        .engine
+        .join((), request("room", None), at(h.now), &mut h.out);
     assert_eq!(refused, Err(Refusal::TopicFull));
     assert_eq!(
         written(&h.out, c),
@@ -288,7 +299,9 @@ fn full_topic_and_full_server_refuse_with_their_codes() {
         "the others learn nothing of it"
     );
     h.out.clear();
-    let (d, refused) = h.engine.join((), "other", None, at(h.now), &mut h.out);
+    let (d, refused) = h
+        .engine
+        .join((), request("other", None), at(h.now), &mut h.out);
     assert_eq!(refused, Err(Refusal::ServerFull));
     assert_eq!(written(&h.out, d)[1], "<close 4029>");
     assert_eq!(h.engine.peer_count(), 2);

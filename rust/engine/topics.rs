@@ -116,6 +116,19 @@ impl Registry {
         Some(member)
     }
 
+    /// Moves the member of connection `from` to connection `to` (a session
+    /// resumed on a new connection): the same peer in the same topic.
+    pub fn rebind(&mut self, from: u64, to: u64) {
+        let member = self.members.remove(&from).expect("a member moves");
+        let list = self
+            .topics
+            .get_mut(&member.topic)
+            .expect("a member's topic exists");
+        list[member.slot] = to;
+        self.by_peer.insert(member.peer, to);
+        self.members.insert(to, member);
+    }
+
     /// The connection of peer `peer`, wherever it is.
     pub fn conn_of(&self, peer: &PeerId) -> Option<u64> {
         self.by_peer.get(peer).copied()

@@ -27,6 +27,11 @@ pub struct Settings {
     turn_secret: Option<String>,
     turn_ttl: u64,
     pub(super) redis_prefix: String,
+    /// Seconds a resumable session outlives its connection; 0: none.
+    resume_window: f64,
+    /// The key of resume tokens; the supervisor draws one at start if
+    /// none is configured.
+    resume_secret: Option<String>,
 }
 
 fn seconds(value: f64, name: &str) -> PyResult<Duration> {
@@ -68,6 +73,12 @@ impl Settings {
                 turn_ttl: self.turn_ttl,
             },
             cluster_node: cluster_node.map(Into::into),
+            resume_window: if self.resume_window == 0.0 {
+                None
+            } else {
+                Some(seconds(self.resume_window, "resume_window")?)
+            },
+            resume_secret: self.resume_secret.clone().unwrap_or_default().into_bytes(),
         })
     }
 }

@@ -20,7 +20,7 @@ use super::config::Settings;
 use super::metrics::MetricsTable;
 use super::now;
 use super::peer::Peer;
-use crate::engine::{Action, Engine, Outbox, Refusal};
+use crate::engine::{Action, Engine, JoinRequest, Outbox, Refusal};
 use crate::metrics::{self as counters, cell, family, Table};
 use crate::wire::cluster::RemotePeer;
 use crate::wire::peer_id::PeerId;
@@ -36,6 +36,9 @@ pub struct Hub {
     core: Mutex<Core>,
     /// Called as `on_left(peer_id, topic, reason)` when a peer leaves.
     on_left: Py<PyAny>,
+    /// Called as `on_session(peer_id, topic, event)` when a resumable
+    /// session is `"suspended"` or `"resumed"`.
+    on_session: Option<Py<PyAny>>,
     /// Cluster mode: called with a list of operations for Redis, after
     /// each call that produced some.
     on_cluster: Option<Py<PyAny>>,
@@ -67,6 +70,7 @@ impl Hub {
         step: impl FnOnce(&mut Engine<Py<PyAny>>, &mut Outbox) -> R,
     ) -> R {
         let mut left = Vec::new();
+        let mut sessions = Vec::new();
         let mut cluster_ops = None;
         let mut ops: Vec<(Bound<'_, PyAny>, Op<'_>)> = Vec::new();
         let result = {
@@ -98,6 +102,9 @@ impl Hub {
                 left.extend(outbox.left.drain(..).map(|(peer, topic, reason)| {
                     (peer.as_str().to_owned(), topic.to_string(), reason.as_str())
                 }));
+                sessions.extend(outbox.sessions.drain(..).map(|(peer, topic, event)| {
+                    (peer.as_str().to_owned(), topic.to_string(), event.as_str())
+                }));
                 if !outbox.cluster.is_empty() {
                     let prefix = &self.channel_prefix;
                     let list = outbox
@@ -124,6 +131,13 @@ impl Hub {
         for (peer, topic, reason) in left {
             if let Err(err) = self.on_left.call1(py, (peer, topic, reason)) {
                 err.write_unraisable(py, Some(self.on_left.bind(py)));
+            }
+        }
+        if let Some(on_session) = &self.on_session {
+            for (peer, topic, event) in sessions {
+                if let Err(err) = on_session.call1(py, (peer, topic, event)) {
+                    err.write_unraisable(py, Some(on_session.bind(py)));
+                }
             }
         }
         if let (Some(ops), Some(on_cluster)) = (cluster_ops, &self.on_cluster) {
@@ -156,10 +170,14 @@ impl Hub {
     /// `worker` this worker's row in it; in cluster mode, `cluster_node`
     /// names this node and `on_cluster` takes its work for Redis.
     #[new]
-    #[pyo3(signature = (config, on_left, *, metrics=None, worker=0, cluster_node=None, on_cluster=None))]
+    #[pyo3(signature = (
+        config, on_left, *, on_session=None, metrics=None, worker=0, cluster_node=None,
+        on_cluster=None,
+    ))]
     fn new(
         config: Settings,
         on_left: Py<PyAny>,
+        on_session: Option<Py<PyAny>>,
         metrics: Option<PyRef<'_, MetricsTable>>,
         worker: usize,
         cluster_node: Option<String>,
@@ -186,6 +204,7 @@ impl Hub {
                 outbox: Outbox::default(),
             }),
             on_left,
+            on_session,
             on_cluster,
             channel_prefix: format!("{}node:", config.redis_prefix).into_bytes(),
         })
@@ -193,28 +212,43 @@ impl Hub {
 
     /// Adds the upgraded connection on `transport` to `topic`, writes its
     /// `welcome` and `peer-list` and tells the others; over a limit, writes
-    /// the refusal instead (`Peer.refused` says which). The caller must then
-    /// `transport.set_protocol()` the returned `Peer`.
-    #[pyo3(signature = (transport, topic, metadata=None))]
+    /// the refusal instead (`Peer.refused` says which). With `resume` (a
+    /// token) and `seen`, it takes the session over if it can be
+    /// (`Peer.resumed`). The caller must then `transport.set_protocol()`
+    /// the returned `Peer`.
+    #[pyo3(signature = (transport, topic, metadata=None, *, resumable=false, resume=None, seen=None))]
     fn join(
         slf: &Bound<'_, Self>,
         transport: Py<PyAny>,
         topic: &str,
         metadata: Option<&str>,
+        resumable: bool,
+        resume: Option<&str>,
+        seen: Option<u64>,
     ) -> Peer {
         let py = slf.py();
+        let request = JoinRequest {
+            topic,
+            metadata,
+            resumable,
+            resume: resume.map(|token| (token, seen)),
+        };
         let (conn, joined) = slf.get().run(py, |engine, out| {
-            let (conn, joined) = engine.join(transport, topic, metadata, now(), out);
-            (conn, joined.map(|peer| peer.as_str().to_owned()))
+            let (conn, joined) = engine.join(transport, request, now(), out);
+            (
+                conn,
+                joined.map(|j| (j.peer.as_str().to_owned(), j.resumed)),
+            )
         });
-        let (peer_id, refused) = match joined {
-            Ok(peer) => (Some(peer), None),
-            Err(refusal) => (None, Some(refusal.as_str())),
+        let (peer_id, resumed, refused) = match joined {
+            Ok((peer, resumed)) => (Some(peer), resumed, None),
+            Err(refusal) => (None, false, Some(refusal.as_str())),
         };
         Peer {
             hub: slf.clone().unbind(),
             conn,
             peer_id,
+            resumed,
             refused,
         }
     }
@@ -234,6 +268,7 @@ impl Hub {
             hub: slf.clone().unbind(),
             conn,
             peer_id: None,
+            resumed: false,
             refused: Some(refusal.as_str()),
         })
     }

@@ -13,6 +13,9 @@ pub struct Peer {
     /// The peer's id, or None for a refused connection.
     #[pyo3(get)]
     pub(super) peer_id: Option<String>,
+    /// Whether it resumed a session (the peer id is the session's).
+    #[pyo3(get)]
+    pub(super) resumed: bool,
     /// Why the connection was refused (the error code), or None.
     #[pyo3(get)]
     pub(super) refused: Option<&'static str>,

@@ -30,6 +30,11 @@ pub struct Request {
     invalid: Option<&'static str>,
     metadata: Option<String>,
     token: Option<String>,
+    /// `resumable=1`.
+    resumable: bool,
+    /// `resume`: a session's token, and `seen`.
+    resume: Option<String>,
+    seen: Option<u64>,
     /// The `Sec-WebSocket-Accept` value of a valid upgrade.
     accept: Option<String>,
 }
@@ -50,6 +55,9 @@ impl Request {
             invalid: None,
             metadata: None,
             token: None,
+            resumable: false,
+            resume: None,
+            seen: None,
             accept: None,
         }
     }
@@ -101,6 +109,11 @@ impl RequestReader {
                 answer.topic = Some(params.topic);
                 answer.metadata = params.metadata;
                 answer.token = params.token;
+                answer.resumable = params.resumable;
+                if let Some((token, seen)) = params.resume {
+                    answer.resume = Some(token);
+                    answer.seen = seen;
+                }
             }
             Err(Invalid::Topic) => answer.invalid = Some(Refusal::InvalidTopic.as_str()),
             Err(Invalid::Metadata) => answer.invalid = Some(Refusal::InvalidMetadata.as_str()),

@@ -8,6 +8,7 @@
 //! - [`close`]: the close codes;
 //! - [`peer_id`]: peer ids (ULIDs);
 //! - [`reason`]: why a peer leaves its topic;
+//! - [`resume`]: resume tokens;
 //! - [`ice`]: the ICE servers and TURN credentials of `welcome`;
 //! - [`cluster`]: the messages nodes send each other through Redis.
 
@@ -19,3 +20,4 @@ pub mod message;
 pub mod peer_id;
 pub mod reason;
 pub mod request;
+pub mod resume;

@@ -12,11 +12,13 @@ pub enum LeaveReason {
     RateAbuse,
     ProtocolError,
     Shutdown,
+    /// A suspended session's resume window ran out.
+    Expired,
 }
 
 impl LeaveReason {
     /// Every reason, in declaration order (`reason as usize` indexes it).
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::Closed,
         Self::Disconnected,
         Self::PingTimeout,
@@ -24,6 +26,7 @@ impl LeaveReason {
         Self::RateAbuse,
         Self::ProtocolError,
         Self::Shutdown,
+        Self::Expired,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -35,6 +38,7 @@ impl LeaveReason {
             Self::RateAbuse => "rate_abuse",
             Self::ProtocolError => "protocol_error",
             Self::Shutdown => "shutdown",
+            Self::Expired => "expired",
         }
     }
 }

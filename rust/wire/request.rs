@@ -137,6 +137,11 @@ pub struct JoinParams {
     pub metadata: Option<String>,
     /// The `token` query value.
     pub token: Option<String>,
+    /// `resumable=1`: the client asks for a resumable session.
+    pub resumable: bool,
+    /// `resume`: the token of the session to resume, and `seen`: how many
+    /// messages of it arrived (None when absent or not a number).
+    pub resume: Option<(String, Option<u64>)>,
 }
 
 /// Which parameter of a join is invalid.
@@ -345,12 +350,15 @@ fn join_params(segment: &str, query: &str) -> Result<JoinParams, Invalid> {
         .filter(|raw| (1..=MAX_TOPIC).contains(&raw.len()))
         .and_then(|raw| String::from_utf8(raw.into_owned()).ok())
         .ok_or(Invalid::Topic)?;
-    let (mut metadata, mut token) = (None, None);
+    let [mut metadata, mut token, mut resumable, mut resume, mut seen] = [None; 5];
     for pair in query.split('&').filter(|pair| !pair.is_empty()) {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
         let slot = match percent_decode(name.as_bytes(), true).as_deref() {
             Some(b"metadata") => &mut metadata,
             Some(b"token") => &mut token,
+            Some(b"resumable") => &mut resumable,
+            Some(b"resume") => &mut resume,
+            Some(b"seen") => &mut seen,
             _ => continue, // unknown parameters are ignored
         };
         if slot.is_none() {
@@ -361,14 +369,17 @@ fn join_params(segment: &str, query: &str) -> Result<JoinParams, Invalid> {
         None => None,
         Some(value) => Some(parse_metadata(value).ok_or(Invalid::Metadata)?),
     };
-    let token = token.map(|value| {
+    let text = |value: &str| {
         let raw = percent_decode(value.as_bytes(), true).unwrap_or(Cow::Borrowed(value.as_bytes()));
         String::from_utf8_lossy(&raw).into_owned()
-    });
+    };
+    let resume = resume.map(|value| (text(value), seen.and_then(|n| text(n).parse().ok())));
     Ok(JoinParams {
         topic,
         metadata,
-        token,
+        token: token.map(text),
+        resumable: matches!(resumable, Some("1" | "true")),
+        resume,
     })
 }
 

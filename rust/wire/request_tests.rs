@@ -122,6 +122,14 @@ fn invalid_topics_and_metadata_are_named() {
     let just_right = format!("metadata=%22{}%22", "x".repeat(MAX_METADATA - 2));
     let params = join(&upgrade(&format!("/ws/t?{just_right}"), "")).params;
     assert_eq!(params.unwrap().metadata.unwrap().len(), MAX_METADATA);
+    let resuming = join(&upgrade("/ws/t?resumable=1&resume=ab%2Dc&seen=12", "")).params;
+    let resuming = resuming.unwrap();
+    assert!(resuming.resumable);
+    assert_eq!(resuming.resume, Some(("ab-c".to_owned(), Some(12))));
+    let odd = join(&upgrade("/ws/t?resumable=yes&resume=x&seen=-1", "")).params;
+    let odd = odd.unwrap();
+    assert!(!odd.resumable);
+    assert_eq!(odd.resume, Some(("x".to_owned(), None)));
     // The first of a repeated parameter counts; unknown ones are ignored.
     let params = join(&upgrade("/ws/t?x=%zz&metadata=1&metadata=%7B", "")).params;
     assert_eq!(params.unwrap().metadata.as_deref(), Some("1"));

@@ -55,6 +55,13 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive number: {text}")
+    return value
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -367,6 +374,27 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
+        "--resume-window",
+        type=non_negative_float,
+        default=defaults.resume_window,
+        metavar="SECONDS",
+        help=(
+            "seconds a resumable session (?resumable=1) outlives a lost connection: it "
+            "stays in its topic and what it is sent is kept until it resumes; 0 turns "
+            "resumes off"
+        ),
+    )
+    parser.add_argument(
+        "--resume-secret",
+        type=nonempty,
+        default=None,
+        metavar="SECRET",
+        help=(
+            "the key of resume tokens (default: a random one per start, so tokens do not "
+            "survive a restart)"
+        ),
+    )
+    parser.add_argument(
         "--redis-url",
         "--redis",
         type=redis_url,
@@ -417,6 +445,8 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         allowed_origins=tuple(args.allowed_origin),
         redis_url=args.redis_url,
         redis_prefix=args.redis_prefix,
+        resume_window=args.resume_window,
+        resume_secret=args.resume_secret,
     )
 
 

@@ -49,3 +49,7 @@ class Config:
     redis_url: str | None = None
     #: Prefix of every Redis key and channel, so clusters can share a Redis.
     redis_prefix: str = "signaling:"
+    #: Seconds a resumable session outlives its lost connection; 0: none.
+    resume_window: float = 30.0
+    #: The key of resume tokens; None: the supervisor draws one at start.
+    resume_secret: str | None = None

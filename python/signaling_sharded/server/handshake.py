@@ -288,7 +288,15 @@ class Handshake(asyncio.Protocol):
                 return
             if grant.metadata is not None:
                 metadata = grant.metadata
-        self.install(transport, hub.join(transport, topic, metadata), request, rest)
+        peer = hub.join(
+            transport,
+            topic,
+            metadata,
+            resumable=request.resumable,
+            resume=request.resume,
+            seen=request.seen,
+        )
+        self.install(transport, peer, request, rest)
 
     def install(
         self, transport: asyncio.Transport, peer: Peer, request: Request, rest: bytes
@@ -305,6 +313,7 @@ class Handshake(asyncio.Protocol):
                 reason=peer.refused,
             )
             return
-        log(logging.INFO, "peer joined", peer=peer.peer_id, topic=request.topic)
+        if not peer.resumed:  # a resume is logged by the hub
+            log(logging.INFO, "peer joined", peer=peer.peer_id, topic=request.topic)
         if rest:
             peer.data_received(rest)

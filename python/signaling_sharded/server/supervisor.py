@@ -22,6 +22,7 @@ import multiprocessing.connection
 import multiprocessing.process
 import multiprocessing.reduction
 import os
+import secrets
 import signal
 import socket
 import time
@@ -96,6 +97,10 @@ def check_migrate_req() -> None:
 
 class Supervisor:
     def __init__(self, config: Config) -> None:
+        if config.resume_secret is None:
+            # One key for every worker of this run: a restarted worker
+            # still accepts the tokens the others gave out.
+            config = replace(config, resume_secret=secrets.token_hex(32))
         self.config = config
         self.context = multiprocessing.get_context("spawn")
         #: Names this server's hand-off sockets; set once the port is known.

@@ -130,6 +130,7 @@ class Worker:
         self.hub = Hub(
             config,
             self.on_left,
+            on_session=self.on_session,
             metrics=metrics,
             worker=index,
             cluster_node=None if self.cluster is None else self.cluster.node,
@@ -146,6 +147,9 @@ class Worker:
 
     def on_left(self, peer: str, topic: str, reason: str) -> None:
         log(logging.INFO, "peer left", peer=peer, topic=topic, reason=reason)
+
+    def on_session(self, peer: str, topic: str, event: str) -> None:
+        log(logging.INFO, f"peer {event}", peer=peer, topic=topic)
 
     def metrics_text(self) -> str:
         """Every worker's metrics, as Prometheus text."""

@@ -43,7 +43,10 @@
    * message {code, message, msgId?}, or {code: "socket_error"}), `close`
    * ({code, reason, willReconnect, error}: `error` is the server's error
    * message that came with the close, e.g. `invalid_topic` before 4400,
-   * or null) and `reconnecting` ({attempt, delay}). The client does not
+   * or null), `reconnecting` ({attempt, delay}) and `resumed` ({selfId}: the
+   * connection came back and the session with it: same id, same peers,
+   * nothing missed; it asks for a resumable session unless
+   * `options.resumable` is false). The client does not
    * reconnect after 4001 (unauthorized), 4009 (topic full) or 4400 (an
    * invalid topic or metadata).
    */
@@ -56,6 +59,8 @@
      * @param {*} [options.metadata] any JSON value shown to the other peers
      * @param {string} [options.token] auth token, when the server needs one
      * @param {boolean} [options.reconnect=true] reconnect after an unexpected close
+     * @param {boolean} [options.resumable=true] ask for a session that survives
+     *   a lost connection: a reconnect then resumes it (`resumed`)
      * @param {number} [options.minDelay=500] first reconnect delay, in ms
      * @param {number} [options.maxDelay=30000] longest reconnect delay, in ms
      * @param {number} [options.pingInterval=0] seconds between application
@@ -65,7 +70,9 @@
     constructor(topic, options = {}) {
       super();
       this.topic = topic;
-      const defaults = { reconnect: true, minDelay: 500, maxDelay: 30000, pingInterval: 0 };
+      const defaults = {
+        reconnect: true, resumable: true, minDelay: 500, maxDelay: 30000, pingInterval: 0,
+      };
       this.options = { ...defaults, ...options };
       /** @type {string|null} this peer's id, from the latest welcome */
       this.selfId = null;
@@ -80,6 +87,8 @@
       this.pingTimer = null;
       this.lastReceived = 0;
       this.resumeToken = null;
+      /** Text messages received since the latest welcome, as the server numbers them. */
+      this.seen = 0;
       /** @type {object|null} the server's latest error message on this connection */
       this.lastError = null;
     }
@@ -96,7 +105,10 @@
         query.push(`metadata=${encodeURIComponent(JSON.stringify(this.options.metadata))}`);
       }
       if (this.options.token) query.push(`token=${encodeURIComponent(this.options.token)}`);
-      if (this.resumeToken) query.push(`resume=${encodeURIComponent(this.resumeToken)}`);
+      if (this.options.resumable) query.push("resumable=1");
+      if (this.resumeToken) {
+        query.push(`resume=${encodeURIComponent(this.resumeToken)}`, `seen=${this.seen}`);
+      }
       const path = `${base.replace(/\/+$/, "")}/ws/${encodeURIComponent(this.topic)}`;
       return query.length ? `${path}?${query.join("&")}` : path;
     }
@@ -201,6 +213,7 @@
     /** Handle one text frame from the server. */
     receive(data) {
       this.lastReceived = Date.now();
+      if (typeof data === "string") this.seen += 1;
       let message;
       try {
         message = JSON.parse(data);
@@ -213,9 +226,16 @@
           this.welcome = message;
           this.selfId = message.selfId;
           this.resumeToken = message.resumeToken || null;
+          this.seen = 0; // numbering starts again after each welcome
           this.attempt = 0;
           this.startPings();
           this.emit("welcome", message);
+          if (message.resumed === true) {
+            // The session came back: same id, same view, and what was sent
+            // meanwhile follows. No peer-list comes.
+            this.emit("resumed", { selfId: this.selfId });
+            this.emit("peers", this.peers);
+          }
           break;
         case "peer-list":
           this.applyPeerList(message.peers || []);

@@ -1,0 +1,96 @@
+"""A TCP proxy between a test's client and the server, for real network
+faults: reset every connection (RST both ways), or blackhole them (stop
+forwarding but keep the sockets open, as a dead route does). It runs in a
+thread of its own, so blocking and asyncio tests alike can use it; the
+faults are carried out by that thread, between two reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import select
+import socket
+import struct
+import threading
+
+
+class Proxy:
+    """Forwards ``127.0.0.1:port`` to ``127.0.0.1:target``."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.listener.getsockname()[1]
+        self.accepted = 0
+        self.blackholed = False
+        self.commands: queue.Queue[tuple[str, threading.Event]] = queue.Queue()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def __enter__(self) -> Proxy:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def serve(self) -> None:
+        #: Each socket with the one it forwards to.
+        peers: dict[socket.socket, socket.socket] = {}
+        while not self.stopping.is_set():
+            while not self.commands.empty():
+                command, done = self.commands.get()
+                if command == "reset":
+                    for sock in list(peers):
+                        with contextlib.suppress(OSError):
+                            linger = struct.pack("ii", 1, 0)
+                            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+                        sock.close()
+                    peers.clear()
+                done.set()
+            watched = [self.listener] if self.blackholed else [self.listener, *peers]
+            readable, _, _ = select.select(watched, [], [], 0.02)
+            for sock in readable:
+                if sock is self.listener:
+                    client, _ = self.listener.accept()
+                    server = socket.create_connection(("127.0.0.1", self.target))
+                    peers[client], peers[server] = server, client
+                    self.accepted += 1
+                    continue
+                other = peers.get(sock)
+                if other is None:
+                    continue
+                try:
+                    data = sock.recv(65536)
+                except OSError:
+                    data = b""
+                if data:
+                    with contextlib.suppress(OSError):
+                        other.sendall(data)
+                    continue
+                for end in (sock, other):
+                    peers.pop(end, None)
+                    end.close()
+        for sock in peers:
+            sock.close()
+
+    def _do(self, command: str) -> None:
+        done = threading.Event()
+        self.commands.put((command, done))
+        if not done.wait(5):
+            raise RuntimeError(f"the proxy did not {command}")
+
+    def reset(self) -> None:
+        """Reset every connection, both ways (SO_LINGER 0, then close)."""
+        self._do("reset")
+
+    def blackhole(self) -> None:
+        """Stop forwarding, keeping every socket open: both ends see a
+        connection that went silent."""
+        self.blackholed = True
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join(2)
+        self.listener.close()
