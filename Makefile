@@ -116,7 +116,7 @@ lint: build $(BIN)/.group-lint $(BIN)/.group-test ## ruff, mypy (with stubtest),
 	$(BIN)/ruff check python tests bench testkit
 	$(BIN)/ruff format --check python tests bench testkit
 	$(BIN)/mypy
-	$(BIN)/mypy --strict bench/run.py bench/soak.py bench/cluster.py
+	$(BIN)/mypy --strict bench/run.py bench/soak.py bench/cluster.py bench/resume.py
 	$(PY) -m mypy.stubtest signaling_sharded._native
 	$(BIN)/lint-imports
 	cargo fmt --all --check
@@ -136,6 +136,11 @@ bench: build $(BIN)/.group-bench ## Every bench scenario, ours vs the Go design 
 bench-cluster: build system-deps ## Cluster mode: relays/s of topics split over two servers vs one (Redis)
 	cargo build --release --quiet -p signaling-bench
 	PYTHONPATH=$(CURDIR) $(PY) bench/cluster.py
+
+.PHONY: bench-resume
+bench-resume: build ## Resume: relays to sessions cut at random; lost and duplicated must be 0 (DURATION, WORKERS)
+	cargo build --release --quiet -p signaling-bench
+	PYTHONPATH=$(CURDIR) $(PY) bench/resume.py
 
 .PHONY: soak
 soak: build ## Churn for 10 min (SOAK_SECONDS) against 2 workers; fail on leaks or ghosts

@@ -1,6 +1,7 @@
 """A TCP proxy between a test's client and the server, for real network
 faults: reset every connection (RST both ways), or blackhole them (stop
-forwarding but keep the sockets open, as a dead route does). It runs in a
+forwarding but keep the sockets open, as a dead route does), both ways or
+in one direction only. It runs in a
 thread of its own, so blocking and asyncio tests alike can use it; the
 faults are carried out by that thread, between two reads.
 """
@@ -23,7 +24,8 @@ class Proxy:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self.listener.getsockname()[1]
         self.accepted = 0
-        self.blackholed = False
+        #: The directions not forwarded: "up" (client to server), "down".
+        self.blackholed: frozenset[str] = frozenset()
         self.commands: queue.Queue[tuple[str, threading.Event]] = queue.Queue()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.serve, daemon=True)
@@ -38,6 +40,7 @@ class Proxy:
     def serve(self) -> None:
         #: Each socket with the one it forwards to.
         peers: dict[socket.socket, socket.socket] = {}
+        clients: set[socket.socket] = set()
         while not self.stopping.is_set():
             while not self.commands.empty():
                 command, done = self.commands.get()
@@ -48,14 +51,22 @@ class Proxy:
                             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
                         sock.close()
                     peers.clear()
+                    clients.clear()
                 done.set()
-            watched = [self.listener] if self.blackholed else [self.listener, *peers]
+            # A blackholed direction is not read: its bytes wait in the
+            # kernel's buffers, and the sender's TCP sees a live connection.
+            blocked = self.blackholed
+            watched = [self.listener]
+            watched += [
+                sock for sock in peers if ("up" if sock in clients else "down") not in blocked
+            ]
             readable, _, _ = select.select(watched, [], [], 0.02)
             for sock in readable:
                 if sock is self.listener:
                     client, _ = self.listener.accept()
                     server = socket.create_connection(("127.0.0.1", self.target))
                     peers[client], peers[server] = server, client
+                    clients.add(client)
                     self.accepted += 1
                     continue
                 other = peers.get(sock)
@@ -71,6 +82,7 @@ class Proxy:
                     continue
                 for end in (sock, other):
                     peers.pop(end, None)
+                    clients.discard(end)
                     end.close()
         for sock in peers:
             sock.close()
@@ -85,10 +97,14 @@ class Proxy:
         """Reset every connection, both ways (SO_LINGER 0, then close)."""
         self._do("reset")
 
-    def blackhole(self) -> None:
-        """Stop forwarding, keeping every socket open: both ends see a
-        connection that went silent."""
-        self.blackholed = True
+    def blackhole(self, direction: str = "both") -> None:
+        """Stop forwarding, keeping every socket open: "both" ways (both
+        ends see a connection that went silent), "up" only (the client's
+        bytes, pongs included, no longer reach the server) or "down" only
+        (the server's no longer reach the client)."""
+        if direction not in ("both", "up", "down"):
+            raise ValueError(f"direction: {direction!r}")
+        self.blackholed = frozenset(("up", "down") if direction == "both" else (direction,))
 
     def close(self) -> None:
         self.stopping.set()

@@ -77,6 +77,19 @@ class Server(ServerProcess):
         lines = self.stdout_path.read_text().splitlines()
         return [json.loads(line) for line in lines if line.strip()]
 
+    def records(self, msg: str, **fields: Any) -> list[dict[str, Any]]:
+        """The records of *msg* with these *fields* logged so far, oldest first."""
+        try:
+            records = self.log_records()
+        except ValueError:  # a line caught while being written: look again later
+            return []
+        return [
+            record
+            for record in records
+            if record.get("msg") == msg
+            and all(record.get(name) == value for name, value in fields.items())
+        ]
+
     def wait_records(
         self, msg: str, count: int = 1, timeout: float = STARTUP_TIMEOUT, **fields: Any
     ) -> list[dict[str, Any]]:
@@ -86,16 +99,7 @@ class Server(ServerProcess):
         """
         deadline = time.monotonic() + timeout
         while True:
-            try:
-                records = self.log_records()
-            except ValueError:  # a line caught while being written: look again
-                records = []
-            found = [
-                record
-                for record in records
-                if record.get("msg") == msg
-                and all(record.get(name) == value for name, value in fields.items())
-            ]
+            found = self.records(msg, **fields)
             if len(found) >= count:
                 return found
             if time.monotonic() >= deadline:

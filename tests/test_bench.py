@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -121,3 +122,33 @@ def test_fanout(bench_binary: Path, server: Server) -> None:
     assert r["disconnected"] == 0
     assert r["impossible_events"] == {}
     assert r["error_messages"] == 0
+
+
+def test_resume(bench_binary: Path, start_server: Callable[..., Server]) -> None:
+    """Cuts at random, some found dead only by ping: nothing lost, nothing repeated."""
+    server = start_server("--ping-interval=0.5", "--ping-timeout=0.5")
+    r = bench(
+        bench_binary,
+        server,
+        "resume",
+        "--duration=4",
+        "--pairs=5",
+        "--cut-every-ms=150",
+        "--blackhole-fraction=0.4",
+        "--blackhole-max-ms=2000",
+        "--suspended=200",
+    )
+    assert r["relays_sent"] > 0
+    assert r["relays_received"] == r["relays_sent"]
+    assert r["lost"] == r["duplicated"] == r["dropped"] == 0
+    assert r["resets"] > 0 and r["blackholes"] > 0
+    assert r["resumes"] == r["resets"] + r["blackholes"]
+    assert sum(r["blackholes_ended"].values()) == r["blackholes"]
+    assert set(r["blackholes_ended"]) <= {"taken_over", "found_dead"}, r["blackholes_ended"]
+    assert 0 < r["resume_p50_us"] <= r["resume_p99_us"] <= r["resume_max_us"]
+    assert r["presence_seen_by_senders"] == r["presence_seen_by_receivers"] == 0
+    assert r["unfinished"] == 0
+    assert r["errors_total"] == 0, r["first_error"]
+    memory = r["memory"]
+    assert memory["sessions"] == memory["resumed"] == 200
+    assert memory["rss_suspended_kib"] > 0

@@ -136,6 +136,55 @@ def test_a_resume_takes_over_a_half_dead_connection(server: Server) -> None:
         pair.close()
 
 
+def test_a_connection_dead_upstream_is_found_by_ping_and_resumed(
+    start_server: Callable[..., Server],
+) -> None:
+    """Only the client's bytes are lost: what the server sends still arrives
+    (and counts as seen), its pings go unanswered, and it suspends the
+    session; the resume replays nothing the client already has."""
+    server = start_server("--ping-interval", "0.5", "--ping-timeout", "1")
+    with Proxy(server.port) as proxy:
+        pair = Pair(server, proxy, "upstream")
+        proxy.blackhole("up")
+        for n in range(3):
+            offer(pair.b, pair.a_id, f"still-{n}")
+        assert [pair.a.recv_json()["msgId"] for _ in range(3)] == [f"still-{n}" for n in range(3)]
+        pair.seen += 3
+        # b stays alive meanwhile: a ping unanswered for 1 s ends a peer.
+        while not server.records("peer suspended", peer=pair.a_id):
+            pair.b.answer_pings(1)
+        offer(pair.b, pair.a_id, "gap")
+        resumed = pair.resume()
+        first = resumed.recv_json()
+        assert first.get("msgId") == "gap", first
+        nothing_pending(resumed, "no-repeat")
+        nothing_pending(pair.b, "b-saw-nothing")
+        resumed.close()
+        pair.close()
+
+
+def test_a_connection_dead_downstream_is_taken_over_with_what_it_missed(
+    server: Server,
+) -> None:
+    """Only the server's bytes are lost: they sit unread on the way; the
+    client resumes (the server still thinks the old connection alive) and
+    gets them again."""
+    with Proxy(server.port) as proxy:
+        pair = Pair(server, proxy, "downstream")
+        proxy.blackhole("down")
+        for n in range(3):
+            offer(pair.b, pair.a_id, f"lost-{n}")
+        nothing_pending(pair.b, "sent")  # the server has written them
+        resumed = pair.resume()
+        assert [resumed.recv_json()["msgId"] for _ in range(3)] == [f"lost-{n}" for n in range(3)]
+        nothing_pending(resumed, "no-repeat")
+        records = server.wait_records("peer resumed", peer=pair.a_id)
+        assert records
+        nothing_pending(pair.b, "b-saw-nothing")
+        resumed.close()
+        pair.close()
+
+
 def test_tokens_that_cannot_resume_start_afresh_and_end_no_one(server: Server) -> None:
     with Proxy(server.port) as proxy:
         pair = Pair(server, proxy, "tokens")

@@ -21,9 +21,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::client::{
-    self, count, format_counts, merge_counts, Failure, Incoming, Server, Table, Ws,
-};
+use crate::client::{self, count, format_counts, Errors, Failure, Incoming, Server, Table, Ws};
 use crate::cpu::{own_cpu_seconds, ProcessTree};
 use crate::stats::{micros, round, seed_from_clock, spread, Rng};
 use crate::tracker::{self, Control, Tracked};
@@ -80,14 +78,12 @@ struct ClientStats {
     leaves_close: u64,
     leaves_drop: u64,
     join_us: Vec<u32>,
-    errors: BTreeMap<String, u64>,
-    first_error: Option<String>,
+    errors: Errors,
 }
 
 impl ClientStats {
     fn error(&mut self, failure: Failure) {
-        count(&mut self.errors, &failure.kind);
-        self.first_error.get_or_insert(failure.detail);
+        self.errors.add(failure);
     }
 }
 
@@ -324,10 +320,7 @@ pub async fn run(args: ChurnArgs) -> Result<(), String> {
         stats.leaves_close += s.leaves_close;
         stats.leaves_drop += s.leaves_drop;
         stats.join_us.extend(s.join_us);
-        merge_counts(&mut stats.errors, s.errors);
-        if stats.first_error.is_none() {
-            stats.first_error = s.first_error;
-        }
+        stats.errors.merge(s.errors);
     }
     let elapsed = t0.elapsed().as_secs_f64();
     let server_cpu = match (server_cpu0, tree.as_ref().map(ProcessTree::cpu_seconds)) {
@@ -433,6 +426,7 @@ pub async fn run(args: ChurnArgs) -> Result<(), String> {
     if tracker_errors > 0 {
         stats
             .errors
+            .counts
             .insert("observer_error_messages".into(), tracker_errors);
     }
 
@@ -471,8 +465,8 @@ pub async fn run(args: ChurnArgs) -> Result<(), String> {
         join_max_us: max,
         leaves_close: stats.leaves_close,
         leaves_drop: stats.leaves_drop,
-        errors_total: stats.errors.values().sum(),
-        errors: stats.errors,
+        errors_total: stats.errors.counts.values().sum(),
+        errors: stats.errors.counts,
         impossible_events: impossible,
         observer_disconnects: observer_ends.len(),
         ghosts,
@@ -492,7 +486,7 @@ pub async fn run(args: ChurnArgs) -> Result<(), String> {
         client_cpu_s: round(client_cpu, 3),
     };
     let mut notes = Vec::new();
-    if let Some(e) = &stats.first_error {
+    if let Some(e) = &stats.errors.first {
         notes.push(("first error", e.clone()));
     }
     if !ghost_examples.is_empty() {

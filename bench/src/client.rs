@@ -183,22 +183,7 @@ pub fn stream_end(item: Option<Result<Message, WsError>>, stage: &str) -> Failur
 /// `peer-list`, which go into `view` (with any presence event read on the
 /// way). Returns the stream once both have arrived.
 pub async fn join(addr: SocketAddr, url: &str, view: &mut View) -> Result<Ws, Failure> {
-    let tcp = TcpStream::connect(addr)
-        .await
-        .map_err(|e| Failure::io("connect", &e))?;
-    tcp.set_nodelay(true)
-        .map_err(|e| Failure::io("set_nodelay", &e))?;
-    let config = WebSocketConfig::default().read_buffer_size(READ_BUFFER_SIZE);
-    let (mut ws, _) = tokio_tungstenite::client_async_with_config(url, tcp, Some(config))
-        .await
-        .map_err(|e| match e {
-            WsError::Http(resp) => Failure::new(
-                format!("http_{}", resp.status().as_u16()),
-                format!("upgrade refused: HTTP {}", resp.status()),
-            ),
-            WsError::Io(err) => Failure::io("handshake", &err),
-            other => Failure::new("handshake", format!("handshake: {other}")),
-        })?;
+    let mut ws = open(addr, url).await?;
     while view.self_id().is_none() || !view.has_list() {
         let text = match ws.next().await {
             Some(Ok(Message::Text(text))) => text,
@@ -222,6 +207,27 @@ pub async fn join(addr: SocketAddr, url: &str, view: &mut View) -> Result<Ws, Fa
         // Impossible events are counted by the view; the caller decides.
         let _ = view.apply(&msg);
     }
+    Ok(ws)
+}
+
+/// Connects over TCP and upgrades to WebSocket at `url`; reads nothing.
+pub async fn open(addr: SocketAddr, url: &str) -> Result<Ws, Failure> {
+    let tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|e| Failure::io("connect", &e))?;
+    tcp.set_nodelay(true)
+        .map_err(|e| Failure::io("set_nodelay", &e))?;
+    let config = WebSocketConfig::default().read_buffer_size(READ_BUFFER_SIZE);
+    let (ws, _) = tokio_tungstenite::client_async_with_config(url, tcp, Some(config))
+        .await
+        .map_err(|e| match e {
+            WsError::Http(resp) => Failure::new(
+                format!("http_{}", resp.status().as_u16()),
+                format!("upgrade refused: HTTP {}", resp.status()),
+            ),
+            WsError::Io(err) => Failure::io("handshake", &err),
+            other => Failure::new("handshake", format!("handshake: {other}")),
+        })?;
     Ok(ws)
 }
 
@@ -262,6 +268,28 @@ pub fn raise_nofile_limit() -> u64 {
             }
         }
         lim.rlim_cur as u64
+    }
+}
+
+/// Failures counted by kind, and the first one's details for a human.
+#[derive(Default, Debug)]
+pub struct Errors {
+    pub counts: BTreeMap<String, u64>,
+    pub first: Option<String>,
+}
+
+impl Errors {
+    pub fn add(&mut self, failure: Failure) {
+        count(&mut self.counts, &failure.kind);
+        self.first.get_or_insert(failure.detail);
+    }
+
+    /// Adds `other`'s counts; its first failure counts if none came yet.
+    pub fn merge(&mut self, other: Errors) {
+        merge_counts(&mut self.counts, other.counts);
+        if self.first.is_none() {
+            self.first = other.first;
+        }
     }
 }
 

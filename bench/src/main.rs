@@ -10,6 +10,7 @@ mod cpu;
 mod fanout;
 mod rawws;
 mod relay;
+mod resume;
 mod stats;
 mod tracker;
 mod view;
@@ -39,6 +40,9 @@ enum Command {
     Churn(churn::ChurnArgs),
     /// Many peers joining one topic at once; time until every view is complete.
     Fanout(fanout::FanoutArgs),
+    /// Relays to sessions whose connections are cut at random and resumed:
+    /// messages lost and duplicated, resume latency, a suspended session's memory.
+    Resume(resume::ResumeArgs),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +54,7 @@ fn main() -> ExitCode {
         Command::Connect(args) => args.threads,
         Command::Churn(args) => args.threads,
         Command::Fanout(args) => args.threads,
+        Command::Resume(args) => args.threads,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads.max(1))
@@ -68,6 +73,7 @@ fn main() -> ExitCode {
             Command::Connect(args) => connect::run(args).await,
             Command::Churn(args) => churn::run(args).await,
             Command::Fanout(args) => fanout::run(args).await,
+            Command::Resume(args) => resume::run(args).await,
         }
     });
     // Tasks still parked on dead sockets must not hold the exit up.

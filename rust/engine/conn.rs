@@ -29,7 +29,8 @@ pub(super) enum State {
 
 #[derive(Debug)]
 pub(super) struct Conn<W> {
-    pub(super) transport: W,
+    /// None once a suspended session's socket is gone (`release`).
+    pub(super) transport: Option<W>,
     pub(super) state: State,
     pub(super) reader: FrameReader,
     /// Bytes waiting for the transport to accept more (`paused`).
@@ -45,7 +46,7 @@ pub(super) struct Conn<W> {
 impl<W> Conn<W> {
     pub(super) fn new(transport: W, burst: f64, now: Instant) -> Self {
         Self {
-            transport,
+            transport: Some(transport),
             state: State::Open,
             reader: FrameReader::default(),
             queue: Vec::new(),

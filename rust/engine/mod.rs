@@ -148,7 +148,7 @@ impl<W> Engine<W> {
     }
 
     pub fn transport(&self, conn: u64) -> Option<&W> {
-        self.conns.get(&conn).map(|c| &c.transport)
+        self.conns.get(&conn).and_then(|c| c.transport.as_ref())
     }
 
     pub fn peer_id(&self, conn: u64) -> Option<PeerId> {
@@ -320,7 +320,12 @@ impl<W> Engine<W> {
     /// session, which is suspended (or already was).
     pub fn release(&mut self, conn: u64, now: Instant, out: &mut Outbox) {
         let suspended = self.conns.get(&conn).is_some_and(|c| c.suspended());
-        if !suspended && !self.suspend(conn, now, out) {
+        if suspended || self.suspend(conn, now, out) {
+            // Only the session is kept: the dead transport is let go.
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.transport = None;
+            }
+        } else {
             self.leave(conn, LeaveReason::Disconnected, out);
             self.conns.remove(&conn);
         }

@@ -131,6 +131,10 @@ fn a_lost_connection_is_suspended_and_resumed_without_anyone_noticing() {
     room.lose(&a);
     assert!(room.to(&b).is_empty(), "no peer-left while suspended");
     assert_eq!(room.out.sessions.len(), 1);
+    assert!(
+        room.engine.transport(a.conn).is_none(),
+        "the dead transport is let go"
+    );
     assert_eq!(room.engine.peer_count(), 2);
     // Relays to it while suspended are kept.
     for n in 1..=3 {
@@ -311,6 +315,11 @@ fn a_silent_peer_is_suspended_and_a_pong_forgets_what_arrived() {
     room.tick(Duration::from_secs(10)); // ping timeout: suspended
     assert_eq!(room.out.sessions.len(), 1);
     assert!(room.to(&b).is_empty());
+    // The dead socket is aborted; once it is gone, only the session stays.
+    assert!(room.out.actions.contains(&(a.conn, Action::Abort)));
+    assert!(room.engine.transport(a.conn).is_some());
+    room.lose(&a);
+    assert!(room.engine.transport(a.conn).is_none());
     // Messages before the first ping are known to have arrived: a resume
     // claiming fewer cannot be honoured, and the old session ends.
     let (fresh, _, joined) = room.resume(a.token.as_deref().unwrap(), 1);
