@@ -138,7 +138,7 @@ bench-cluster: build system-deps ## Cluster mode: relays/s of topics split over 
 	PYTHONPATH=$(CURDIR) $(PY) bench/cluster.py
 
 .PHONY: bench-resume
-bench-resume: build ## Resume: relays to sessions cut at random; lost and duplicated must be 0 (DURATION, WORKERS)
+bench-resume: build ## Resume: relays to sessions cut at random; lost and duplicated must be 0 (DURATION, WORKERS, SERVERS=2: a cluster)
 	cargo build --release --quiet -p signaling-bench
 	PYTHONPATH=$(CURDIR) $(PY) bench/resume.py
 

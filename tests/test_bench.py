@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from conftest import Server
+from redis_server import RedisServer, redis_server  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "target" / "release" / "signaling-bench"
@@ -143,6 +144,7 @@ def test_resume(bench_binary: Path, start_server: Callable[..., Server]) -> None
     assert r["lost"] == r["duplicated"] == r["dropped"] == 0
     assert r["resets"] > 0 and r["blackholes"] > 0
     assert r["resumes"] == r["resets"] + r["blackholes"]
+    assert r["resumes_moved"] == 0, "one server"
     assert sum(r["blackholes_ended"].values()) == r["blackholes"]
     assert set(r["blackholes_ended"]) <= {"taken_over", "found_dead"}, r["blackholes_ended"]
     assert 0 < r["resume_p50_us"] <= r["resume_p99_us"] <= r["resume_max_us"]
@@ -152,3 +154,35 @@ def test_resume(bench_binary: Path, start_server: Callable[..., Server]) -> None
     memory = r["memory"]
     assert memory["sessions"] == memory["resumed"] == 200
     assert memory["rss_suspended_kib"] > 0
+
+
+def test_resume_across_a_cluster(
+    bench_binary: Path,
+    start_server: Callable[..., Server],
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    """Every connection picks one of two cluster servers: sessions move
+    between them on resume, and still nothing is lost or repeated."""
+    servers = [
+        start_server("--workers=1", f"--redis={redis_server.url}", "--resume-secret=shared")
+        for _ in range(2)
+    ]
+    for server in servers:
+        server.wait_records("cluster ready")
+    r = bench(
+        bench_binary,
+        servers[0],
+        "resume",
+        f"--url=ws://127.0.0.1:{servers[1].port}",
+        "--duration=4",
+        "--pairs=5",
+        "--cut-every-ms=150",
+        "--suspended=0",
+    )
+    assert r["relays_sent"] > 0
+    assert r["lost"] == r["duplicated"] == r["dropped"] == 0
+    assert r["resumes"] == r["resets"] + r["blackholes"]
+    assert r["resumes_moved"] > 0
+    assert r["presence_seen_by_senders"] == r["presence_seen_by_receivers"] == 0
+    assert r["unfinished"] == 0
+    assert r["errors_total"] == 0, r["first_error"]

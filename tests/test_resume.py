@@ -10,11 +10,16 @@ received, once, in order.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 from conftest import Server
+from redis_server import RedisServer, redis_server  # noqa: F401
 from wsclient import OP_CLOSE, OP_TEXT, RawClient, http_get
 
 from testkit.proxy import Proxy
@@ -41,6 +46,15 @@ def nothing_pending(client: RawClient, tag: str) -> None:
     sent nothing else meanwhile."""
     client.send_frame(OP_TEXT, json.dumps({"type": "ping", "msgId": tag}).encode())
     assert client.recv_json() == {"type": "pong", "msgId": tag}
+
+
+def until_pong(client: RawClient, tag: str) -> list[dict[str, Any]]:
+    """What ``client`` receives before the pong of a ping sent now."""
+    client.send_frame(OP_TEXT, json.dumps({"type": "ping", "msgId": tag}).encode())
+    before = []
+    while (message := client.recv_json()) != {"type": "pong", "msgId": tag}:
+        before.append(message)
+    return before
 
 
 class Pair:
@@ -279,3 +293,235 @@ def test_resume_reaches_the_topics_worker(
             nothing_pending(pair.b, "b-saw-nothing")
             resumed.close()
             pair.close()
+
+
+# --- cluster mode: the client comes back to another server ---------------------
+
+SECRET = "a secret every node of the test cluster shares"
+"""``--resume-secret`` of the cluster tests: each node accepts the others' tokens."""
+ASK_WAIT = 2.0
+"""Seconds the new node waits for the old one's answer (engine::migrate::ASK_WAIT)."""
+BOUNDED = ASK_WAIT + 1.5
+"""Seconds within which a resume the old node does not answer starts
+afresh: the wait, plus the tick that ends it and a margin for a loaded
+test machine."""
+
+
+def start_node(
+    start_server: Callable[..., Server], redis: RedisServer, workers: int = 1, *flags: str
+) -> Server:
+    """A server of the cluster on ``redis``, every worker's node ready."""
+    server = start_server(
+        "--workers", str(workers), "--redis", redis.url, "--resume-secret", SECRET, *flags
+    )
+    server.wait_records("cluster ready", count=workers)
+    return server
+
+
+class Spread:
+    """``a`` (resumable, through ``proxy``) and ``b`` on ``first``, ``c`` on
+    ``second``, all in ``topic`` and seeing each other."""
+
+    def __init__(self, first: Server, second: Server, proxy: Proxy, topic: str) -> None:
+        self.first, self.second, self.proxy, self.topic = first, second, proxy, topic
+        self.a, welcome = connect(proxy.port, topic, "resumable=1")
+        self.a_id: str = welcome["selfId"]
+        self.token: str = welcome["resumeToken"]
+        assert self.a.recv_json() == {"type": "peer-list", "peers": []}
+        self.b, self.b_id = RawClient.join(first.port, f"/ws/{topic}")
+        assert self.a.recv_json() == {"type": "peer-joined", "peerId": self.b_id}
+        self.c, welcome = connect(second.port, topic, "x=1")
+        self.c_id: str = welcome["selfId"]
+        view = {peer["id"] for peer in self.c.recv_json()["peers"]}
+        while view != {self.a_id, self.b_id}:  # b's join may still be on its way
+            joined = self.c.recv_json()
+            assert joined["type"] == "peer-joined", joined
+            view.add(joined["peerId"])
+        assert self.a.recv_json() == {"type": "peer-joined", "peerId": self.c_id}
+        assert self.b.recv_json() == {"type": "peer-joined", "peerId": self.c_id}
+        self.seen = 3
+
+    def cut(self) -> None:
+        self.proxy.reset()
+        self.first.wait_records("peer suspended", peer=self.a_id)
+
+    def resume_at_second(self) -> tuple[RawClient, dict[str, Any]]:
+        return connect(self.second.port, self.topic, f"resume={self.token}&seen={self.seen}")
+
+    def close(self) -> None:
+        for client in (self.a, self.b, self.c):
+            client.close()
+
+
+def test_a_session_resumes_on_another_server_with_nothing_lost_or_repeated(
+    redis_server: RedisServer,  # noqa: F811
+    start_server: Callable[..., Server],
+) -> None:
+    """Peers on both servers relay to ``a`` without pause while its
+    connection is cut and it resumes on the other server: ``a`` gets every
+    relay once, in each sender's order, and no one sees it leave or join."""
+    first = start_node(start_server, redis_server, workers=2)
+    second = start_node(start_server, redis_server, workers=2)
+    with Proxy(first.port) as proxy:
+        spread = Spread(first, second, proxy, "moving")
+        stop = threading.Event()
+        sent: dict[str, int] = {}
+
+        def stream(client: RawClient, name: str) -> None:
+            n = 0
+            while not stop.is_set() or n < 20:
+                offer(client, spread.a_id, f"{name}-{n}")
+                n += 1
+                time.sleep(0.002)
+            sent[name] = n
+
+        senders = [
+            threading.Thread(target=stream, args=(spread.b, "b")),
+            threading.Thread(target=stream, args=(spread.c, "c")),
+        ]
+        for sender in senders:
+            sender.start()
+        got: dict[str, list[int]] = {"b": [], "c": []}
+
+        def take(message: dict[str, Any]) -> None:
+            assert message["type"] == "offer", message
+            name, n = message["msgId"].split("-")
+            assert message["from"] == {"b": spread.b_id, "c": spread.c_id}[name]
+            got[name].append(int(n))
+
+        for _ in range(10):
+            take(spread.a.recv_json())
+            spread.seen += 1
+        spread.cut()
+        resumed, welcome = spread.resume_at_second()
+        assert welcome["selfId"] == spread.a_id, welcome
+        assert welcome["resumed"] is True, welcome
+        assert welcome["resumeToken"] != spread.token
+        second.wait_records("peer resumed", peer=spread.a_id)
+        stop.set()
+        for sender in senders:
+            sender.join()
+        while len(got["b"]) + len(got["c"]) < sum(sent.values()):
+            take(resumed.recv_json())
+        assert got == {name: list(range(count)) for name, count in sent.items()}
+        nothing_pending(resumed, "no-repeat")
+        nothing_pending(spread.b, "b-saw-nothing")  # no error, no peer-left
+        nothing_pending(spread.c, "c-saw-nothing")
+        # The session lives on the second server now, both ways.
+        offer(resumed, spread.b_id, "to-b")
+        assert spread.b.recv_json()["msgId"] == "to-b"
+        offer(resumed, spread.c_id, "to-c")
+        assert spread.c.recv_json()["msgId"] == "to-c"
+        offer(spread.b, spread.a_id, "from-b")
+        assert resumed.recv_json()["msgId"] == "from-b"
+        # And it can move back, with its new token: a lost connection
+        # (no close frame) again.
+        seen = sum(sent.values()) - 10 + 2  # the replay, live, a pong and from-b
+        resumed.close()
+        second.wait_records("peer suspended", peer=spread.a_id)
+        offer(spread.c, spread.a_id, "kept-at-second")
+        token = welcome["resumeToken"]
+        back, welcome = connect(first.port, "moving", f"resume={token}&seen={seen}")
+        assert (welcome["selfId"], welcome["resumed"]) == (spread.a_id, True), welcome
+        assert back.recv_json()["msgId"] == "kept-at-second"
+        nothing_pending(back, "moved-back")
+        nothing_pending(spread.b, "b-saw-nothing-again")
+        nothing_pending(spread.c, "c-saw-nothing-again")
+        back.close()
+        spread.close()
+
+
+def test_a_resume_whose_old_server_died_starts_afresh_at_once(
+    redis_server: RedisServer,  # noqa: F811
+    start_server: Callable[..., Server],
+) -> None:
+    """Once Redis knows the old server gone (its inbox has no subscriber),
+    the ask reaches no one and the client starts afresh without waiting."""
+    first = start_node(start_server, redis_server)
+    second = start_node(start_server, redis_server)
+    (ready,) = first.records("cluster ready")
+    inbox = f"signaling:node:{ready['node']}"
+    with Proxy(first.port) as proxy:
+        spread = Spread(first, second, proxy, "dead-node")
+        spread.cut()
+        os.killpg(first.proc.pid, signal.SIGKILL)
+        assert first.proc.wait(5) == -signal.SIGKILL
+        redis = redis_server.client()
+        while redis.pubsub_numsub(inbox) != [(inbox, 0)]:
+            time.sleep(0.01)
+        started = time.monotonic()
+        fresh, welcome = spread.resume_at_second()
+        waited = time.monotonic() - started
+        assert welcome["resumed"] is False, welcome
+        assert welcome["selfId"] != spread.a_id
+        assert fresh.recv_json()["type"] == "peer-list"
+        assert waited < ASK_WAIT, f"the fresh start took {waited:.2f} s"
+        second.wait_records("peer joined", peer=welcome["selfId"])
+        fresh.close()
+        spread.close()
+
+
+def test_a_resume_whose_old_server_is_silent_starts_afresh_within_the_wait(
+    redis_server: RedisServer,  # noqa: F811
+    start_server: Callable[..., Server],
+) -> None:
+    """The old server is frozen (SIGSTOP): Redis still takes the ask, no one
+    answers. The client starts afresh within the bounded wait; the old
+    session, once its server wakes and hands it over too late, ends: no
+    peer stays in a view without a session."""
+    first = start_node(start_server, redis_server)
+    second = start_node(start_server, redis_server)
+    with Proxy(first.port) as proxy:
+        spread = Spread(first, second, proxy, "silent-node")
+        spread.cut()
+        os.killpg(first.proc.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            fresh, welcome = spread.resume_at_second()
+            waited = time.monotonic() - started
+        finally:
+            os.killpg(first.proc.pid, signal.SIGCONT)
+        assert welcome["resumed"] is False, welcome
+        assert welcome["selfId"] != spread.a_id
+        assert 1.5 < waited < BOUNDED, f"the fresh start took {waited:.2f} s"
+        listed = {peer["id"] for peer in fresh.recv_json()["peers"]}
+        assert listed == {spread.a_id, spread.b_id, spread.c_id}, "the old session still lives"
+        assert spread.c.recv_json() == {"type": "peer-joined", "peerId": welcome["selfId"]}
+        # The late hand-over ends the old session, for everyone.
+        for client in (spread.b, spread.c, fresh):
+            message = client.recv_json()
+            if message["type"] == "peer-joined":  # b learns of the new peer first
+                message = client.recv_json()
+            assert message == {"type": "peer-left", "peerId": spread.a_id}, message
+        fresh.close()
+        spread.close()
+
+
+def test_a_session_suspended_while_redis_restarts_resumes_on_another_server(
+    redis_server: RedisServer,  # noqa: F811
+    start_server: Callable[..., Server],
+) -> None:
+    first = start_node(start_server, redis_server)
+    second = start_node(start_server, redis_server)
+    with Proxy(first.port) as proxy:
+        spread = Spread(first, second, proxy, "redis-restart")
+        spread.cut()
+        redis_server.stop()
+        first.wait_records("cluster lost")
+        offer(spread.b, spread.a_id, "during-outage")  # local to the first server
+        redis_server.start()
+        first.wait_records("cluster ready", count=2)
+        second.wait_records("cluster ready", count=2)
+        offer(spread.c, spread.a_id, "after-restart")  # through the new Redis
+        # Views may blip while Redis refills (docs/cluster.md); the relay
+        # must not fail.
+        for client in (spread.b, spread.c):
+            before = until_pong(client, "delivered")
+            assert {m["type"] for m in before} <= {"peer-left", "peer-joined"}, before
+        resumed, welcome = spread.resume_at_second()
+        assert (welcome["selfId"], welcome["resumed"]) == (spread.a_id, True), welcome
+        replay = until_pong(resumed, "no-repeat")  # with the views' blips, if any
+        got = [m["msgId"] for m in replay if m["type"] == "offer"]
+        assert got == ["during-outage", "after-restart"], replay
+        resumed.close()
+        spread.close()

@@ -285,6 +285,9 @@ struct ReceiverStats {
     resets: u64,
     blackholes: u64,
     resumes: u64,
+    /// Resumes on another server than the connection before (in cluster
+    /// mode, another node: the session moved).
+    moved: u64,
     resume_us: Vec<u32>,
     /// How each blackholed connection ended.
     stale: BTreeMap<String, u64>,
@@ -346,6 +349,7 @@ async fn receiver(
     let mut rng = Rng::new(seed);
     let mut tally = Tally::default();
     let (addr, url) = cfg.pick(&mut rng, &topic);
+    let mut at = addr;
     let (mut session, mut ws) = match Session::join(addr, &url).await {
         Ok((session, ws)) => (session, Some(ws)),
         Err(failure) => {
@@ -406,6 +410,8 @@ async fn receiver(
         match resumed {
             Ok(Ok(new)) => {
                 tally.stats.resumes += 1;
+                tally.stats.moved += u64::from(addr != at);
+                at = addr;
                 tally.stats.resume_us.push(micros(started.elapsed()));
                 ws = Some(new);
             }
@@ -720,6 +726,7 @@ struct Report {
     resets: u64,
     blackholes: u64,
     resumes: u64,
+    resumes_moved: u64,
     resume_p50_us: u32,
     resume_p99_us: u32,
     resume_max_us: u32,
@@ -782,6 +789,7 @@ pub async fn run(args: ResumeArgs) -> Result<(), String> {
         received.resets += r.resets;
         received.blackholes += r.blackholes;
         received.resumes += r.resumes;
+        received.moved += r.moved;
         received.resume_us.extend(r.resume_us);
         received.presence += r.presence;
         merge_counts(&mut received.stale, r.stale);
@@ -808,6 +816,7 @@ pub async fn run(args: ResumeArgs) -> Result<(), String> {
         resets: received.resets,
         blackholes: received.blackholes,
         resumes: received.resumes,
+        resumes_moved: received.moved,
         resume_p50_us: p50,
         resume_p99_us: p99,
         resume_max_us: max,
@@ -836,11 +845,12 @@ pub async fn run(args: ResumeArgs) -> Result<(), String> {
     table.line(
         "cuts",
         format!(
-            "{} resets, {} blackholes ({}), {} resumes",
+            "{} resets, {} blackholes ({}), {} resumes ({} on another server)",
             report.resets,
             report.blackholes,
             format_counts(&report.blackholes_ended),
-            report.resumes
+            report.resumes,
+            report.resumes_moved
         ),
     );
     table.line("resume us", format!("p50 {p50}  p99 {p99}  max {max}"));

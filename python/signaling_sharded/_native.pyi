@@ -9,10 +9,12 @@ __all__ = [
     "CLOSE_CODES",
     "MAX_METADATA_BYTES",
     "MAX_REQUEST_HEAD",
+    "AskOp",
     "Hub",
     "JoinOp",
     "LeaveOp",
     "MetricsTable",
+    "MoveOp",
     "Peer",
     "PublishOp",
     "Request",
@@ -90,6 +92,36 @@ class LeaveOp:
     def peer(self) -> str: ...
 
 @final
+class AskOp:
+    """Cluster work: publish ``message`` (a resume asked of another node,
+    for connection ``conn``) to the node holding ``peer`` of ``topic``;
+    whether it arrived goes back with ``Hub.asked(conn, reached)``."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def peer(self) -> str: ...
+    @property
+    def conn(self) -> int: ...
+    @property
+    def message(self) -> bytes: ...
+
+@final
+class MoveOp:
+    """Cluster work: move local peer ``peer`` of ``topic`` to node ``to``
+    (its connection ``conn`` there); a move that could not be goes back
+    with ``Hub.move_failed(peer)``."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def peer(self) -> str: ...
+    @property
+    def to(self) -> str: ...
+    @property
+    def conn(self) -> int: ...
+
+@final
 class PublishOp:
     """Cluster work: the encoded ``PUBLISH`` (``command``) of a message to
     another node's inbox. A relay (``is_relay``) that reaches nobody goes
@@ -118,10 +150,12 @@ class Hub:
         """A hub with the settings of ``config``, read once. ``on_left`` and
         ``on_session`` are called with ``(peer, topic, reason or event)``
         when a peer leaves, and when a resumable session is ``"suspended"``
-        or ``"resumed"``. ``metrics`` is
+        or ``"resumed"`` (or ``"joined"``: a resume another node could not
+        honour started a new session). ``metrics`` is
         the server's table and ``worker`` this worker's row; in cluster
         mode, ``cluster_node`` names the node and ``on_cluster`` takes its
-        work for Redis, in order: ``JoinOp``, ``LeaveOp``, ``PublishOp``."""
+        work for Redis, in order: ``JoinOp``, ``LeaveOp``, ``PublishOp``,
+        ``AskOp``, ``MoveOp``."""
     def join(
         self,
         transport: Any,
@@ -171,6 +205,12 @@ class Hub:
         losing the link is counted unless ``lost`` is false (a shutdown)."""
     def deliver(self, messages: list[bytes]) -> None:
         """Cluster mode: messages from this node's inbox, in order."""
+    def asked(self, conn: int, reached: bool) -> None:
+        """Cluster mode: whether the resume asked for connection ``conn``
+        (``AskOp``) reached the session's node; if not, it starts afresh."""
+    def move_failed(self, peer: str) -> None:
+        """Cluster mode: Redis did not move ``peer`` (``MoveOp``): its
+        session ends."""
     def snapshot(
         self,
         topic: str,

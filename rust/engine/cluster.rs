@@ -19,6 +19,7 @@ use rustc_hash::FxHashMap;
 use serde_json::value::RawValue;
 
 use super::conn::{Closing, LeaveReason, Queued, State};
+use super::migrate::Migrations;
 pub use super::outbox::ClusterOp;
 use super::outbox::Outbox;
 use super::remote::RemoteTopic;
@@ -70,12 +71,14 @@ pub(super) struct Forwarded<'a> {
 /// What a node keeps of the cluster.
 #[derive(Debug)]
 pub(super) struct ClusterState {
-    node: Arc<str>,
+    pub(super) node: Arc<str>,
     /// Each followed topic's members on other nodes.
     pub(super) remote: FxHashMap<Arc<str>, RemoteTopic>,
     joining: FxHashMap<u64, Joining>,
     /// The recent relays forwarded, oldest first.
     forwards: VecDeque<Forward>,
+    /// Resumable sessions moving to or from this node.
+    pub(super) migrations: Migrations,
 }
 
 impl ClusterState {
@@ -85,6 +88,7 @@ impl ClusterState {
             remote: FxHashMap::default(),
             joining: FxHashMap::default(),
             forwards: VecDeque::new(),
+            migrations: Migrations::default(),
         }
     }
 }
@@ -142,6 +146,22 @@ impl<W> Engine<W> {
         self.cluster
             .as_ref()
             .is_some_and(|cluster| cluster.joining.contains_key(&conn))
+            || self.is_resuming(conn)
+    }
+
+    /// Keeps `data` for a connection waiting to join; false if it is not.
+    pub(super) fn hold_joining(&mut self, conn: u64, data: &[u8]) -> bool {
+        let joining = self
+            .cluster
+            .as_mut()
+            .and_then(|cluster| cluster.joining.get_mut(&conn));
+        match joining {
+            Some(joining) => {
+                joining.held.extend_from_slice(data);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Keeps what a joining connection sent until it has joined: nothing
@@ -150,15 +170,21 @@ impl<W> Engine<W> {
         if !matches!(self.conns.get(&conn), Some(c) if c.state == State::Open) {
             return;
         }
-        let Some(joining) = self
+        let joining = self
             .cluster
             .as_mut()
-            .and_then(|cluster| cluster.joining.get_mut(&conn))
-        else {
-            return;
+            .and_then(|cluster| cluster.joining.get_mut(&conn));
+        let held = match joining {
+            Some(joining) => {
+                joining.held.extend_from_slice(data);
+                joining.held.len()
+            }
+            None => match self.hold_resuming(conn, data) {
+                Some(held) => held,
+                None => return,
+            },
         };
-        joining.held.extend_from_slice(data);
-        if joining.held.len() > self.config.max_message + MAX_HELD_EXTRA {
+        if held > self.config.max_message + MAX_HELD_EXTRA {
             let closing = Closing {
                 code: close::POLICY,
                 reason: "too much data before welcome",
@@ -238,6 +264,9 @@ impl<W> Engine<W> {
     /// Forgets `conn` if it was waiting to join (it never joined here, but
     /// the cluster was told it would); returns whether it was.
     pub(super) fn cluster_forget_joiner(&mut self, conn: u64, out: &mut Outbox) -> bool {
+        if self.forget_resuming(conn) {
+            return true;
+        }
         let Some(cluster) = &mut self.cluster else {
             return false;
         };
@@ -339,9 +368,13 @@ impl<W> Engine<W> {
 
     /// Handles a message from this node's inbox: a relay or a frame for a
     /// local peer, or a presence event of a topic.
-    pub fn deliver(&mut self, data: &[u8], now: Instant, out: &mut Outbox) {
+    pub fn deliver(&mut self, data: &[u8], now: Now, out: &mut Outbox) {
+        if self.deliver_migration(data, now, out) {
+            return self.close_doomed(now.instant, out);
+        }
+        let now = now.instant;
         match data.first() {
-            Some(&cluster::RELAY) => self.deliver_relay(data, out),
+            Some(&cluster::RELAY) => self.deliver_relay_held(data, true, out),
             Some(&cluster::DIRECT) => {
                 if let Some((to, frame)) = cluster::parse_direct(data) {
                     if let Some(conn) = self.registry.conn_of(&to) {
@@ -359,7 +392,15 @@ impl<W> Engine<W> {
         self.close_doomed(now, out);
     }
 
-    fn presence(&mut self, topic: &str, event: Presence, now: Instant, out: &mut Outbox) {
+    /// Applies a presence event of `topic`, or keeps it for the snapshot
+    /// on its way.
+    pub(super) fn presence(
+        &mut self,
+        topic: &str,
+        event: Presence,
+        now: Instant,
+        out: &mut Outbox,
+    ) {
         if event.dead {
             self.answer_lost(&event.left, now, out);
         }
@@ -421,14 +462,29 @@ impl<W> Engine<W> {
         }
     }
 
-    fn deliver_relay(&mut self, data: &[u8], out: &mut Outbox) {
+    /// Delivers an `R` message to its local target, or bounces it.
+    pub(super) fn deliver_relay(&mut self, data: &[u8], out: &mut Outbox) {
+        self.deliver_relay_held(data, false, out);
+    }
+
+    /// `R` from the inbox (`hold`): held if its target just moved here and
+    /// its origin has not flushed yet.
+    fn deliver_relay_held(&mut self, data: &[u8], hold: bool, out: &mut Outbox) {
         let Some(relay) = cluster::parse_relay(data) else {
             return;
         };
         let bounce = match self.registry.conn_of(&relay.to) {
             Some(conn) => {
+                let held = if hold {
+                    self.hold_relay(conn, relay.origin, |buf| buf.extend_from_slice(data))
+                } else {
+                    None
+                };
+                if let Some(Queued::Yes) = held {
+                    return; // counted when it goes out
+                }
                 let write = |buf: &mut Vec<u8>| buf.extend_from_slice(relay.frame);
-                match self.queue_or_write(conn, out, write) {
+                match held.unwrap_or_else(|| self.queue_or_write(conn, out, write)) {
                     Queued::Yes => {
                         self.count_relay(relay::DELIVERED);
                         return;
@@ -439,6 +495,7 @@ impl<W> Engine<W> {
                     }
                 }
             }
+            None if self.pass_on(&relay.to, data, out) => return,
             None => {
                 self.count_relay(relay::TARGET_NOT_FOUND);
                 ErrorCode::TargetNotFound

@@ -12,18 +12,23 @@ use std::time::Duration;
 /// This engine's node name.
 const HERE: &str = "n1";
 
-/// An engine of node `HERE` and the outbox of its last call.
-struct Node {
-    engine: Engine<()>,
-    out: Outbox,
-    now: Instant,
+/// An engine of a node and the outbox of its last call.
+pub(super) struct Node {
+    pub(super) engine: Engine<()>,
+    pub(super) out: Outbox,
+    pub(super) now: Instant,
 }
 
 impl Node {
     fn new() -> Self {
+        Self::named(HERE)
+    }
+
+    /// An engine of node `name`.
+    pub(super) fn named(name: &str) -> Self {
         Self {
             engine: Engine::new(Config {
-                cluster_node: Some(Arc::from(HERE)),
+                cluster_node: Some(Arc::from(name)),
                 ..Config::default()
             }),
             out: Outbox::default(),
@@ -32,11 +37,13 @@ impl Node {
     }
 
     fn join(&mut self, topic: &str, metadata: Option<&str>) -> (u64, PeerId) {
+        let (conn, joined) = self.join_with(request(topic, metadata));
+        (conn, joined.expect("admitted").peer)
+    }
+
+    pub(super) fn join_with(&mut self, request: JoinRequest<'_>) -> (u64, Result<Joined, Refusal>) {
         self.out.clear();
-        let (conn, peer) =
-            self.engine
-                .join((), request(topic, metadata), at(self.now), &mut self.out);
-        (conn, peer.expect("admitted").peer)
+        self.engine.join((), request, at(self.now), &mut self.out)
     }
 
     /// The first local peer of `topic`, greeted with a snapshot at `v`.
@@ -47,17 +54,17 @@ impl Node {
         (conn, peer)
     }
 
-    fn send(&mut self, conn: u64, bytes: &[u8]) {
+    pub(super) fn send(&mut self, conn: u64, bytes: &[u8]) {
         self.out.clear();
         self.engine.receive(conn, bytes, self.now, &mut self.out);
     }
 
-    fn deliver(&mut self, data: &[u8]) {
+    pub(super) fn deliver(&mut self, data: &[u8]) {
         self.out.clear();
-        self.engine.deliver(data, self.now, &mut self.out);
+        self.engine.deliver(data, at(self.now), &mut self.out);
     }
 
-    fn snapshot(&mut self, topic: &str, v: u64, members: &[Member<'_>]) {
+    pub(super) fn snapshot(&mut self, topic: &str, v: u64, members: &[Member<'_>]) {
         let members = members
             .iter()
             .map(|(peer, node, metadata)| (*peer, remote(node, *metadata)))
@@ -73,7 +80,7 @@ impl Node {
             .undeliverable(message, unreachable, self.now, &mut self.out);
     }
 
-    fn release(&mut self, conn: u64) {
+    pub(super) fn release(&mut self, conn: u64) {
         self.out.clear();
         self.engine.release(conn, self.now, &mut self.out);
     }
@@ -113,7 +120,7 @@ impl Node {
 }
 
 /// A remote member: peer, node, metadata JSON.
-type Member<'a> = (PeerId, &'a str, Option<&'a str>);
+pub(super) type Member<'a> = (PeerId, &'a str, Option<&'a str>);
 
 /// The bytes written to `conn`, in order.
 fn bytes_to(out: &Outbox, conn: u64) -> Vec<u8> {

@@ -25,6 +25,10 @@ pub(super) enum State {
     /// A resumable session whose connection was lost: still a member, its
     /// transport gone, what it is sent kept for a resume (`session.rs`).
     Suspended { since: Instant },
+    /// Cluster mode: a session moved here from another node, whose
+    /// hand-off is on its way: a member, greeted once it comes; what it is
+    /// sent meanwhile is kept (`migrate.rs`).
+    Arriving,
 }
 
 #[derive(Debug)]
@@ -47,19 +51,34 @@ impl<W> Conn<W> {
     pub(super) fn new(transport: W, burst: f64, now: Instant) -> Self {
         Self {
             transport: Some(transport),
+            bucket: Bucket::full(burst, now),
+            ..Self::empty(now)
+        }
+    }
+
+    /// Open, without a transport, rate limit or session.
+    pub(super) fn empty(now: Instant) -> Self {
+        Self {
+            transport: None,
             state: State::Open,
             reader: FrameReader::default(),
             queue: Vec::new(),
             paused: false,
             ping_sent: now,
             awaiting_pong: false,
-            bucket: Bucket::full(burst, now),
+            bucket: Bucket::full(0.0, now),
             session: None,
         }
     }
 
     pub(super) fn suspended(&self) -> bool {
         matches!(self.state, State::Suspended { .. })
+    }
+
+    /// Whether what it is sent is only kept, not written: suspended, or
+    /// arriving.
+    pub(super) fn keeps(&self) -> bool {
+        matches!(self.state, State::Suspended { .. } | State::Arriving)
     }
 }
 
@@ -133,13 +152,13 @@ impl<W> Engine<W> {
         let Some(c) = self.conns.get_mut(&conn) else {
             return Queued::OverBound;
         };
-        if c.suspended() {
+        if c.keeps() {
             let mut frame = Vec::new();
             write(&mut frame);
             let session = c
                 .session
                 .as_mut()
-                .expect("suspended sessions are resumable");
+                .expect("a session that keeps is resumable");
             return match session.keep(&frame, max, true) {
                 Kept::Yes => Queued::Yes,
                 Kept::Over => Queued::OverBound,
@@ -182,7 +201,7 @@ impl<W> Engine<W> {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
-        if c.suspended() {
+        if c.keeps() {
             return;
         }
         if !c.paused {
@@ -242,11 +261,11 @@ impl<W> Engine<W> {
                 .conns
                 .get_mut(&member)
                 .expect("members have connections");
-            if c.suspended() {
+            if c.keeps() {
                 let session = c
                     .session
                     .as_mut()
-                    .expect("suspended sessions are resumable");
+                    .expect("a session that keeps is resumable");
                 if session.keep(&bytes, max, true) == Kept::Over {
                     doomed.push(member);
                 }
@@ -332,7 +351,7 @@ impl<W> Engine<W> {
         out: &mut Outbox,
     ) {
         match self.conns.get(&conn) {
-            Some(c) if c.state == State::Open => {}
+            Some(c) if matches!(c.state, State::Open | State::Arriving) => {}
             Some(c) if c.suspended() => return self.end_suspended(conn, closing.why, out),
             _ => return,
         }

@@ -46,11 +46,14 @@ impl<W> Engine<W> {
                     }
                 }
                 State::Suspended { since } => {
-                    if now.saturating_duration_since(since) >= window {
+                    // A session on its way to another node ends there, or
+                    // here if the move fails (bounded by MOVE_WAIT).
+                    if now.saturating_duration_since(since) >= window && !self.is_moving_away(conn)
+                    {
                         self.end_suspended(conn, LeaveReason::Expired, out);
                     }
                 }
-                State::Done => {}
+                State::Done | State::Arriving => {}
             }
         }
         for (conn, reason) in dead {

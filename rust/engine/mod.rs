@@ -30,6 +30,7 @@ mod config;
 mod conn;
 mod limits;
 mod liveness;
+mod migrate;
 mod outbox;
 mod relay;
 pub mod remote;
@@ -199,7 +200,7 @@ impl<W> Engine<W> {
             return (conn, Err(Refusal::ServerFull));
         }
         if let Some((token, seen)) = request.resume {
-            if let Some(peer) = self.resume_session(conn, request.topic, token, seen, now, out) {
+            if let Some(peer) = self.resume_session(conn, &request, token, seen, now, out) {
                 return (
                     conn,
                     Ok(Joined {
@@ -385,6 +386,8 @@ impl<W> Engine<W> {
 
 #[cfg(test)]
 mod cluster_tests;
+#[cfg(test)]
+mod migrate_tests;
 #[cfg(test)]
 mod resume_tests;
 #[cfg(test)]

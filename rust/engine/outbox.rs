@@ -41,6 +41,24 @@ pub enum ClusterOp {
         message: Vec<u8>,
         relay: bool,
     },
+    /// Publish `message` (a resume asked of another node, for connection
+    /// `conn`) to the node holding `peer` of `topic`; whether it arrived
+    /// comes back through `Engine::asked`.
+    Ask {
+        topic: Arc<str>,
+        peer: PeerId,
+        conn: u64,
+        message: Vec<u8>,
+    },
+    /// Move local peer `peer` of `topic` to node `to`, its connection
+    /// `conn` there; a move that could not be comes back through
+    /// `Engine::move_failed`.
+    Move {
+        topic: Arc<str>,
+        peer: PeerId,
+        to: Arc<str>,
+        conn: u64,
+    },
 }
 
 /// What became of a resumable session, for the caller's log.
@@ -51,6 +69,9 @@ pub enum SessionEvent {
     Suspended,
     /// A new connection took it over.
     Resumed,
+    /// Cluster mode: a resume that another node could not honour started
+    /// this new session instead.
+    Joined,
 }
 
 impl SessionEvent {
@@ -58,6 +79,7 @@ impl SessionEvent {
         match self {
             Self::Suspended => "suspended",
             Self::Resumed => "resumed",
+            Self::Joined => "joined",
         }
     }
 }

@@ -122,8 +122,14 @@ impl<W> Engine<W> {
                     self.count_relay(relay::TARGET_NOT_FOUND);
                     return self.send_error(conn, ErrorCode::TargetNotFound, msg_id, out);
                 };
-                let delivered = self.queue_or_write(target, out, |buf| {
-                    message::push_relay(buf, kind, from.as_str(), payload, msg_id);
+                let held = self.hold_local_relay(target, from, kind, payload, msg_id);
+                if let Some(Queued::Yes) = held {
+                    return; // counted when it goes out
+                }
+                let delivered = held.unwrap_or_else(|| {
+                    self.queue_or_write(target, out, |buf| {
+                        message::push_relay(buf, kind, from.as_str(), payload, msg_id);
+                    })
                 });
                 if let Queued::OverBound = delivered {
                     self.count_relay(relay::DROPPED);

@@ -43,6 +43,11 @@ impl RemoteTopic {
             .into_iter()
             .filter(|(peer, remote)| self.members.insert(*peer, remote.clone()).is_none())
             .collect();
+        for (peer, node) in event.moved {
+            if let Some(member) = self.members.get_mut(&peer) {
+                member.node = node;
+            }
+        }
         (left, joined)
     }
 
@@ -112,18 +117,21 @@ mod tests {
                 left: vec![],
                 joined: vec![(id(9), remote("n"))],
                 dead: false,
+                moved: vec![],
             },
             Presence {
                 version: 6,
                 left: vec![id(1)],
                 joined: vec![(id(2), remote("n"))],
                 dead: false,
+                moved: vec![],
             },
             Presence {
                 version: 7,
                 left: vec![id(2)],
                 joined: vec![(id(3), remote("n"))],
                 dead: false,
+                moved: vec![],
             },
         ];
         topic.pending = Some(events);
@@ -142,6 +150,7 @@ mod tests {
             left: vec![id(3)],
             joined: vec![],
             dead: false,
+            moved: vec![],
         });
         assert!(
             left.is_empty() && joined.is_empty(),

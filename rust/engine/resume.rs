@@ -4,14 +4,22 @@
 //! received.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::conn::{Closing, LeaveReason, State};
 use super::outbox::{Outbox, SessionEvent};
-use super::{Engine, Now};
+use super::{Engine, JoinRequest, Now};
+
 use crate::metrics::{cell, family, resume as result};
 use crate::wire::message;
 use crate::wire::peer_id::PeerId;
 use crate::wire::resume::{token, verify};
+
+/// A resume that can be honoured: done, or asked of another node.
+pub(super) enum Resume {
+    Done(PeerId),
+    Asked(PeerId),
+}
 
 impl<W> Engine<W> {
     /// Resumes the session that `token` names on the new connection `conn`
@@ -21,15 +29,16 @@ impl<W> Engine<W> {
     pub(super) fn resume_session(
         &mut self,
         conn: u64,
-        topic: &str,
+        request: &JoinRequest<'_>,
         token: &str,
         seen: Option<u64>,
         now: Now,
         out: &mut Outbox,
     ) -> Option<PeerId> {
-        let outcome = self.try_resume(conn, topic, token, seen, now, out);
+        let outcome = self.try_resume(conn, request, token, seen, now, out);
         let counted = match outcome {
-            Ok(_) => result::RESUMED,
+            Ok(Resume::Asked(peer)) => return Some(peer), // counted once answered
+            Ok(Resume::Done(_)) => result::RESUMED,
             Err(refused) => refused,
         };
         self.metrics.add(cell(family::RESUMES, counted), 1);
@@ -42,32 +51,41 @@ impl<W> Engine<W> {
                 }
             }
         }
-        outcome.ok()
+        outcome
+            .ok()
+            .map(|(Resume::Done(peer) | Resume::Asked(peer))| peer)
     }
 
     fn try_resume(
         &mut self,
         conn: u64,
-        topic: &str,
+        request: &JoinRequest<'_>,
         token: &str,
         seen: Option<u64>,
         now: Now,
         out: &mut Outbox,
-    ) -> Result<PeerId, usize> {
+    ) -> Result<Resume, usize> {
+        let topic = request.topic;
         self.config.resume_window.ok_or(result::GONE)?;
         let (peer, count) =
             verify(&self.config.resume_secret, topic, token).ok_or(result::FORGED)?;
-        let old = self.registry.conn_of(&peer).ok_or(result::GONE)?;
+        let Some(old) = self.registry.conn_of(&peer) else {
+            // Cluster mode: the session may be on another node.
+            let ask = self.ask_for_session(conn, request, peer, count, seen, now.instant);
+            let ask = ask.ok_or(result::GONE)?;
+            out.cluster.push(ask);
+            return Ok(Resume::Asked(peer));
+        };
         let c = self.conns.get(&old).ok_or(result::GONE)?;
         let session = c.session.as_ref().ok_or(result::GONE)?;
-        if session.resumes != count {
+        if session.resumes != count || self.is_leaving(&peer) {
             return Err(result::USED);
         }
         let replay = seen.and_then(|seen| session.after(seen));
         let Some(replay) = replay else {
             // A genuine token, but what the client missed is not all kept:
             // its old session ends, and it starts afresh.
-            self.end_session(old, now, out);
+            self.end_session(old, now.instant, out);
             return Err(result::UNREPLAYABLE);
         };
         let was_suspended = c.suspended();
@@ -96,14 +114,14 @@ impl<W> Engine<W> {
         }
         out.sessions.push((peer, topic, SessionEvent::Resumed));
         self.close_doomed(now.instant, out);
-        Ok(peer)
+        Ok(Resume::Done(peer))
     }
 
     /// Ends the session of connection `conn`, suspended or not.
-    fn end_session(&mut self, conn: u64, now: Now, out: &mut Outbox) {
+    pub(super) fn end_session(&mut self, conn: u64, now: Instant, out: &mut Outbox) {
         match self.conns.get(&conn).map(|c| c.state) {
             Some(State::Suspended { .. }) => self.end_suspended(conn, LeaveReason::Closed, out),
-            Some(State::Open) => self.close(conn, Closing::REPLACED, now.instant, out),
+            Some(State::Open) => self.close(conn, Closing::REPLACED, now, out),
             _ => {}
         }
     }

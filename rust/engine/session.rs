@@ -11,6 +11,8 @@
 
 use std::collections::VecDeque;
 
+use super::migrate::Held;
+
 #[derive(Debug, Default)]
 pub(super) struct Session {
     /// Messages numbered since the latest `welcome`; the next is `sent + 1`.
@@ -25,6 +27,9 @@ pub(super) struct Session {
     /// The client asked to resume another session, which could not be: its
     /// `welcome` says `"resumed":false`.
     pub(super) refused: bool,
+    /// Cluster mode, just moved here: relays held until the nodes that
+    /// sent them to the old node have flushed (see `migrate.rs`).
+    pub(super) held: Option<Box<Held>>,
 }
 
 /// What keeping one more message came to.
@@ -93,6 +98,12 @@ impl Session {
         self.ping_mark = 0;
         self.resumes += 1;
         self.refused = false;
+    }
+
+    /// Everything kept, oldest first, forgotten here.
+    pub(super) fn take_kept(&mut self) -> Vec<Box<[u8]>> {
+        self.bytes = 0;
+        self.kept.drain(..).map(|(_, frame)| frame).collect()
     }
 
     /// Bytes kept: what the session costs beyond its connection.

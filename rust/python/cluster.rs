@@ -24,6 +24,27 @@ pub struct LeaveOp {
     peer: String,
 }
 
+/// Publish `message` (a resume asked of another node, for connection
+/// `conn`) to the node holding `peer` of `topic`; the hub learns whether it
+/// arrived with `Hub.asked(conn, reached)`.
+#[pyclass(frozen, get_all, module = "signaling_sharded._native")]
+pub struct AskOp {
+    topic: String,
+    peer: String,
+    conn: u64,
+    message: Py<PyBytes>,
+}
+
+/// Move local peer `peer` of `topic` to node `to` (its connection `conn`
+/// there); a move that could not be goes back with `Hub.move_failed(peer)`.
+#[pyclass(frozen, get_all, module = "signaling_sharded._native")]
+pub struct MoveOp {
+    topic: String,
+    peer: String,
+    to: String,
+    conn: u64,
+}
+
 /// The `PUBLISH` of a message to another node's inbox, encoded (RESP),
 /// to write to Redis as is. A relay that reaches no one goes back to the
 /// hub with `Hub.undeliverable(op, ...)`.
@@ -80,6 +101,36 @@ pub(super) fn to_python<'py>(
             LeaveOp {
                 topic: topic.to_string(),
                 peer: peer.as_str().to_owned(),
+            },
+        )?
+        .into_any(),
+        ClusterOp::Ask {
+            topic,
+            peer,
+            conn,
+            message,
+        } => Bound::new(
+            py,
+            AskOp {
+                topic: topic.to_string(),
+                peer: peer.as_str().to_owned(),
+                conn: *conn,
+                message: PyBytes::new(py, message).unbind(),
+            },
+        )?
+        .into_any(),
+        ClusterOp::Move {
+            topic,
+            peer,
+            to,
+            conn,
+        } => Bound::new(
+            py,
+            MoveOp {
+                topic: topic.to_string(),
+                peer: peer.as_str().to_owned(),
+                to: to.to_string(),
+                conn: *conn,
             },
         )?
         .into_any(),

@@ -37,7 +37,8 @@ pub struct Hub {
     /// Called as `on_left(peer_id, topic, reason)` when a peer leaves.
     on_left: Py<PyAny>,
     /// Called as `on_session(peer_id, topic, event)` when a resumable
-    /// session is `"suspended"` or `"resumed"`.
+    /// session is `"suspended"` or `"resumed"`, or `"joined"` (a resume
+    /// another node could not honour started a new session).
     on_session: Option<Py<PyAny>>,
     /// Cluster mode: called with a list of operations for Redis, after
     /// each call that produced some.
@@ -275,7 +276,11 @@ impl Hub {
 
     /// Sends due pings, and closes peers whose ping or close timed out.
     fn tick(&self, py: Python<'_>) {
-        self.run(py, |engine, out| engine.tick(Instant::now(), out));
+        self.run(py, |engine, out| {
+            let now = now();
+            engine.tick(now.instant, out);
+            engine.tick_migrations(now, out);
+        });
     }
 
     /// Starts closing every peer with `code` (1001 when draining).
@@ -320,10 +325,26 @@ impl Hub {
     /// Cluster mode: messages from this node's inbox, in order.
     fn deliver(&self, py: Python<'_>, messages: Vec<Bound<'_, PyBytes>>) {
         self.run(py, |engine, out| {
-            let now = Instant::now();
+            let now = now();
             for message in &messages {
                 engine.deliver(message.as_bytes(), now, out);
             }
+        });
+    }
+
+    /// Cluster mode: whether the resume asked for connection `conn`
+    /// (`AskOp`) reached the session's node; if not, it starts afresh.
+    fn asked(&self, py: Python<'_>, conn: u64, reached: bool) {
+        self.run(py, |engine, out| engine.asked(conn, reached, now(), out));
+    }
+
+    /// Cluster mode: Redis did not move `peer` (`MoveOp`): its session ends.
+    fn move_failed(&self, py: Python<'_>, peer: &str) {
+        let Some(peer) = PeerId::parse(peer) else {
+            return;
+        };
+        self.run(py, |engine, out| {
+            engine.move_failed(&peer, Instant::now(), out)
         });
     }
 

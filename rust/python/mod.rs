@@ -61,6 +61,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<cluster::JoinOp>()?;
     m.add_class::<cluster::LeaveOp>()?;
     m.add_class::<cluster::PublishOp>()?;
+    m.add_class::<cluster::AskOp>()?;
+    m.add_class::<cluster::MoveOp>()?;
     m.add_function(wrap_pyfunction!(topic_hash, m)?)?;
     m.add_function(wrap_pyfunction!(topic_owner, m)?)?;
     m.add("MAX_REQUEST_HEAD", wire::request::MAX_HEAD)?;

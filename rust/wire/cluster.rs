@@ -36,6 +36,9 @@ pub struct Presence {
     /// The peers left because their node died: relays sent to them lately
     /// may have been lost with it.
     pub dead: bool,
+    /// Peers whose session moved to another node (a resume there): the
+    /// same members, on their new nodes (`wire::migrate`).
+    pub moved: Vec<(PeerId, Arc<str>)>,
 }
 
 pub const RELAY: u8 = b'R';
@@ -171,6 +174,7 @@ pub fn parse_presence(data: &[u8]) -> Option<(String, Presence)> {
             left,
             joined,
             dead: wire.dead,
+            moved: Vec::new(),
         },
     ))
 }

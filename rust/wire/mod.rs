@@ -10,13 +10,15 @@
 //! - [`reason`]: why a peer leaves its topic;
 //! - [`resume`]: resume tokens;
 //! - [`ice`]: the ICE servers and TURN credentials of `welcome`;
-//! - [`cluster`]: the messages nodes send each other through Redis.
+//! - [`cluster`]: the messages nodes send each other through Redis;
+//! - [`migrate`]: those that move a resumable session between nodes.
 
 pub mod close;
 pub mod cluster;
 pub mod frame;
 pub mod ice;
 pub mod message;
+pub mod migrate;
 pub mod peer_id;
 pub mod reason;
 pub mod request;

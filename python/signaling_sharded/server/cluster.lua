@@ -18,6 +18,9 @@ its own (TTL) unless refreshed, so a cluster whose nodes all died leaves
 nothing behind. Versions are Redis' clock in microseconds, made strictly
 increasing per topic, so they also increase across a topic's deletion.
 
+Moving a resumable session between nodes: `ask` and `move` (the messages
+they publish are described in the Rust core's wire/migrate.rs).
+
 Presence event (published):
   {"topic":..,"v":..,"joined":[[peer,node,metadata|null],..],"left":[peer,..]}
 with "dead":true added when the peers left because their node died.
@@ -266,8 +269,74 @@ local function reap(_, args)
   return removed
 end
 
+-- ask(P, topic, peer, message)
+-- Publishes `message` (a resume asked of the session's node) to the inbox
+-- of the node holding `peer`. Returns how many received it: 0 when the
+-- peer is no member or its node listens no more.
+local function ask(_, args)
+  local p, topic, peer, message = args[1], args[2], args[3], args[4]
+  local tk = keys_of(p, topic)
+  local value = redis.call('HGET', tk, peer)
+  if not value then
+    return 0
+  end
+  return redis.call('PUBLISH', p .. 'node:' .. split(value), message)
+end
+
+-- move(P, topic, peer, from, to, ttl_ms, conn)
+-- The session of `peer` moves from node `from` to node `to` (its
+-- connection `conn` there), without a leave or a join. Publishes "M" and
+-- the move, with the nodes that held members before it ("flush"), to
+-- every node of the topic and to `from`; `to` also gets the other nodes'
+-- members. Returns the version, or 0 if `from` does not hold the peer.
+local function move(_, args)
+  local p, topic, peer, from, to, ttl, conn = args[1], args[2], args[3], args[4], args[5],
+    tonumber(args[6]), args[7]
+  local tk, _, ck = keys_of(p, topic)
+  local value = redis.call('HGET', tk, peer)
+  if not value then
+    return 0
+  end
+  local owner, meta = split(value)
+  if owner ~= from then
+    return 0
+  end
+  local flush = {}
+  for _, node in ipairs(redis.call('HKEYS', ck)) do
+    if node ~= '~v' and node ~= from then
+      table.insert(flush, cjson.encode(node))
+    end
+  end
+  remove(p, topic, peer)
+  add(p, topic, peer, to, meta, now_ms() + ttl, ttl)
+  local v = bump(ck)
+  local event = 'M{"topic":' .. cjson.encode(topic) .. ',"v":' .. number(v) .. ',"moved":['
+    .. cjson.encode(peer) .. ',' .. cjson.encode(from) .. ',' .. cjson.encode(to) .. ','
+    .. conn .. ',' .. (meta == '' and 'null' or meta) .. '],"flush":['
+    .. table.concat(flush, ',') .. ']'
+  for _, node in ipairs(redis.call('HKEYS', ck)) do
+    if node ~= '~v' and node ~= to and node ~= from then
+      redis.call('PUBLISH', p .. 'node:' .. node, event .. '}')
+    end
+  end
+  redis.call('PUBLISH', p .. 'node:' .. from, event .. '}')
+  local members = {}
+  local all = redis.call('HGETALL', tk)
+  for i = 1, #all, 2 do
+    local node, m = split(all[i + 1])
+    if node ~= to then
+      table.insert(members, joined_entry(all[i], node, m))
+    end
+  end
+  redis.call('PUBLISH', p .. 'node:' .. to, event .. ',"members":[' .. table.concat(members, ',') .. ']}')
+  settle(p, topic, ttl)
+  return v
+end
+
 redis.register_function('signaling_join', join)
 redis.register_function('signaling_leave', leave)
 redis.register_function('signaling_sync', sync)
 redis.register_function('signaling_touch', touch)
 redis.register_function('signaling_reap', reap)
+redis.register_function('signaling_ask', ask)
+redis.register_function('signaling_move', move)

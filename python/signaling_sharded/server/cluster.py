@@ -52,7 +52,7 @@ from redis.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from signaling_sharded._native import Hub, JoinOp, LeaveOp, PublishOp
+from signaling_sharded._native import AskOp, Hub, JoinOp, LeaveOp, MoveOp, PublishOp
 from signaling_sharded.server.logs import log
 
 #: Seconds the ``alive`` key lives, and between its refreshes.
@@ -99,9 +99,9 @@ class ReadyOp:
     """A marker, answered once everything sent before it was."""
 
 
-#: Work for Redis: the hub's (JoinOp, LeaveOp, PublishOp) and this
-#: module's own.
-Op = JoinOp | LeaveOp | PublishOp | SyncOp | TouchOp | ReadyOp
+#: Work for Redis: the hub's (JoinOp, LeaveOp, PublishOp, AskOp, MoveOp)
+#: and this module's own.
+Op = JoinOp | LeaveOp | PublishOp | AskOp | MoveOp | SyncOp | TouchOp | ReadyOp
 
 
 def node_name() -> str:
@@ -255,6 +255,8 @@ class Cluster:
                 hub.snapshot(topic)
             elif isinstance(op, PublishOp) and op.is_relay:
                 hub.undeliverable(op, False)
+            else:
+                failed(hub, op)
 
     def send(self, ops: list[Op]) -> None:
         writer, hub = self.writer, self.hub
@@ -303,6 +305,25 @@ class Cluster:
                         "FCALL", "signaling_sync", 0, self.prefix, op.topic, self.node, ttl, *flat
                     )
                 )
+            elif isinstance(op, AskOp):
+                chunks.append(
+                    command("FCALL", "signaling_ask", 0, self.prefix, op.topic, op.peer, op.message)
+                )
+            elif isinstance(op, MoveOp):
+                chunks.append(
+                    command(
+                        "FCALL",
+                        "signaling_move",
+                        0,
+                        self.prefix,
+                        op.topic,
+                        op.peer,
+                        self.node,
+                        op.to,
+                        ttl,
+                        op.conn,
+                    )
+                )
             elif isinstance(op, TouchOp):
                 chunks.append(
                     command(
@@ -334,6 +355,12 @@ class Cluster:
                 log(logging.ERROR, "cluster command failed", op=type(op).__name__, error=str(reply))
                 if topic is not None:
                     hub.snapshot(topic)
+                failed(hub, op)
+            elif isinstance(op, AskOp):
+                hub.asked(op.conn, bool(reply))
+            elif isinstance(op, MoveOp):
+                if not reply:
+                    hub.move_failed(op.peer)
             elif isinstance(op, PublishOp):
                 if reply == 0 and op.is_relay:
                     hub.undeliverable(op, True)
@@ -567,6 +594,14 @@ class Cluster:
             )
             await control.delete(self.key("alive", node))
             log(logging.WARNING, "cluster: reaped a dead node", node=node, peers=removed)
+
+
+def failed(hub: Hub, op: Op) -> None:
+    """Tell the hub that a resume's ask or move did not happen."""
+    if isinstance(op, AskOp):
+        hub.asked(op.conn, False)
+    elif isinstance(op, MoveOp):
+        hub.move_failed(op.peer)
 
 
 def wants_snapshot(op: Op) -> str | None:
