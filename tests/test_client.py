@@ -27,6 +27,7 @@ from signaling_sharded.client import (
     Reconnected,
     Relay,
     Resumed,
+    ServerMessage,
     SignalingClient,
     SignalingClosed,
 )
@@ -505,5 +506,45 @@ def test_an_invalid_join_raises_signaling_closed_without_retrying(
             assert proxy.accepted == 1
         # A reconnect that meets 4400 ends the client too.
         assert 4400 in FINAL_CLOSE_CODES
+
+    run(scenario())
+
+
+def test_a_server_message_arrives_and_a_kick_ends_the_client(
+    start_server: Callable[..., Server],
+) -> None:
+    """The admin API's two ways of reaching a client: a ``ServerMessage``
+    event, and a kick (4010), after which it does not reconnect."""
+    import json
+    import urllib.request
+
+    admin_token = "client-test-admin-token"
+    srv = start_server("--admin-token", admin_token)
+
+    def admin(method: str, path: str, body: Any = None) -> int:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{srv.port}/admin/v1{path}", data=data, method=method
+        )
+        request.add_header("Authorization", f"Bearer {admin_token}")
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as answer:
+            return int(answer.status)
+
+    async def scenario() -> None:
+        alice = SignalingClient(base_url(srv), "backend", backoff=FAST)
+        await alice.connect()
+        status = await asyncio.to_thread(
+            admin, "POST", "/topics/backend/messages", {"payload": {"x": 1}}
+        )
+        assert status == 202
+        assert await expect(alice, ServerMessage) == ServerMessage({"x": 1})
+        status = await asyncio.to_thread(admin, "DELETE", f"/topics/backend/peers/{alice.self_id}")
+        assert status == 204
+        assert await next_event(alice) == Error("kicked", "removed by the server")
+        with pytest.raises(SignalingClosed) as closed:
+            await next_event(alice)
+        assert closed.value.code == 4010
+        assert not alice.connected
+        await alice.close()
 
     run(scenario())

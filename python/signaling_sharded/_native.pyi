@@ -21,6 +21,7 @@ __all__ = [
     "RequestReader",
     "frame_events",
     "message_answer",
+    "query_values",
     "topic_hash",
     "topic_owner",
 ]
@@ -198,6 +199,21 @@ class Hub:
     def count_handoff(self, result: str) -> None:
         """Count a hand-off: ``"sent"``, ``"failed"``, ``"received"``,
         ``"refused"``; an unknown label raises ValueError."""
+    def admin_topics(self) -> list[tuple[str, int]]:
+        """Admin API: this worker's topics and their peer counts."""
+    def admin_peers(self, topic: str) -> list[tuple[str, str | None, int, bool]] | None:
+        """Admin API: the peers of ``topic`` here, oldest first, as ``(id,
+        metadata JSON or None, since in Unix milliseconds, suspended)``;
+        None if it has none here."""
+    def kick(self, topic: str, peer: str) -> str | None:
+        """Admin API: remove ``peer`` from ``topic`` (``kicked``, close 4010);
+        None when done, else what is missing: ``"topic"`` or ``"peer"``."""
+    def server_message(
+        self, topic: str, payload: str, to: str | None = None
+    ) -> tuple[int, str | None]:
+        """Admin API: send a ``server-message`` with ``payload`` (JSON text)
+        to ``to`` or every peer of ``topic``: how many it reached, and what
+        is missing (``"topic"``, ``"peer"``, ``"payload"``) if anything."""
     def metrics_text(self) -> str:
         """Every worker's metrics in the Prometheus text format."""
     def set_cluster_connected(self, connected: bool, lost: bool = True) -> None:
@@ -317,6 +333,19 @@ class Request:
     def seen(self) -> int | None: ...
     @property
     def accept(self) -> str | None: ...
+    @property
+    def query(self) -> str:
+        """The target's query, without the ``?``."""
+    @property
+    def content_length(self) -> int | None: ...
+    @property
+    def bad_length(self) -> bool:
+        """``Content-Length`` sent but unusable (repeated, not a number, or
+        with ``Transfer-Encoding``)."""
+    @property
+    def admin(self) -> str | None:
+        """A request under ``/admin/v1/topics/{topic}``: the path after the
+        topic; ``topic`` is set when valid, else ``invalid``."""
 
 @final
 class RequestReader:
@@ -326,6 +355,10 @@ class RequestReader:
     def read(self, data: bytes) -> Request | None:
         """The request at the start of ``data``, everything read from the
         connection so far; None while its head is incomplete."""
+
+def query_values(query: str) -> dict[str, str] | None:
+    """A query's parameters, percent-decoded (the first of a repeated name
+    counts); None if an escape or the UTF-8 is invalid."""
 
 def frame_events(data: bytes, max_message: int) -> tuple[list[tuple[str, Any]], int | None]:
     """For tests: the events read from ``data`` (client frames) as

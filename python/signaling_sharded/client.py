@@ -70,6 +70,7 @@ __all__ = [
     "Reconnected",
     "Relay",
     "Resumed",
+    "ServerMessage",
     "SignalingClient",
     "SignalingClosed",
     "SignalingError",
@@ -80,10 +81,11 @@ RELAY_TYPES = ("offer", "answer", "ice-candidate")
 """The message types the server relays to the peer named in ``to``."""
 
 FINAL_CLOSE_CODES = frozenset(
-    CLOSE_CODES[name] for name in ("UNAUTHORIZED", "TOPIC_FULL", "BAD_REQUEST")
+    CLOSE_CODES[name] for name in ("UNAUTHORIZED", "TOPIC_FULL", "KICKED", "BAD_REQUEST")
 )
-"""Close codes after which reconnecting cannot succeed: unauthorized, topic
-full, and an invalid topic or metadata."""
+"""Close codes after which reconnecting cannot succeed or is not wanted:
+unauthorized, topic full, kicked by the application's backend, and an
+invalid topic or metadata."""
 
 
 # --- events ------------------------------------------------------------------
@@ -127,6 +129,14 @@ class Error:
 
 
 @dataclass(frozen=True)
+class ServerMessage:
+    """A ``server-message``: the application's backend speaking, through
+    the server's admin API; ``payload`` is whatever JSON it sent."""
+
+    payload: Any
+
+
+@dataclass(frozen=True)
 class Pong:
     """The server's answer to `SignalingClient.ping`."""
 
@@ -158,7 +168,17 @@ class Reconnected:
     peers: Mapping[str, Any] = field(default_factory=dict)
 
 
-Event = PeerJoined | PeerLeft | Relay | Error | Pong | Disconnected | Reconnected | Resumed
+Event = (
+    PeerJoined
+    | PeerLeft
+    | Relay
+    | ServerMessage
+    | Error
+    | Pong
+    | Disconnected
+    | Reconnected
+    | Resumed
+)
 
 
 # --- exceptions --------------------------------------------------------------
@@ -528,6 +548,8 @@ class SignalingClient:
             return PeerLeft(message["peerId"])
         if kind in RELAY_TYPES:
             return Relay(kind, message["from"], message.get("payload"), msg_id)
+        if kind == "server-message":
+            return ServerMessage(message.get("payload"))
         if kind == "error":
             return _error(message)
         if kind == "pong":

@@ -99,6 +99,12 @@ impl Closing<'static> {
         error: None,
         why: LeaveReason::Closed,
     };
+    pub(super) const KICKED: Self = Self {
+        code: close::KICKED,
+        reason: "kicked",
+        error: Some(ErrorCode::Kicked),
+        why: LeaveReason::Kicked,
+    };
     pub(super) const SLOW_CONSUMER: Self = Self {
         code: close::SLOW_CONSUMER,
         reason: "slow consumer",

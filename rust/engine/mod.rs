@@ -25,6 +25,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use rustc_hash::FxHashMap;
 
+mod admin;
 pub mod cluster;
 mod config;
 mod conn;
@@ -38,6 +39,7 @@ mod resume;
 mod session;
 pub mod topics;
 
+pub use admin::{Missing, PeerView};
 pub use config::{Config, RateLimit};
 pub use conn::LeaveReason;
 pub use limits::{Refusal, ABUSE_LIMIT, ABUSE_WINDOW};

@@ -2,6 +2,8 @@
 
 use super::*;
 use crate::wire::frame::apply_mask;
+use crate::wire::peer_id::PeerId;
+use serde_json::value::RawValue;
 use std::time::{Duration, SystemTime};
 
 /// A join of `topic`, not resumable.
@@ -366,4 +368,52 @@ fn close_all_then_timeout_aborts() {
     h.engine.release(a, h.now, &mut h.out);
     assert_eq!(h.engine.connection_count(), 0);
     assert_eq!(h.engine.topic_count(), 0);
+}
+
+#[test]
+fn admin_lists_kicks_and_speaks() {
+    let mut h = Harness::new(Config::default());
+    let (a, a_id) = h.join("room");
+    let (b, b_id) = h.join("room");
+    let (_, c_id) = h.join("other");
+    let mut topics = h.engine.topic_counts();
+    topics.sort();
+    assert_eq!(topics, [("other".to_owned(), 1), ("room".to_owned(), 2)]);
+    let views = h.engine.peer_views("room").expect("a topic");
+    let ids: Vec<&str> = views.iter().map(|v| v.id.as_str()).collect();
+    assert_eq!(ids, [a_id.as_str(), b_id.as_str()]);
+    assert!(views[0].since_ms > 0 && !views[0].suspended);
+    assert!(h.engine.peer_views("nobody").is_none());
+
+    h.out.clear();
+    let payload: &RawValue = serde_json::from_str(r#"{"x":1}"#).unwrap();
+    let reached = h
+        .engine
+        .server_message("room", None, payload, h.now, &mut h.out);
+    assert_eq!(reached, Ok(2));
+    let frame = r#"{"type":"server-message","payload":{"x":1}}"#;
+    assert_eq!(written(&h.out, a), [frame]);
+    assert_eq!(written(&h.out, b), [frame]);
+    let to_c = PeerId::parse(&c_id).unwrap();
+    let wrong = h
+        .engine
+        .server_message("room", Some(&to_c), payload, h.now, &mut h.out);
+    assert_eq!(wrong, Err(Missing::Peer), "c is in another topic");
+
+    h.out.clear();
+    let victim = PeerId::parse(&a_id).unwrap();
+    assert_eq!(h.engine.kick("room", &victim, h.now, &mut h.out), Ok(()));
+    let kicked = r#"{"type":"error","code":"kicked","message":"removed by the server"}"#;
+    assert_eq!(written(&h.out, a), [kicked, "<close 4010>"]);
+    assert_eq!(
+        written(&h.out, b),
+        [format!(r#"{{"type":"peer-left","peerId":"{a_id}"}}"#)]
+    );
+    assert_eq!(h.out.left[0].2, LeaveReason::Kicked);
+    let again = h.engine.kick("room", &victim, h.now, &mut h.out);
+    assert_eq!(again, Err(Missing::Peer));
+    assert_eq!(
+        h.engine.kick("gone", &victim, h.now, &mut h.out),
+        Err(Missing::Topic)
+    );
 }

@@ -150,6 +150,11 @@ impl Registry {
         self.topics.get(topic).map_or(&[], Vec::as_slice)
     }
 
+    /// Every topic and its number of members, in no particular order.
+    pub fn topics(&self) -> impl Iterator<Item = (&Arc<str>, usize)> {
+        self.topics.iter().map(|(name, list)| (name, list.len()))
+    }
+
     pub fn topic_count(&self) -> usize {
         self.topics.len()
     }

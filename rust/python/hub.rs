@@ -14,13 +14,14 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
 use rustc_hash::FxHashMap;
+use serde_json::value::RawValue;
 
 use super::cluster::{self, PublishOp};
 use super::config::Settings;
 use super::metrics::MetricsTable;
 use super::now;
 use super::peer::Peer;
-use crate::engine::{Action, Engine, JoinRequest, Outbox, Refusal};
+use crate::engine::{Action, Engine, JoinRequest, Missing, Outbox, Refusal};
 use crate::metrics::{self as counters, cell, family, Table};
 use crate::wire::cluster::RemotePeer;
 use crate::wire::peer_id::PeerId;
@@ -440,9 +441,78 @@ impl Hub {
         metrics.set(gauge, u64::from(connected));
     }
 
+    /// Admin API: this worker's topics and their peer counts.
+    fn admin_topics(&self) -> Vec<(String, usize)> {
+        self.lock().engine.topic_counts()
+    }
+
+    /// Admin API: the peers of `topic` here, oldest first, as `(id,
+    /// metadata JSON or None, since in Unix milliseconds, suspended)`;
+    /// None if it has none here.
+    fn admin_peers(&self, topic: &str) -> Option<Vec<AdminPeer>> {
+        let views = self.lock().engine.peer_views(topic)?;
+        let views = views.into_iter().map(|v| {
+            let metadata = v.metadata.map(String::from);
+            (v.id.as_str().to_owned(), metadata, v.since_ms, v.suspended)
+        });
+        Some(views.collect())
+    }
+
+    /// Admin API: removes `peer` from `topic` (`kicked`, close 4010);
+    /// None when done, else what is missing: `"topic"` or `"peer"`.
+    fn kick(&self, py: Python<'_>, topic: &str, peer: &str) -> Option<&'static str> {
+        let Some(peer) = PeerId::parse(peer) else {
+            return Some(missing(Missing::Peer));
+        };
+        let done = self.run(py, |engine, out| {
+            engine.kick(topic, &peer, Instant::now(), out)
+        });
+        done.err().map(missing)
+    }
+
+    /// Admin API: sends a `server-message` with `payload` (JSON text) to
+    /// `to`, or to every peer of `topic`; how many it reached, or what is
+    /// missing (`"topic"`, `"peer"`; `"payload"`: not JSON).
+    #[pyo3(signature = (topic, payload, to=None))]
+    fn server_message(
+        &self,
+        py: Python<'_>,
+        topic: &str,
+        payload: &str,
+        to: Option<&str>,
+    ) -> (usize, Option<&'static str>) {
+        let Ok(payload) = serde_json::from_str::<&RawValue>(payload) else {
+            return (0, Some("payload"));
+        };
+        let to = match to.map(PeerId::parse) {
+            Some(None) => return (0, Some(missing(Missing::Peer))),
+            Some(Some(peer)) => Some(peer),
+            None => None,
+        };
+        let sent = self.run(py, |engine, out| {
+            engine.server_message(topic, to.as_ref(), payload, Instant::now(), out)
+        });
+        match sent {
+            Ok(reached) => (reached, None),
+            Err(what) => (0, Some(missing(what))),
+        }
+    }
+
     /// Every worker's metrics in the Prometheus text format.
     fn metrics_text(&self) -> String {
         let table = Arc::clone(self.lock().engine.metrics().table());
         table.render()
+    }
+}
+
+/// A peer as `Hub.admin_peers` gives it: id, metadata JSON, since (Unix
+/// milliseconds), suspended.
+type AdminPeer = (String, Option<String>, u64, bool);
+
+/// The name of what an admin request found missing.
+fn missing(what: Missing) -> &'static str {
+    match what {
+        Missing::Topic => "topic",
+        Missing::Peer => "peer",
     }
 }

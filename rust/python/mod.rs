@@ -64,6 +64,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<cluster::AskOp>()?;
     m.add_class::<cluster::MoveOp>()?;
     m.add_function(wrap_pyfunction!(topic_hash, m)?)?;
+    m.add_function(wrap_pyfunction!(request::query_values, m)?)?;
     m.add_function(wrap_pyfunction!(topic_owner, m)?)?;
     m.add("MAX_REQUEST_HEAD", wire::request::MAX_HEAD)?;
     m.add("MAX_METADATA_BYTES", wire::request::MAX_METADATA)?;

@@ -37,6 +37,17 @@ pub struct Request {
     seen: Option<u64>,
     /// The `Sec-WebSocket-Accept` value of a valid upgrade.
     accept: Option<String>,
+    /// The target's query, without the `?`.
+    query: String,
+    /// `Content-Length`, when sent once as a number.
+    content_length: Option<usize>,
+    /// `Content-Length` sent but unusable (repeated, not a number, or with
+    /// `Transfer-Encoding`).
+    bad_length: bool,
+    /// A request under `/admin/v1/topics/{topic}`: the path after the
+    /// topic (`""`, `"/peers"`, ...); `topic` is the topic when valid,
+    /// else `invalid` is `"invalid_topic"`.
+    admin: Option<String>,
 }
 
 impl Request {
@@ -59,6 +70,10 @@ impl Request {
             resume: None,
             seen: None,
             accept: None,
+            query: String::new(),
+            content_length: None,
+            bad_length: false,
+            admin: None,
         }
     }
 }
@@ -92,6 +107,18 @@ impl RequestReader {
         answer.path = read.path.to_owned();
         answer.authorization = read.authorization.map(str::to_owned);
         answer.origin = read.origin.map(str::to_owned);
+        answer.query = read.query.to_owned();
+        match read.content_length {
+            Ok(length) => answer.content_length = length,
+            Err(()) => answer.bad_length = true,
+        }
+        if let Some(admin) = read.admin {
+            answer.admin = Some(admin.rest.to_owned());
+            match admin.topic {
+                Some(topic) => answer.topic = Some(topic),
+                None => answer.invalid = Some(Refusal::InvalidTopic.as_str()),
+            }
+        }
         let Some(join) = read.join else {
             return Some(answer);
         };
@@ -120,4 +147,18 @@ impl RequestReader {
         }
         Some(answer)
     }
+}
+
+/// The parameters of a query, percent-decoded (`+` as a space); the first
+/// of a repeated name counts; None if an escape or the UTF-8 is invalid.
+#[pyfunction]
+pub fn query_values(query: &str) -> Option<std::collections::HashMap<String, String>> {
+    let mut values = std::collections::HashMap::new();
+    for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let name = request::decode_query_value(name)?;
+        let value = request::decode_query_value(value)?;
+        values.entry(name).or_insert(value);
+    }
+    Some(values)
 }

@@ -16,6 +16,8 @@ pub const UNAUTHORIZED: u16 = 4001;
 /// the rate limit.
 pub const SLOW_CONSUMER: u16 = 4008;
 pub const TOPIC_FULL: u16 = 4009;
+/// Removed through the admin API.
+pub const KICKED: u16 = 4010;
 /// The session was resumed on a newer connection.
 pub const REPLACED: u16 = 4011;
 pub const SERVER_FULL: u16 = 4029;
@@ -33,6 +35,7 @@ pub const ALL: &[(&str, u16)] = &[
     ("UNAUTHORIZED", UNAUTHORIZED),
     ("SLOW_CONSUMER", SLOW_CONSUMER),
     ("TOPIC_FULL", TOPIC_FULL),
+    ("KICKED", KICKED),
     ("REPLACED", REPLACED),
     ("SERVER_FULL", SERVER_FULL),
     ("BAD_REQUEST", BAD_REQUEST),

@@ -71,11 +71,12 @@ pub enum ErrorCode {
     SlowConsumer,
     InvalidTopic,
     InvalidMetadata,
+    Kicked,
 }
 
 impl ErrorCode {
     /// Every code, in declaration order (`code as usize` indexes it).
-    pub const ALL: [Self; 14] = [
+    pub const ALL: [Self; 15] = [
         Self::InvalidType,
         Self::MissingTarget,
         Self::TargetNotFound,
@@ -90,6 +91,7 @@ impl ErrorCode {
         Self::SlowConsumer,
         Self::InvalidTopic,
         Self::InvalidMetadata,
+        Self::Kicked,
     ];
 
     pub const fn code(self) -> &'static str {
@@ -108,6 +110,7 @@ impl ErrorCode {
             Self::SlowConsumer => "slow_consumer",
             Self::InvalidTopic => "invalid_topic",
             Self::InvalidMetadata => "invalid_metadata",
+            Self::Kicked => "kicked",
         }
     }
 
@@ -128,6 +131,7 @@ impl ErrorCode {
             Self::SlowConsumer => "outbound buffer full",
             Self::InvalidTopic => "the topic must be 1 to 256 bytes of UTF-8, percent-encoded",
             Self::InvalidMetadata => "metadata must be one JSON value of at most 1 KiB",
+            Self::Kicked => "removed by the server",
         }
     }
 }
@@ -399,6 +403,19 @@ pub fn push_peer_joined(out: &mut Vec<u8>, peer_id: &str, metadata: Option<&str>
             b"\"",
             metadata[0],
             metadata[1],
+            b"}",
+        ],
+    );
+}
+
+/// `{"type":"server-message","payload":...}`: the application's backend
+/// speaking (the admin API).
+pub fn push_server_message(out: &mut Vec<u8>, payload: &RawValue) {
+    push_text(
+        out,
+        &[
+            b"{\"type\":\"server-message\",\"payload\":",
+            payload.get().as_bytes(),
             b"}",
         ],
     );

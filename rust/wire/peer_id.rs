@@ -19,6 +19,11 @@ impl PeerId {
         text.as_bytes().try_into().ok().map(Self)
     }
 
+    /// When it was made: the ULID's milliseconds since the Unix epoch.
+    pub fn millis(&self) -> u64 {
+        Ulid::from_string(self.as_str()).map_or(0, |id| id.timestamp_ms())
+    }
+
     pub fn as_str(&self) -> &str {
         // Crockford base32 is ASCII, and `parse` only keeps what was a str.
         std::str::from_utf8(&self.0).expect("peer ids are ASCII")

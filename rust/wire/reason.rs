@@ -14,11 +14,13 @@ pub enum LeaveReason {
     Shutdown,
     /// A suspended session's resume window ran out.
     Expired,
+    /// Removed through the admin API.
+    Kicked,
 }
 
 impl LeaveReason {
     /// Every reason, in declaration order (`reason as usize` indexes it).
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::Closed,
         Self::Disconnected,
         Self::PingTimeout,
@@ -27,6 +29,7 @@ impl LeaveReason {
         Self::ProtocolError,
         Self::Shutdown,
         Self::Expired,
+        Self::Kicked,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -39,6 +42,7 @@ impl LeaveReason {
             Self::ProtocolError => "protocol_error",
             Self::Shutdown => "shutdown",
             Self::Expired => "expired",
+            Self::Kicked => "kicked",
         }
     }
 }

@@ -38,6 +38,8 @@ pub const MAX_TOPIC: usize = 256;
 pub const MAX_METADATA: usize = 1024;
 /// Where a join's path starts; the topic is the one segment after it.
 pub const JOIN_PREFIX: &str = "/ws/";
+/// The admin API's paths about one topic: `/admin/v1/topics/{topic}...`.
+pub const ADMIN_TOPIC_PREFIX: &str = "/admin/v1/topics/";
 /// The GUID of RFC 6455 section 1.3.
 const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
@@ -90,6 +92,9 @@ const BODY: Refusal = Refusal::new(400, "an upgrade request has no body");
 const ORIGIN: Refusal = Refusal::new(403, "origin not allowed");
 
 /// The result of reading the start of a connection.
+// Returned once per request and never stored: boxing the large variant
+// would cost an allocation per connection and save nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, PartialEq, Eq)]
 pub enum Reading<'a> {
     /// The head has not fully arrived: read more, then call again with all
@@ -115,6 +120,23 @@ pub struct Request<'a> {
     /// `Some` for a request to `/ws/{topic}` (one segment: `/ws/a/b` is
     /// another path).
     pub join: Option<Join>,
+    /// The target's query, without the `?`.
+    pub query: &'a str,
+    /// `Content-Length` when sent once as a number; `Err` when sent but
+    /// not so (repeated, not a number, or with `Transfer-Encoding`).
+    pub content_length: Result<Option<usize>, ()>,
+    /// `Some` for a request under `/admin/v1/topics/{topic}`.
+    pub admin: Option<AdminTopic<'a>>,
+}
+
+/// An admin request about one topic.
+#[derive(Debug, PartialEq, Eq)]
+pub struct AdminTopic<'a> {
+    /// The percent-decoded topic, under the rules of `/ws/{topic}`; `None`
+    /// if invalid.
+    pub topic: Option<String>,
+    /// The path after the topic's segment (`""`, `"/peers"`, ...).
+    pub rest: &'a str,
 }
 
 /// What a request to `/ws/{topic}` asks for.
@@ -204,6 +226,31 @@ pub fn read<'a>(buf: &'a [u8], origins: Option<&[String]>) -> Reading<'a> {
             handshake: handshake(method, headers, origins),
             params: join_params(segment, query),
         });
+    let admin = path.strip_prefix(ADMIN_TOPIC_PREFIX).map(|tail| {
+        let (segment, rest) = tail.find('/').map_or((tail, ""), |at| tail.split_at(at));
+        AdminTopic {
+            topic: decode_topic(segment),
+            rest,
+        }
+    });
+    let lengths: Vec<&[u8]> = headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .map(|h| h.value)
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|h| h.name.eq_ignore_ascii_case("transfer-encoding"));
+    let content_length = match (lengths.as_slice(), chunked) {
+        ([], false) => Ok(None),
+        ([value], false) => std::str::from_utf8(value)
+            .ok()
+            .filter(|text| !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|text| text.parse().ok())
+            .map(Some)
+            .ok_or(()),
+        _ => Err(()),
+    };
     Reading::Request(Request {
         head_len,
         method,
@@ -211,6 +258,9 @@ pub fn read<'a>(buf: &'a [u8], origins: Option<&[String]>) -> Reading<'a> {
         authorization,
         origin,
         join,
+        query,
+        content_length,
+        admin,
     })
 }
 
@@ -346,10 +396,7 @@ fn handshake(
 
 /// The topic of path segment `segment` and the parameters of `query`.
 fn join_params(segment: &str, query: &str) -> Result<JoinParams, Invalid> {
-    let topic = percent_decode(segment.as_bytes(), false)
-        .filter(|raw| (1..=MAX_TOPIC).contains(&raw.len()))
-        .and_then(|raw| String::from_utf8(raw.into_owned()).ok())
-        .ok_or(Invalid::Topic)?;
+    let topic = decode_topic(segment).ok_or(Invalid::Topic)?;
     let [mut metadata, mut token, mut resumable, mut resume, mut seen] = [None; 5];
     for pair in query.split('&').filter(|pair| !pair.is_empty()) {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -381,6 +428,21 @@ fn join_params(segment: &str, query: &str) -> Result<JoinParams, Invalid> {
         resumable: matches!(resumable, Some("1" | "true")),
         resume,
     })
+}
+
+/// The topic a path segment names: percent-decoded, 1 to `MAX_TOPIC`
+/// bytes of UTF-8.
+fn decode_topic(segment: &str) -> Option<String> {
+    percent_decode(segment.as_bytes(), false)
+        .filter(|raw| (1..=MAX_TOPIC).contains(&raw.len()))
+        .and_then(|raw| String::from_utf8(raw.into_owned()).ok())
+}
+
+/// A query value percent-decoded (`+` as a space), if valid UTF-8 with
+/// valid escapes.
+pub fn decode_query_value(value: &str) -> Option<String> {
+    let raw = percent_decode(value.as_bytes(), true)?;
+    String::from_utf8(raw.into_owned()).ok()
 }
 
 /// A percent-encoded `metadata` value as validated JSON text.

@@ -42,6 +42,8 @@ def test_the_environment_and_the_command_line(monkeypatch: pytest.MonkeyPatch) -
         ["--redis", "localhost:6379"],
         ["--allowed-origin", "https://a.example/"],
         ["--stun-uri", "http://x"],
+        ["--admin-token", "short"],
+        ["--admin-token", "sixteen or more but spaces"],
     ],
 )
 def test_bad_settings_exit_with_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -50,6 +52,12 @@ def test_bad_settings_exit_with_2(argv: list[str], capsys: pytest.CaptureFixture
     assert exited.value.code == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and error.startswith("signaling-sharded: error: "), error
+
+
+def test_the_admin_token_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse().admin_token is None
+    monkeypatch.setenv("SIGNALING_ADMIN_TOKEN", "a-token-of-16-chars")
+    assert parse().admin_token == "a-token-of-16-chars"
 
 
 def test_origins_are_normalised() -> None:

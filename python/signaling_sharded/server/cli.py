@@ -219,6 +219,18 @@ class EnvArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
 
 
+#: Fewest characters of an admin token: guessing it must not be practical.
+MIN_ADMIN_TOKEN = 16
+
+
+def admin_token(value: str) -> str:
+    if len(value) < MIN_ADMIN_TOKEN or not value.isprintable() or " " in value:
+        raise argparse.ArgumentTypeError(
+            f"must be at least {MIN_ADMIN_TOKEN} printable characters without spaces"
+        )
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = Config()
     parser = EnvArgumentParser(
@@ -395,6 +407,17 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
+        "--admin-token",
+        type=admin_token,
+        default=None,
+        metavar="TOKEN",
+        help=(
+            "turn on the admin API (/admin/v1: list topics and peers, kick, send server "
+            "messages) for requests with 'Authorization: Bearer TOKEN'; default: off. "
+            "Prefer the environment variable, which keeps it out of the process list"
+        ),
+    )
+    parser.add_argument(
         "--redis-url",
         "--redis",
         type=redis_url,
@@ -447,6 +470,7 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         redis_prefix=args.redis_prefix,
         resume_window=args.resume_window,
         resume_secret=args.resume_secret,
+        admin_token=args.admin_token,
     )
 
 

@@ -53,3 +53,5 @@ class Config:
     resume_window: float = 30.0
     #: The key of resume tokens; None: the supervisor draws one at start.
     resume_secret: str | None = None
+    #: Bearer token of the admin API (``/admin/v1``); None: no admin API.
+    admin_token: str | None = None

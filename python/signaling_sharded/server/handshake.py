@@ -22,7 +22,7 @@ from importlib import resources
 from typing import Protocol, cast
 
 from signaling_sharded._native import Hub, Peer, Request, RequestReader
-from signaling_sharded.server import auth, routing
+from signaling_sharded.server import admin, auth, routing
 from signaling_sharded.server.config import Config
 from signaling_sharded.server.logs import log
 
@@ -69,6 +69,11 @@ class Site(Protocol):
         """Every worker's metrics, as Prometheus text."""
         raise NotImplementedError
 
+    async def all_topics(self, authorization: str) -> list[tuple[str, int]] | None:
+        """Every worker's topics and peer counts (admin API); None if a
+        worker did not answer."""
+        raise NotImplementedError
+
 
 def switching_protocols(worker: int, accept: str) -> bytes:
     """The 101 response accepting an upgrade whose key gives ``accept``."""
@@ -91,14 +96,10 @@ def http_response(
     text body ends with a newline; ``head_only`` leaves the body out (HEAD)."""
     if isinstance(body, str):
         body = (body + "\n").encode()
-    lines = [
-        f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}",
-        f"{WORKER_HEADER}: {worker}",
-        f"Content-Type: {content_type}",
-        f"Content-Length: {len(body)}",
-        "Connection: close",
-        *(f"{name}: {value}" for name, value in headers),
-    ]
+    lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}", f"{WORKER_HEADER}: {worker}"]
+    if status != 204:  # a 204 has no body, nor its headers (RFC 9110)
+        lines += [f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
+    lines += ["Connection: close", *(f"{name}: {value}" for name, value in headers)]
     head = ("\r\n".join(lines) + "\r\n\r\n").encode()
     return head if head_only else head + body
 
@@ -132,6 +133,11 @@ class Handshake(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         #: Answered with an HTTP response; lingering until the client closes.
         self.answered = False
+        #: An admin request waiting for its body: the request and the
+        #: body's length.
+        self.awaiting_body: tuple[Request, int] | None = None
+        #: The admin topic listing being gathered from the other workers.
+        self.listing: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses.
@@ -173,6 +179,13 @@ class Handshake(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.timer is None or self.answered:
             return  # answered already: what follows is read and dropped
+        if self.awaiting_body is not None:
+            self.buffer += data
+            waiting, length = self.awaiting_body
+            if len(self.buffer) >= length:
+                self.awaiting_body = None
+                self.answer_admin(waiting, bytes(self.buffer[:length]))
+            return
         if self.buffer:
             self.buffer += data
             data = bytes(self.buffer)
@@ -190,6 +203,8 @@ class Handshake(asyncio.Protocol):
             if request.status == 403 and request.origin is not None:
                 worker.origin_refused(request.origin)
             self.respond(request.status, request.reason, request.headers, request=request)
+        elif admin.is_admin(request.path) and worker.config.admin_token is not None:
+            self.read_admin(request, rest)
         elif not request.joins:
             self.answer_plain(request)
         elif worker.draining:
@@ -224,6 +239,68 @@ class Handshake(asyncio.Protocol):
         else:
             self.respond(200, "ok", request=request)
 
+    def read_admin(self, request: Request, rest: bytes) -> None:
+        """An admin request: checked, then answered once its body is here."""
+        token = self.worker.config.admin_token
+        assert token is not None
+        if not admin.authorized(token, request.authorization):
+            return self.admin_answer(admin.UNAUTHORIZED, request)
+        if request.bad_length:
+            return self.admin_answer(admin.error(400, "invalid Content-Length"), request)
+        length = request.content_length or 0
+        if length > admin.MAX_BODY:
+            return self.admin_answer(admin.error(413, "body too large"), request)
+        if len(rest) < length:
+            self.awaiting_body = (request, length)
+            self.buffer += rest
+            return
+        self.answer_admin(request, rest[:length])
+
+    def answer_admin(self, request: Request, body: bytes) -> None:
+        worker = self.worker
+        if request.admin is not None:
+            if routing.owner(request, worker.config.workers, worker.index) != worker.index:
+                log(logging.ERROR, "admin request for a topic another worker owns")
+                answer = admin.error(503, "topic owner unavailable", [RETRY_AFTER])
+            else:
+                answer = admin.about_topic(worker.hub, request, body)
+            return self.admin_answer(answer, request)
+        if request.path != admin.TOPICS:
+            return self.admin_answer(admin.error(404, "not found"), request)
+        listing = admin.read_listing(request)
+        if isinstance(listing, admin.Answer):
+            return self.admin_answer(listing, request)
+        if listing.worker_only or worker.config.workers == 1:
+            answer = admin.topics_page(listing, worker.hub.admin_topics())
+            return self.admin_answer(answer, request)
+        assert request.authorization is not None
+        self.listing = asyncio.ensure_future(
+            self.list_topics(request, listing, request.authorization)
+        )
+
+    async def list_topics(
+        self, request: Request, listing: admin.Listing, authorization: str
+    ) -> None:
+        topics = await self.worker.all_topics(authorization)
+        if self.transport is None or self.transport.is_closing():
+            return
+        if topics is None:
+            answer = admin.error(503, "a worker did not answer", [RETRY_AFTER])
+        else:
+            answer = admin.topics_page(listing, topics)
+        self.admin_answer(answer, request)
+
+    def admin_answer(self, answer: admin.Answer, request: Request) -> None:
+        body = answer.encoded()
+        self.respond(
+            answer.status,
+            body,
+            answer.headers,
+            content_type=admin.JSON_CONTENT_TYPE,
+            request=request,
+            counted=False,
+        )
+
     def respond(
         self,
         status: int,
@@ -232,12 +309,14 @@ class Handshake(asyncio.Protocol):
         *,
         content_type: str = TEXT_CONTENT_TYPE,
         request: Request | None = None,
+        counted: bool = True,
     ) -> None:
         """Answer with ``status`` and close; a HEAD request gets the headers
-        only."""
+        only. An error is counted as a failed handshake unless not
+        ``counted`` (the admin API's answers)."""
         head_only = request is not None and request.method == "HEAD"
         data = http_response(self.worker.index, status, body, headers, content_type, head_only)
-        if status >= 400:
+        if status >= 400 and counted:
             self.worker.count_handshake_failure(str(status))
         assert self.transport is not None
         self.transport.write(data)

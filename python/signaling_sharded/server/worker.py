@@ -28,6 +28,7 @@ import sys
 import time
 
 from signaling_sharded._native import CLOSE_CODES, Hub, MetricsTable, RequestReader
+from signaling_sharded.server import admin
 from signaling_sharded.server.acceptor import Acceptor
 from signaling_sharded.server.cluster import Cluster
 from signaling_sharded.server.config import Config
@@ -144,6 +145,7 @@ class Worker:
         self.origins_logged: dict[str, float] = {}
         self.draining = False
         self.done: asyncio.Future[None] | None = None
+        self.acceptor: Acceptor | None = None
 
     def on_left(self, peer: str, topic: str, reason: str) -> None:
         log(logging.INFO, "peer left", peer=peer, topic=topic, reason=reason)
@@ -154,6 +156,41 @@ class Worker:
     def metrics_text(self) -> str:
         """Every worker's metrics, as Prometheus text."""
         return self.hub.metrics_text()
+
+    async def all_topics(self, authorization: str) -> list[tuple[str, int]] | None:
+        """Every worker's topics and peer counts: this one's, and each
+        other's, asked with a request handed to it on one end of a socket
+        pair (it answers as to any connection); None if one did not answer
+        within the handshake timeout."""
+        topics = self.hub.admin_topics()
+        others = [k for k in range(self.config.workers) if k != self.index]
+        answers = await asyncio.gather(*(self.ask_worker(k, authorization) for k in others))
+        for answer in answers:
+            if answer is None:
+                return None
+            topics += answer
+        return topics
+
+    async def ask_worker(self, index: int, authorization: str) -> list[tuple[str, int]] | None:
+        assert self.acceptor is not None and self.acceptor.courier is not None
+        loop = asyncio.get_running_loop()
+        mine, theirs = socket.socketpair()
+        with mine:
+            mine.setblocking(False)
+            deadline = time.monotonic() + self.config.handshake_timeout
+            request = admin.worker_request(authorization)
+            with theirs:
+                if not self.acceptor.courier.send(theirs, index, deadline, request):
+                    return None
+            answer = bytearray()
+            try:
+                while chunk := await asyncio.wait_for(
+                    loop.sock_recv(mine, 65536), deadline - time.monotonic()
+                ):
+                    answer += chunk
+            except (asyncio.TimeoutError, OSError):
+                return None
+        return admin.worker_topics(bytes(answer))
 
     def origin_refused(self, origin: str) -> None:
         """Log a browser Origin off the allow-list, once a minute per origin
@@ -174,6 +211,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         self.done = loop.create_future()
         acceptor = Acceptor(self, listener, self.group)
+        self.acceptor = acceptor
         await acceptor.start()
         loop.add_signal_handler(signal.SIGTERM, self.on_signal, signal.SIGTERM)
         ticker = loop.call_later(tick_period(self.config), self.tick)

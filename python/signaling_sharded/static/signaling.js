@@ -11,7 +11,7 @@
 
   /** Close codes after which reconnecting cannot help (unauthorized, topic full). */
   // Unauthorized, topic full, bad request: retrying cannot succeed.
-  const FINAL_CLOSE_CODES = new Set([4001, 4009, 4400]);
+  const FINAL_CLOSE_CODES = new Set([4001, 4009, 4010, 4400]);
   /** Message types relayed between peers. */
   const RELAY_TYPES = new Set(["offer", "answer", "ice-candidate"]);
 
@@ -39,15 +39,16 @@
    * Events: `welcome` (the welcome message), `peers` (a Map of peer id to
    * metadata, after every change), `peer-joined` and `peer-left`
    * ({id, metadata}), `offer` / `answer` / `ice-candidate` (the relayed
-   * message: {from, payload, msgId?}), `pong`, `error` (a server error
+   * message: {from, payload, msgId?}), `server-message` ({payload}: the
+   * application's backend speaking, through the admin API), `pong`, `error` (a server error
    * message {code, message, msgId?}, or {code: "socket_error"}), `close`
    * ({code, reason, willReconnect, error}: `error` is the server's error
    * message that came with the close, e.g. `invalid_topic` before 4400,
    * or null), `reconnecting` ({attempt, delay}) and `resumed` ({selfId}: the
    * connection came back and the session with it: same id, same peers,
    * nothing missed; it asks for a resumable session unless
-   * `options.resumable` is false). The client does not
-   * reconnect after 4001 (unauthorized), 4009 (topic full) or 4400 (an
+   * `options.resumable` is false). The client does not reconnect after
+   * 4001 (unauthorized), 4009 (topic full), 4010 (kicked) or 4400 (an
    * invalid topic or metadata).
    */
   class SignalingClient extends Emitter {
@@ -252,6 +253,9 @@
           this.emit("peers", this.peers);
           break;
         }
+        case "server-message":
+          this.emit("server-message", { payload: message.payload });
+          break;
         case "error":
           this.lastError = message;
           this.emit("error", message);
