@@ -19,8 +19,9 @@ from urllib.parse import quote
 import pytest
 from conftest import Server, launch, topics_owned
 from signaling_sharded._native import topic_owner
-from wsclient import RawClient
+from wsclient import RawClient, http_get, websocket_headers
 
+from testkit.processes import free_port
 from testkit.proxy import Proxy
 
 TOKEN = "an-admin-token-for-the-tests"
@@ -34,9 +35,11 @@ def call(
     path: str,
     body: Any = None,
     headers: dict[str, str] | None = None,
+    port: int | None = None,
 ) -> tuple[int, dict[str, str], Any]:
-    """One request; the status, headers (lowercased names) and JSON body."""
-    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    """One request (to the server's port, or ``port``); the status, headers
+    (lowercased names) and JSON body."""
+    connection = http.client.HTTPConnection("127.0.0.1", port or server.port, timeout=10)
     try:
         data = None if body is None else json.dumps(body).encode()
         sent = {**AUTH, **(headers or {})}
@@ -299,3 +302,33 @@ def test_the_openapi_description_names_what_is_served(admin_server: Server) -> N
             assert str(status) in operation["responses"], (method, path, status)
             status, _, _ = call(admin_server, method.upper(), concrete, body, {"Authorization": ""})
             assert status == 401 and "401" in operation["responses"]
+
+
+def test_an_admin_port_of_its_own(start_server: Callable[..., Server]) -> None:
+    """With --admin-port the API is there only, for every worker, and that
+    port serves nothing else."""
+    admin_port = free_port()
+    server = start_server(
+        "--workers", "2", "--admin-token", TOKEN,
+        "--admin-port", str(admin_port), "--admin-host", "127.0.0.1",
+    )  # fmt: skip
+    server.wait_records("listening", count=2)
+    topics = topics_owned(2, "own-port")
+    clients = [join(server, topic) for topic in topics]
+    status, _, _ = call(server, "GET", "/admin/v1/topics")
+    assert status == 404, "not on the signaling port"
+    status, _, body = call(server, "GET", "/admin/v1/topics?prefix=own-port", port=admin_port)
+    assert status == 200
+    assert body["topics"] == [{"topic": t, "peers": 1} for t in sorted(topics)]
+    for topic, (_, peer) in zip(topics, clients, strict=True):
+        path = f"/admin/v1/topics/{topic}/peers"
+        status, headers, body = call(server, "GET", path, port=admin_port)
+        assert status == 200 and [p["id"] for p in body["peers"]] == [peer]
+        assert headers["x-signaling-worker"] == str(topic_owner(topic, 2))
+    for path in ("/healthz", "/metrics", "/ws/room"):
+        status, _, _ = call(server, "GET", path, port=admin_port)
+        assert status == 404, path
+    upgrade = http_get(admin_port, "/ws/room", websocket_headers())
+    assert upgrade.status == 404, "no joins on the admin port"
+    for client, _ in clients:
+        client.close()

@@ -44,6 +44,9 @@ def test_the_environment_and_the_command_line(monkeypatch: pytest.MonkeyPatch) -
         ["--stun-uri", "http://x"],
         ["--admin-token", "short"],
         ["--admin-token", "sixteen or more but spaces"],
+        ["--admin-port", "9000"],
+        ["--admin-token", "a-token-of-16-chars", "--admin-host", "127.0.0.1"],
+        ["--admin-token", "a-token-of-16-chars", "--port", "9000", "--admin-port", "9000"],
     ],
 )
 def test_bad_settings_exit_with_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -58,6 +61,10 @@ def test_the_admin_token_from_the_environment(monkeypatch: pytest.MonkeyPatch) -
     assert parse().admin_token is None
     monkeypatch.setenv("SIGNALING_ADMIN_TOKEN", "a-token-of-16-chars")
     assert parse().admin_token == "a-token-of-16-chars"
+    monkeypatch.setenv("SIGNALING_ADMIN_PORT", "9100")
+    monkeypatch.setenv("SIGNALING_ADMIN_HOST", "127.0.0.1")
+    config = parse()
+    assert (config.admin_port, config.admin_host) == (9100, "127.0.0.1")
 
 
 def test_origins_are_normalised() -> None:

@@ -92,9 +92,10 @@ class Spare:
 
 
 class Acceptor:
-    def __init__(self, worker: Site, listener: socket.socket, group: str) -> None:
+    def __init__(self, worker: Site, listeners: list[socket.socket], group: str) -> None:
+        """``listeners``: the signaling port's, and the admin port's if any."""
         self.worker = worker
-        self.listener = listener
+        self.listeners = listeners
         self.group = group
         self.loop = asyncio.get_running_loop()
         sharded = worker.config.workers > 1
@@ -137,17 +138,26 @@ class Acceptor:
         if others:
             log(logging.WARNING, "workers not ready; accepting anyway", workers=others)
         self.accepting = True
-        self.loop.add_reader(self.listener.fileno(), self.on_acceptable)
+        self.watch_listeners()
+
+    def watch_listeners(self) -> None:
+        for listener in self.listeners:
+            self.loop.add_reader(listener.fileno(), self.on_acceptable, listener)
+
+    def unwatch_listeners(self) -> None:
+        for listener in self.listeners:
+            self.loop.remove_reader(listener.fileno())
 
     def close(self) -> None:
         """Stop accepting; connections still being routed are closed."""
         self.accepting = False
-        self.loop.remove_reader(self.listener.fileno())
+        self.unwatch_listeners()
         for link in self.links:
             self.loop.remove_reader(link.fileno())
             link.close()
         self.links.clear()
-        self.listener.close()
+        for listener in self.listeners:
+            listener.close()
         if self.inbox is not None:
             self.loop.remove_reader(self.inbox.fileno())
             self.inbox.close()
@@ -157,16 +167,16 @@ class Acceptor:
             self.forget(fd).sock.close()
         self.spare.release()
 
-    def on_acceptable(self) -> None:
+    def on_acceptable(self, listener: socket.socket) -> None:
         deadline = time.monotonic() + self.worker.config.handshake_timeout
         for _ in range(ACCEPT_BATCH):
             try:
-                conn, _ = self.listener.accept()
+                conn, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 if exc.errno in AT_LIMIT:
-                    self.at_limit(exc)
+                    self.at_limit(listener, exc)
                     return
                 continue  # e.g. ECONNABORTED: that connection is gone already
             if self.pause != LIMIT_PAUSE[0]:
@@ -177,13 +187,13 @@ class Acceptor:
 
     # --- at the descriptor limit --------------------------------------------
 
-    def at_limit(self, exc: OSError) -> None:
-        """Answer the waiting connections with 503 through the spare
-        descriptor, then pause accepting."""
+    def at_limit(self, listener: socket.socket, exc: OSError) -> None:
+        """Answer the connections waiting on ``listener`` with 503 through
+        the spare descriptor, then pause accepting."""
         for _ in range(ACCEPT_BATCH):
             self.spare.release()
             try:
-                conn, _ = self.listener.accept()
+                conn, _ = listener.accept()
             except OSError:
                 break
             self.refuse_at_limit(conn)  # closes it: room for the spare again
@@ -204,7 +214,7 @@ class Acceptor:
             self.limit_logged = now
             self.refused_at_limit = 0
         self.paused = True
-        self.loop.remove_reader(self.listener.fileno())
+        self.unwatch_listeners()
         self.loop.call_later(self.pause, self.resume_accepting)
         self.pause = min(self.pause * 2, LIMIT_PAUSE[1])
 
@@ -225,7 +235,7 @@ class Acceptor:
     def resume_accepting(self) -> None:
         if self.paused and self.accepting:
             self.paused = False
-            self.loop.add_reader(self.listener.fileno(), self.on_acceptable)
+            self.watch_listeners()
 
     def below_limit(self) -> None:
         """A connection was accepted after the limit was met."""

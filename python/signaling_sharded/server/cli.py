@@ -418,6 +418,23 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
+        "--admin-port",
+        type=port_number,
+        default=None,
+        metavar="PORT",
+        help=(
+            "serve the admin API on this port only, not on the signaling port (which then "
+            "answers /admin/v1 with 404); default: the signaling port"
+        ),
+    )
+    parser.add_argument(
+        "--admin-host",
+        type=nonempty,
+        default=None,
+        metavar="HOST",
+        help="address of --admin-port (127.0.0.1 keeps it off the network); default: --host",
+    )
+    parser.add_argument(
         "--redis-url",
         "--redis",
         type=redis_url,
@@ -443,6 +460,12 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
     args = parser.parse_args(argv)
     if args.turn_uri and not args.turn_secret:
         parser.error("--turn-uri needs --turn-secret")
+    if (args.admin_port is not None or args.admin_host is not None) and not args.admin_token:
+        parser.error("--admin-port and --admin-host need --admin-token")
+    if args.admin_host is not None and args.admin_port is None:
+        parser.error("--admin-host needs --admin-port")
+    if args.admin_port is not None and args.admin_port in (0, args.port):
+        parser.error("--admin-port must be another port than --port, and not 0")
     # argparse checks choices on the command line only, not on defaults.
     if args.log_level not in LOG_LEVELS:
         parser.error(f"--log-level: {args.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
@@ -471,6 +494,8 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         resume_window=args.resume_window,
         resume_secret=args.resume_secret,
         admin_token=args.admin_token,
+        admin_port=args.admin_port,
+        admin_host=args.admin_host,
     )
 
 

@@ -55,3 +55,8 @@ class Config:
     resume_secret: str | None = None
     #: Bearer token of the admin API (``/admin/v1``); None: no admin API.
     admin_token: str | None = None
+    #: Serve the admin API on its own address instead of the signaling
+    #: port: this port (None: the signaling port), on this host (None: the
+    #: signaling host).
+    admin_port: int | None = None
+    admin_host: str | None = None

@@ -138,10 +138,15 @@ class Handshake(asyncio.Protocol):
         self.awaiting_body: tuple[Request, int] | None = None
         #: The admin topic listing being gathered from the other workers.
         self.listing: asyncio.Future[None] | None = None
+        #: The local port it came to: the signaling port or the admin
+        #: port; None for a socket pair between workers.
+        self.local_port: int | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses.
         self.transport = cast(asyncio.Transport, transport)
+        sockname = transport.get_extra_info("sockname")
+        self.local_port = sockname[1] if isinstance(sockname, tuple) else None
         self.worker.handshakes.add(self)
         loop = asyncio.get_running_loop()
         if self.deadline is None:
@@ -199,11 +204,15 @@ class Handshake(asyncio.Protocol):
 
     def handle(self, request: Request, rest: bytes) -> None:
         worker = self.worker
-        if request.status:
+        if self.on_admin_port() and request.path and not admin.is_admin(request.path):
+            # The admin port serves nothing else (an unreadable request
+            # still gets its 400 below).
+            self.respond(404, "not found", request=request)
+        elif request.status:
             if request.status == 403 and request.origin is not None:
                 worker.origin_refused(request.origin)
             self.respond(request.status, request.reason, request.headers, request=request)
-        elif admin.is_admin(request.path) and worker.config.admin_token is not None:
+        elif admin.is_admin(request.path) and self.admin_here():
             self.read_admin(request, rest)
         elif not request.joins:
             self.answer_plain(request)
@@ -238,6 +247,18 @@ class Handshake(asyncio.Protocol):
             self.respond(200, body, headers, content_type=content_type, request=request)
         else:
             self.respond(200, "ok", request=request)
+
+    def admin_here(self) -> bool:
+        """Whether this connection may use the admin API: it is on, and
+        this is its port (or a request from another worker)."""
+        config = self.worker.config
+        if config.admin_token is None:
+            return False
+        return config.admin_port is None or self.local_port in (None, config.admin_port)
+
+    def on_admin_port(self) -> bool:
+        port = self.worker.config.admin_port
+        return port is not None and self.local_port == port
 
     def read_admin(self, request: Request, rest: bytes) -> None:
         """An admin request: checked, then answered once its body is here."""

@@ -74,11 +74,14 @@ def bound_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def bind_listener(config: Config) -> socket.socket:
-    """This worker's listening socket, one of the port's ``SO_REUSEPORT``
+def bind_listener(
+    config: Config, host: str | None = None, port: int | None = None
+) -> socket.socket:
+    """This worker's listening socket (the signaling port's, or ``host``
+    and ``port``'s), one of the port's ``SO_REUSEPORT``
     group. No TCP_DEFER_ACCEPT: the kernel would hold a silent client for
     its own timeout before our handshake deadline even starts."""
-    sock = bound_socket(config.host, config.port)
+    sock = bound_socket(host or config.host, config.port if port is None else port)
     try:
         sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
@@ -207,10 +210,12 @@ class Worker:
     def count_handshake_failure(self, reason: str) -> None:
         self.hub.count_handshake_failure(reason)
 
-    async def serve(self, listener: socket.socket) -> None:
+    async def serve(self, listener: socket.socket, admin: socket.socket | None = None) -> None:
+        """Serve ``listener`` (and ``admin``, the admin API's own listener
+        with ``--admin-port``) until drained."""
         loop = asyncio.get_running_loop()
         self.done = loop.create_future()
-        acceptor = Acceptor(self, listener, self.group)
+        acceptor = Acceptor(self, [listener] if admin is None else [listener, admin], self.group)
         self.acceptor = acceptor
         await acceptor.start()
         loop.add_signal_handler(signal.SIGTERM, self.on_signal, signal.SIGTERM)
@@ -309,6 +314,14 @@ def run(
     except OSError as exc:
         log(logging.ERROR, "cannot listen", host=config.host, port=config.port, error=str(exc))
         sys.exit(EXIT_BOOT_ERROR)
+    admin_listener = None
+    if config.admin_port is not None:
+        try:
+            admin_listener = bind_listener(config, config.admin_host, config.admin_port)
+        except OSError as exc:
+            host = config.admin_host or config.host
+            log(logging.ERROR, "cannot listen", host=host, port=config.admin_port, error=str(exc))
+            sys.exit(EXIT_BOOT_ERROR)
     metrics = None
     if metrics_fd is not None:
         metrics = MetricsTable(metrics_fd, config.workers)
@@ -317,7 +330,7 @@ def run(
     try:
         import uvloop
     except ImportError:  # pragma: no cover - platforms without uvloop
-        asyncio.run(worker.serve(listener))
+        asyncio.run(worker.serve(listener, admin_listener))
     else:
-        uvloop.run(worker.serve(listener))
+        uvloop.run(worker.serve(listener, admin_listener))
     flush()
