@@ -29,6 +29,10 @@ use crate::wire::reason::LeaveReason;
 pub enum Kind {
     Counter,
     Gauge,
+    /// A Prometheus histogram: `values` are the buckets' upper bounds in
+    /// seconds (`le`), the last `+Inf`; one more cell holds the sum, in
+    /// microseconds. Buckets are kept apart and summed when rendered.
+    Histogram,
 }
 
 /// One metric: a name, and the values of its one label (none: `&[""]`).
@@ -41,6 +45,32 @@ pub struct Family {
     pub values: &'static [&'static str],
     /// Exposed per worker (a `worker` label) instead of summed.
     pub per_worker: bool,
+    /// The cells hold the value times this (microseconds for seconds);
+    /// rendered divided by it.
+    pub scale: u64,
+}
+
+impl Family {
+    /// A family without labels, one sample per worker.
+    const fn per_worker(name: &'static str, help: &'static str, kind: Kind, scale: u64) -> Self {
+        Self {
+            name,
+            help,
+            kind,
+            label: "",
+            values: NONE,
+            per_worker: true,
+            scale,
+        }
+    }
+
+    /// Cells of the family in a row.
+    const fn cells(&self) -> usize {
+        match self.kind {
+            Kind::Histogram => self.values.len() + 1,
+            _ => self.values.len(),
+        }
+    }
 }
 
 const NONE: &[&str] = &[""];
@@ -106,39 +136,43 @@ pub const RELAY_RESULTS: &[&str] = &["delivered", "dropped", "target_not_found",
 /// kept: the session ends and the client starts afresh).
 pub const RESUME_RESULTS: &[&str] = &["resumed", "forged", "used", "gone", "unreplayable"];
 
+/// Buckets of the join latency histogram, in seconds.
+pub const JOIN_BUCKETS: &[&str] = &[
+    "0.0005", "0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1",
+    "2.5", "+Inf",
+];
+/// The same bounds in microseconds (`+Inf` left out).
+const JOIN_BOUNDS_US: &[u64] = &[
+    500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    2_500_000,
+];
+const MICROS: u64 = 1_000_000;
+
 pub const FAMILIES: &[Family] = &[
-    Family {
-        name: "signaling_worker_up",
-        help: "1 while the worker process runs, 0 once it has exited.",
-        kind: Kind::Gauge,
-        label: "",
-        values: NONE,
-        per_worker: true,
-    },
-    Family {
-        name: "signaling_worker_restarts_total",
-        help: "Times the worker was restarted after it died.",
-        kind: Kind::Counter,
-        label: "",
-        values: NONE,
-        per_worker: true,
-    },
-    Family {
-        name: "signaling_worker_connections",
-        help: "WebSocket connections held by the worker, closing ones included.",
-        kind: Kind::Gauge,
-        label: "",
-        values: NONE,
-        per_worker: true,
-    },
-    Family {
-        name: "signaling_worker_cluster_connected",
-        help: "Cluster mode: 1 while the worker is connected to Redis and subscribed.",
-        kind: Kind::Gauge,
-        label: "",
-        values: NONE,
-        per_worker: true,
-    },
+    Family::per_worker(
+        "signaling_worker_up",
+        "1 while the worker process runs, 0 once it has exited.",
+        Kind::Gauge,
+        1,
+    ),
+    Family::per_worker(
+        "signaling_worker_restarts_total",
+        "Times the worker was restarted after it died.",
+        Kind::Counter,
+        1,
+    ),
+    Family::per_worker(
+        "signaling_worker_connections",
+        "WebSocket connections held by the worker, closing ones included.",
+        Kind::Gauge,
+        1,
+    ),
+    Family::per_worker(
+        "signaling_worker_cluster_connected",
+        "Cluster mode: 1 while the worker is connected to Redis and subscribed.",
+        Kind::Gauge,
+        1,
+    ),
     Family {
         name: "signaling_connections",
         help: "WebSocket connections open, closing ones included.",
@@ -146,6 +180,7 @@ pub const FAMILIES: &[Family] = &[
         label: "",
         values: NONE,
         per_worker: false,
+        scale: 1,
     },
     Family {
         name: "signaling_peers",
@@ -154,6 +189,7 @@ pub const FAMILIES: &[Family] = &[
         label: "",
         values: NONE,
         per_worker: false,
+        scale: 1,
     },
     Family {
         name: "signaling_topics",
@@ -162,6 +198,7 @@ pub const FAMILIES: &[Family] = &[
         label: "",
         values: NONE,
         per_worker: false,
+        scale: 1,
     },
     Family {
         name: "signaling_peers_joined_total",
@@ -170,6 +207,7 @@ pub const FAMILIES: &[Family] = &[
         label: "",
         values: NONE,
         per_worker: false,
+        scale: 1,
     },
     Family {
         name: "signaling_peers_left_total",
@@ -178,6 +216,7 @@ pub const FAMILIES: &[Family] = &[
         label: "reason",
         values: LEAVE_REASONS,
         per_worker: false,
+        scale: 1,
     },
     Family {
         name: "signaling_relays_total",
@@ -186,6 +225,7 @@ pub const FAMILIES: &[Family] = &[
         label: "result",
         values: RELAY_RESULTS,
         per_worker: false,
+        scale: 1,
     },
     Family {
         name: "signaling_errors_total",
@@ -194,6 +234,7 @@ pub const FAMILIES: &[Family] = &[
         label: "code",
         values: ERROR_CODES,
         per_worker: false,
+        scale: 1,
     },
     Family {
         name: "signaling_handshake_failures_total",
@@ -202,6 +243,7 @@ pub const FAMILIES: &[Family] = &[
         label: "reason",
         values: HANDSHAKE_FAILURES,
         per_worker: false,
+        scale: 1,
     },
     Family {
         name: "signaling_handoffs_total",
@@ -210,6 +252,7 @@ pub const FAMILIES: &[Family] = &[
         label: "result",
         values: HANDOFF_RESULTS,
         per_worker: false,
+        scale: 1,
     },
     Family {
         name: "signaling_received_bytes_total",
@@ -218,6 +261,7 @@ pub const FAMILIES: &[Family] = &[
         label: "",
         values: NONE,
         per_worker: false,
+        scale: 1,
     },
     Family {
         name: "signaling_sent_bytes_total",
@@ -226,6 +270,7 @@ pub const FAMILIES: &[Family] = &[
         label: "",
         values: NONE,
         per_worker: false,
+        scale: 1,
     },
     Family {
         name: "signaling_cluster_disconnects_total",
@@ -234,6 +279,7 @@ pub const FAMILIES: &[Family] = &[
         label: "",
         values: NONE,
         per_worker: false,
+        scale: 1,
     },
     Family {
         name: "signaling_sessions_suspended",
@@ -242,6 +288,7 @@ pub const FAMILIES: &[Family] = &[
         label: "",
         values: NONE,
         per_worker: false,
+        scale: 1,
     },
     Family {
         name: "signaling_resumes_total",
@@ -250,7 +297,41 @@ pub const FAMILIES: &[Family] = &[
         label: "result",
         values: RESUME_RESULTS,
         per_worker: false,
+        scale: 1,
     },
+    Family {
+        name: "signaling_join_seconds",
+        help: "Seconds from a connection's accept to its welcome (resumes included).",
+        kind: Kind::Histogram,
+        label: "le",
+        values: JOIN_BUCKETS,
+        per_worker: false,
+        scale: MICROS,
+    },
+    Family::per_worker(
+        "process_cpu_seconds_total",
+        "User and system CPU time the worker process spent, in seconds.",
+        Kind::Counter,
+        MICROS,
+    ),
+    Family::per_worker(
+        "process_resident_memory_bytes",
+        "Resident memory of the worker process, in bytes.",
+        Kind::Gauge,
+        1,
+    ),
+    Family::per_worker(
+        "process_open_fds",
+        "Open file descriptors of the worker process.",
+        Kind::Gauge,
+        1,
+    ),
+    Family::per_worker(
+        "process_max_fds",
+        "The worker process's limit of open file descriptors.",
+        Kind::Gauge,
+        1,
+    ),
 ];
 
 /// Indexes into [`FAMILIES`].
@@ -273,6 +354,11 @@ pub mod family {
     pub const CLUSTER_DISCONNECTS: usize = 15;
     pub const SESSIONS_SUSPENDED: usize = 16;
     pub const RESUMES: usize = 17;
+    pub const JOIN_SECONDS: usize = 18;
+    pub const PROCESS_CPU: usize = 19;
+    pub const PROCESS_RSS: usize = 20;
+    pub const PROCESS_FDS: usize = 21;
+    pub const PROCESS_MAX_FDS: usize = 22;
 }
 
 /// Resume results, as indexes into [`RESUME_RESULTS`].
@@ -296,7 +382,7 @@ const fn family_offsets() -> [usize; FAMILIES.len() + 1] {
     let mut offsets = [0; FAMILIES.len() + 1];
     let mut i = 0;
     while i < FAMILIES.len() {
-        offsets[i + 1] = offsets[i] + FAMILIES[i].values.len();
+        offsets[i + 1] = offsets[i] + FAMILIES[i].cells();
         i += 1;
     }
     offsets
@@ -407,6 +493,8 @@ impl Table {
                 family::PEERS,
                 family::TOPICS,
                 family::SESSIONS_SUSPENDED,
+                family::PROCESS_RSS,
+                family::PROCESS_FDS,
             ] {
                 self.at(worker, cell(family, 0)).store(0, Ordering::Relaxed);
             }
@@ -435,31 +523,53 @@ impl Table {
             let kind = match family.kind {
                 Kind::Counter => "counter",
                 Kind::Gauge => "gauge",
+                Kind::Histogram => "histogram",
             };
             let _ = writeln!(text, "# HELP {} {}", family.name, family.help);
             let _ = writeln!(text, "# TYPE {} {kind}", family.name);
+            let sum = |cell: usize| -> u64 { (0..self.workers).map(|w| self.get(w, cell)).sum() };
+            if family.kind == Kind::Histogram {
+                let mut count = 0;
+                for (value_index, bound) in family.values.iter().enumerate() {
+                    count += sum(cell(index, value_index));
+                    let _ = writeln!(text, "{}_bucket{{le=\"{bound}\"}} {count}", family.name);
+                }
+                let total = sum(cell(index, family.values.len()));
+                let _ = writeln!(text, "{}_sum {}", family.name, scaled(total, family.scale));
+                let _ = writeln!(text, "{}_count {count}", family.name);
+                continue;
+            }
             for (value_index, value) in family.values.iter().enumerate() {
                 let cell = cell(index, value_index);
                 if family.per_worker {
                     for worker in 0..self.workers {
-                        let sample = self.get(worker, cell);
+                        let sample = scaled(self.get(worker, cell), family.scale);
                         let _ = writeln!(text, "{}{{worker=\"{worker}\"}} {sample}", family.name);
                     }
                     continue;
                 }
-                let sum: u64 = (0..self.workers).map(|w| self.get(w, cell)).sum();
+                let total = scaled(sum(cell), family.scale);
                 if family.label.is_empty() {
-                    let _ = writeln!(text, "{} {sum}", family.name);
+                    let _ = writeln!(text, "{} {total}", family.name);
                 } else {
                     let _ = writeln!(
                         text,
-                        "{}{{{}=\"{value}\"}} {sum}",
+                        "{}{{{}=\"{value}\"}} {total}",
                         family.name, family.label
                     );
                 }
             }
         }
         text
+    }
+}
+
+/// A cell's value as exposed: `value / scale`, as an integer when whole.
+fn scaled(value: u64, scale: u64) -> String {
+    if scale == 1 {
+        value.to_string()
+    } else {
+        format!("{}", value as f64 / scale as f64)
     }
 }
 
@@ -500,6 +610,77 @@ impl Recorder {
 
     pub fn get(&self, cell: usize) -> u64 {
         self.table.get(self.worker, cell)
+    }
+
+    /// Counts one join that took `waited` (see [`family::JOIN_SECONDS`]).
+    pub fn observe_join(&self, waited: std::time::Duration) {
+        let micros = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX);
+        let bucket = JOIN_BOUNDS_US
+            .iter()
+            .position(|bound| micros <= *bound)
+            .unwrap_or(JOIN_BOUNDS_US.len());
+        self.add(cell(family::JOIN_SECONDS, bucket), 1);
+        self.add(cell(family::JOIN_SECONDS, JOIN_BUCKETS.len()), micros);
+    }
+
+    /// This process's CPU time, resident memory and descriptors, from
+    /// `/proc/self` (Linux; elsewhere nothing is recorded).
+    pub fn sample_process(&self) {
+        if let Some(sample) = process::sample() {
+            self.set(cell(family::PROCESS_CPU, 0), sample.cpu_micros);
+            self.set(cell(family::PROCESS_RSS, 0), sample.rss_bytes);
+            self.set(cell(family::PROCESS_FDS, 0), sample.open_fds);
+            self.set(cell(family::PROCESS_MAX_FDS, 0), sample.max_fds);
+        }
+    }
+}
+
+/// The figures Prometheus' own clients export as `process_*`, read from
+/// `/proc/self` as they read them.
+mod process {
+    use std::fs;
+
+    pub struct Sample {
+        pub cpu_micros: u64,
+        pub rss_bytes: u64,
+        pub open_fds: u64,
+        pub max_fds: u64,
+    }
+
+    pub fn sample() -> Option<Sample> {
+        // SAFETY: sysconf has no preconditions.
+        let (ticks, page) = unsafe {
+            (
+                libc::sysconf(libc::_SC_CLK_TCK),
+                libc::sysconf(libc::_SC_PAGESIZE),
+            )
+        };
+        let (ticks, page) = (u64::try_from(ticks).ok()?, u64::try_from(page).ok()?);
+        let stat = fs::read_to_string("/proc/self/stat").ok()?;
+        // The fields after the command, which is in parentheses and may
+        // hold spaces: state is field 3, utime 14, stime 15.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let utime: u64 = fields.get(11)?.parse().ok()?;
+        let stime: u64 = fields.get(12)?.parse().ok()?;
+        let statm = fs::read_to_string("/proc/self/statm").ok()?;
+        let resident: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+        let open_fds = fs::read_dir("/proc/self/fd").ok()?.count() as u64;
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `limit` is a valid rlimit to write into.
+        let max_fds = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+            limit.rlim_cur
+        } else {
+            0
+        };
+        Some(Sample {
+            cpu_micros: (utime + stime) * 1_000_000 / ticks.max(1),
+            rss_bytes: resident * page,
+            open_fds,
+            max_fds,
+        })
     }
 }
 
@@ -553,11 +734,43 @@ mod tests {
                 family::CLUSTER_DISCONNECTS,
                 "signaling_cluster_disconnects_total",
             ),
+            (family::JOIN_SECONDS, "signaling_join_seconds"),
+            (family::PROCESS_CPU, "process_cpu_seconds_total"),
+            (family::PROCESS_RSS, "process_resident_memory_bytes"),
+            (family::PROCESS_FDS, "process_open_fds"),
+            (family::PROCESS_MAX_FDS, "process_max_fds"),
         ];
         for (index, name) in names {
             assert_eq!(FAMILIES[index].name, name);
         }
-        assert_eq!(FAMILIES.len(), family::RESUMES + 1);
+        assert_eq!(FAMILIES.len(), family::PROCESS_MAX_FDS + 1);
+    }
+
+    #[test]
+    fn histograms_are_cumulative_and_seconds_are_scaled() {
+        let table = Arc::new(Table::local(2));
+        let (a, b) = (table.recorder(0), table.recorder(1));
+        a.observe_join(std::time::Duration::from_micros(300));
+        b.observe_join(std::time::Duration::from_millis(3));
+        b.observe_join(std::time::Duration::from_secs(10));
+        b.set(cell(family::PROCESS_CPU, 0), 1_500_000);
+        let text = table.render();
+        assert!(text.contains("# TYPE signaling_join_seconds histogram\n"));
+        assert!(text.contains("signaling_join_seconds_bucket{le=\"0.0005\"} 1\n"));
+        assert!(text.contains("signaling_join_seconds_bucket{le=\"0.0025\"} 1\n"));
+        assert!(text.contains("signaling_join_seconds_bucket{le=\"0.005\"} 2\n"));
+        assert!(text.contains("signaling_join_seconds_bucket{le=\"+Inf\"} 3\n"));
+        assert!(text.contains("signaling_join_seconds_sum 10.0033\n"));
+        assert!(text.contains("signaling_join_seconds_count 3\n"));
+        assert!(text.contains("process_cpu_seconds_total{worker=\"1\"} 1.5\n"));
+        assert!(text.contains("process_cpu_seconds_total{worker=\"0\"} 0\n"));
+        a.sample_process();
+        let rss = table.get(0, cell(family::PROCESS_RSS, 0));
+        assert!(
+            rss > 1024 * 1024,
+            "this test process has more than 1 MiB: {rss}"
+        );
+        assert!(table.get(0, cell(family::PROCESS_FDS, 0)) >= 3);
     }
 
     #[test]

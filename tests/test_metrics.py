@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -176,3 +177,52 @@ def worker_pid(server: Server, index: int) -> int:
     ]
     pid: int = records[-1]["pid"]
     return pid
+
+
+def test_the_operators_view(sharded: Server) -> None:
+    """Per worker, the process figures as Prometheus' own clients name
+    them; the join latency histogram counts each join once; and every
+    query of the Grafana dashboard in docs/ names a metric the server
+    exports."""
+    import json
+    import re
+    from pathlib import Path
+
+    async def scenario() -> None:
+        async with Peers() as peers:
+            await join(peers, sharded, "operator-a")
+            await join(peers, sharded, "operator-b")
+
+    before = scrape(sharded)
+    run(scenario())
+    samples: Samples = {}
+    # The process figures are sampled on the workers' ticks.
+    for _ in range(50):
+        samples = scrape(sharded)
+        if all(samples.get(f'process_open_fds{{worker="{w}"}}') for w in range(WORKERS)):
+            break
+        time.sleep(0.1)
+    for worker in range(WORKERS):
+        label = f'{{worker="{worker}"}}'
+        assert samples[f"process_resident_memory_bytes{label}"] > 10 * 2**20
+        assert samples[f"process_open_fds{label}"] >= 5
+        assert samples[f"process_max_fds{label}"] >= samples[f"process_open_fds{label}"]
+        assert samples[f"process_cpu_seconds_total{label}"] > 0
+    joins = samples["signaling_join_seconds_count"] - before.get("signaling_join_seconds_count", 0)
+    assert joins == 2
+    assert (
+        samples['signaling_join_seconds_bucket{le="+Inf"}']
+        == samples["signaling_join_seconds_count"]
+    )
+    assert 0 < samples["signaling_join_seconds_sum"] < 10 * samples["signaling_join_seconds_count"]
+
+    names = {key.split("{")[0] for key in samples}
+    dashboard = json.loads(
+        (Path(__file__).parent.parent / "docs" / "grafana-dashboard.json").read_text()
+    )
+    queried = set()
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            queried |= set(re.findall(r"\b(?:signaling|process)_[a-z_]+", target["expr"]))
+    assert queried, "the dashboard queries nothing"
+    assert queried <= names, f"not exported: {sorted(queried - names)}"

@@ -166,6 +166,7 @@ class Hub:
         resumable: bool = False,
         resume: str | None = None,
         seen: int | None = None,
+        waited: float = 0.0,
     ) -> Peer:
         """Add the upgraded connection on ``transport`` to ``topic``.
 
@@ -176,7 +177,9 @@ class Hub:
         ``error`` and close code, and ``Peer.refused`` names the error.
         With ``resumable``, the session outlives a lost connection; with
         ``resume`` (a token) and ``seen``, it takes that session over if it
-        can (``Peer.resumed``), else it is a new peer.
+        can (``Peer.resumed``), else it is a new peer. ``waited``: seconds
+        since the connection was accepted (the join latency histogram counts
+        from there).
         """
     def refuse(self, transport: Any, reason: str) -> Peer:
         """Refuse the upgraded connection on ``transport`` with ``reason``

@@ -23,7 +23,7 @@ use super::migrate::Migrations;
 pub use super::outbox::ClusterOp;
 use super::outbox::Outbox;
 use super::remote::RemoteTopic;
-use super::{Engine, Now};
+use super::{Engine, Newcomer, Now};
 use crate::metrics::relay;
 use crate::wire::close;
 use crate::wire::cluster::{self, Presence, RemotePeer};
@@ -44,8 +44,7 @@ const FORWARD_MEMORY_LEN: usize = 16 * 1024;
 #[derive(Debug)]
 struct Joining {
     topic: Arc<str>,
-    peer: PeerId,
-    metadata: Option<Box<str>>,
+    newcomer: Newcomer,
     held: Vec<u8>,
 }
 
@@ -103,13 +102,12 @@ impl<W> Engine<W> {
         &mut self,
         conn: u64,
         topic: &str,
-        peer: PeerId,
-        metadata: Option<Box<str>>,
+        newcomer: Newcomer,
         now: Now,
         out: &mut Outbox,
     ) {
         let Some(cluster) = &mut self.cluster else {
-            return self.enter(conn, topic, peer, metadata, now, out);
+            return self.enter(conn, topic, newcomer, now, out);
         };
         let (topic, fresh): (Arc<str>, bool) = match cluster.remote.get_key_value(topic) {
             Some((name, _)) => (Arc::clone(name), false),
@@ -124,18 +122,17 @@ impl<W> Engine<W> {
             });
         out.cluster.push(ClusterOp::Join {
             topic: Arc::clone(&topic),
-            peer,
-            metadata: metadata.clone(),
+            peer: newcomer.peer,
+            metadata: newcomer.metadata.clone(),
             snapshot: fresh,
         });
         if remote.pending.is_none() {
-            return self.enter(conn, &topic, peer, metadata, now, out);
+            return self.enter(conn, &topic, newcomer, now, out);
         }
         remote.waiting.push(conn);
         let joining = Joining {
             topic,
-            peer,
-            metadata,
+            newcomer,
             held: Vec::new(),
         };
         cluster.joining.insert(conn, joining);
@@ -276,7 +273,7 @@ impl<W> Engine<W> {
         if let Some(remote) = cluster.remote.get_mut(&joining.topic) {
             remote.waiting.retain(|waiting| *waiting != conn);
         }
-        self.cluster_left(&joining.topic, joining.peer, out);
+        self.cluster_left(&joining.topic, joining.newcomer.peer, out);
         true
     }
 
@@ -354,11 +351,10 @@ impl<W> Engine<W> {
         for (conn, joining) in entering {
             let Joining {
                 topic,
-                peer,
-                metadata,
+                newcomer,
                 held,
             } = joining;
-            self.enter(conn, &topic, peer, metadata, now, out);
+            self.enter(conn, &topic, newcomer, now, out);
             if !held.is_empty() {
                 self.feed(conn, &held, now.instant, out);
             }
@@ -576,7 +572,7 @@ impl<W> Engine<W> {
                 });
                 let waiting = remote.waiting.iter().filter_map(|conn| {
                     let joining = cluster.joining.get(conn)?;
-                    Some((joining.peer, joining.metadata.as_deref()))
+                    Some((joining.newcomer.peer, joining.newcomer.metadata.as_deref()))
                 });
                 (Arc::clone(topic), members.chain(waiting).collect())
             })

@@ -37,7 +37,7 @@ use super::conn::{Closing, Conn, LeaveReason, Queued, State};
 use super::outbox::{ClusterOp, Outbox, SessionEvent};
 use super::remote::RemoteTopic;
 use super::session::Session;
-use super::{Engine, JoinRequest, Now};
+use super::{Engine, JoinRequest, Newcomer, Now};
 use crate::metrics::{cell, family, relay, resume as result, RESUME_RESULTS};
 use crate::wire::cluster::{self as wire_cluster, Presence, RemotePeer};
 use crate::wire::message::{self, RelayKind};
@@ -74,6 +74,8 @@ struct Resuming {
     peer: PeerId,
     /// The request's metadata, for a fresh start.
     metadata: Option<Box<str>>,
+    /// When its connection was accepted.
+    accepted: Instant,
     since: Instant,
     /// The move came: the connection is a member, `Arriving`.
     arrived: bool,
@@ -155,6 +157,7 @@ impl<W> Engine<W> {
             topic: Arc::clone(&topic),
             peer,
             metadata: request.metadata.map(Box::from),
+            accepted: request.accepted.unwrap_or(now),
             since: now,
             arrived: false,
             input: Vec::new(),
@@ -216,11 +219,15 @@ impl<W> Engine<W> {
         let mut session = Box::<Session>::default();
         session.refused = true;
         c.session = Some(session);
-        let peer = self.registry.new_peer_id(now.wall);
+        let newcomer = Newcomer {
+            peer: self.registry.new_peer_id(now.wall),
+            metadata: resuming.metadata,
+            accepted: resuming.accepted,
+        };
         let topic = Arc::clone(&resuming.topic);
         out.sessions
-            .push((peer, Arc::clone(&topic), SessionEvent::Joined));
-        self.join_cluster(conn, &topic, peer, resuming.metadata, now, out);
+            .push((newcomer.peer, Arc::clone(&topic), SessionEvent::Joined));
+        self.join_cluster(conn, &topic, newcomer, now, out);
         if !resuming.input.is_empty() && !self.hold_joining(conn, &resuming.input) {
             self.feed(conn, &resuming.input, now.instant, out);
         }
@@ -338,6 +345,8 @@ impl<W> Engine<W> {
             &self.ping_interval_text,
             &extra,
         );
+        self.metrics
+            .observe_join(now.instant.saturating_duration_since(resuming.accepted));
         for frame in frames.into_iter().chain(kept.iter().map(|f| &f[..])) {
             self.send_must(conn, frame, out);
         }

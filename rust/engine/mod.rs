@@ -90,6 +90,18 @@ pub struct JoinRequest<'a> {
     pub metadata: Option<&'a str>,
     pub resumable: bool,
     pub resume: Option<(&'a str, Option<u64>)>,
+    /// When the connection was accepted (the join latency counts from
+    /// there); `None`: now.
+    pub accepted: Option<Instant>,
+}
+
+/// A connection about to enter a topic: its peer id and metadata, and when
+/// it was accepted.
+#[derive(Debug)]
+pub(super) struct Newcomer {
+    pub(super) peer: PeerId,
+    pub(super) metadata: Option<Box<str>>,
+    pub(super) accepted: Instant,
 }
 
 /// A connection admitted: its peer id, and whether it resumed a session
@@ -221,9 +233,13 @@ impl<W> Engine<W> {
             let c = self.conns.get_mut(&conn).expect("just added");
             c.session.get_or_insert_with(Box::default);
         }
-        let peer = self.registry.new_peer_id(now.wall);
-        let metadata = request.metadata.map(Box::from);
-        self.join_cluster(conn, request.topic, peer, metadata, now, out);
+        let newcomer = Newcomer {
+            peer: self.registry.new_peer_id(now.wall),
+            metadata: request.metadata.map(Box::from),
+            accepted: request.accepted.unwrap_or(now.instant),
+        };
+        let peer = newcomer.peer;
+        self.join_cluster(conn, request.topic, newcomer, now, out);
         let joined = Joined {
             peer,
             resumed: false,
@@ -239,15 +255,12 @@ impl<W> Engine<W> {
 
     /// Makes `conn` a member of `topic` as `peer`: it is sent `welcome` and
     /// `peer-list` (every local and remote member), the others `peer-joined`.
-    fn enter(
-        &mut self,
-        conn: u64,
-        topic: &str,
-        peer: PeerId,
-        metadata: Option<Box<str>>,
-        now: Now,
-        out: &mut Outbox,
-    ) {
+    fn enter(&mut self, conn: u64, topic: &str, newcomer: Newcomer, now: Now, out: &mut Outbox) {
+        let Newcomer {
+            peer,
+            metadata,
+            accepted,
+        } = newcomer;
         self.registry.join_as(conn, topic, metadata, peer);
         let member = self.registry.member(conn).expect("just joined");
         let topic = Arc::clone(&member.topic);
@@ -263,6 +276,8 @@ impl<W> Engine<W> {
             &self.ping_interval_text,
             &extra,
         );
+        self.metrics
+            .observe_join(now.instant.saturating_duration_since(accepted));
         let others = self.registry.members(&topic);
         let others = &others[..others.len() - 1];
         let local = others.iter().map(|other| {

@@ -109,6 +109,9 @@ impl<W> Engine<W> {
         let extra = self.resume_field(conn, &topic, peer, Some(true));
         let greeting = out.private(conn);
         message::push_welcome(greeting, peer.as_str(), &self.ping_interval_text, &extra);
+        let accepted = request.accepted.unwrap_or(now.instant);
+        self.metrics
+            .observe_join(now.instant.saturating_duration_since(accepted));
         for frame in replay {
             self.send_must(conn, &frame, out);
         }

@@ -7,7 +7,7 @@
 //! are made after the lock is released.
 
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use pyo3::exceptions::PyValueError;
 use pyo3::intern;
@@ -216,9 +216,12 @@ impl Hub {
     /// `welcome` and `peer-list` and tells the others; over a limit, writes
     /// the refusal instead (`Peer.refused` says which). With `resume` (a
     /// token) and `seen`, it takes the session over if it can be
-    /// (`Peer.resumed`). The caller must then `transport.set_protocol()`
-    /// the returned `Peer`.
-    #[pyo3(signature = (transport, topic, metadata=None, *, resumable=false, resume=None, seen=None))]
+    /// (`Peer.resumed`). `waited`: seconds since the connection was
+    /// accepted, where the join latency counts from. The caller must then
+    /// `transport.set_protocol()` the returned `Peer`.
+    // Python's keyword arguments: each is named at the call.
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (transport, topic, metadata=None, *, resumable=false, resume=None, seen=None, waited=0.0))]
     fn join(
         slf: &Bound<'_, Self>,
         transport: Py<PyAny>,
@@ -227,13 +230,16 @@ impl Hub {
         resumable: bool,
         resume: Option<&str>,
         seen: Option<u64>,
+        waited: f64,
     ) -> Peer {
         let py = slf.py();
+        let waited = Duration::try_from_secs_f64(waited).unwrap_or_default();
         let request = JoinRequest {
             topic,
             metadata,
             resumable,
             resume: resume.map(|token| (token, seen)),
+            accepted: Instant::now().checked_sub(waited),
         };
         let (conn, joined) = slf.get().run(py, |engine, out| {
             let (conn, joined) = engine.join(transport, request, now(), out);
@@ -281,6 +287,7 @@ impl Hub {
             let now = now();
             engine.tick(now.instant, out);
             engine.tick_migrations(now, out);
+            engine.metrics().sample_process();
         });
     }
 

@@ -128,6 +128,11 @@ class Handshake(asyncio.Protocol):
         #: Refuse upgrades with 503: the topic's owner could not take them.
         self.unavailable = unavailable
         self.transport: asyncio.Transport | None = None
+        #: time.monotonic() when the connection was accepted: the join
+        #: latency counts from there.
+        self.accepted = (
+            time.monotonic() if deadline is None else deadline - worker.config.handshake_timeout
+        )
         self.buffer = bytearray(received)
         self.request = request
         self.timer: asyncio.TimerHandle | None = None
@@ -395,6 +400,7 @@ class Handshake(asyncio.Protocol):
             resumable=request.resumable,
             resume=request.resume,
             seen=request.seen,
+            waited=time.monotonic() - self.accepted,
         )
         self.install(transport, peer, request, rest)
 
