@@ -136,13 +136,13 @@ pub const RELAY_RESULTS: &[&str] = &["delivered", "dropped", "target_not_found",
 /// kept: the session ends and the client starts afresh).
 pub const RESUME_RESULTS: &[&str] = &["resumed", "forged", "used", "gone", "unreplayable"];
 
-/// Buckets of the join latency histogram, in seconds.
-pub const JOIN_BUCKETS: &[&str] = &[
+/// Buckets of the latency histograms (joins, queue waits), in seconds.
+pub const LATENCY_BUCKETS: &[&str] = &[
     "0.0005", "0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1",
     "2.5", "+Inf",
 ];
 /// The same bounds in microseconds (`+Inf` left out).
-const JOIN_BOUNDS_US: &[u64] = &[
+const LATENCY_BOUNDS_US: &[u64] = &[
     500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
     2_500_000,
 ];
@@ -304,7 +304,17 @@ pub const FAMILIES: &[Family] = &[
         help: "Seconds from a connection's accept to its welcome (resumes included).",
         kind: Kind::Histogram,
         label: "le",
-        values: JOIN_BUCKETS,
+        values: LATENCY_BUCKETS,
+        per_worker: false,
+        scale: MICROS,
+    },
+    Family {
+        name: "signaling_queue_wait_seconds",
+        help: "Seconds a backed-up peer's queue waited, from its socket refusing more bytes to \
+               the queue being written (messages written at once are not counted).",
+        kind: Kind::Histogram,
+        label: "le",
+        values: LATENCY_BUCKETS,
         per_worker: false,
         scale: MICROS,
     },
@@ -355,10 +365,11 @@ pub mod family {
     pub const SESSIONS_SUSPENDED: usize = 16;
     pub const RESUMES: usize = 17;
     pub const JOIN_SECONDS: usize = 18;
-    pub const PROCESS_CPU: usize = 19;
-    pub const PROCESS_RSS: usize = 20;
-    pub const PROCESS_FDS: usize = 21;
-    pub const PROCESS_MAX_FDS: usize = 22;
+    pub const QUEUE_WAIT_SECONDS: usize = 19;
+    pub const PROCESS_CPU: usize = 20;
+    pub const PROCESS_RSS: usize = 21;
+    pub const PROCESS_FDS: usize = 22;
+    pub const PROCESS_MAX_FDS: usize = 23;
 }
 
 /// Resume results, as indexes into [`RESUME_RESULTS`].
@@ -614,13 +625,19 @@ impl Recorder {
 
     /// Counts one join that took `waited` (see [`family::JOIN_SECONDS`]).
     pub fn observe_join(&self, waited: std::time::Duration) {
-        let micros = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX);
-        let bucket = JOIN_BOUNDS_US
+        self.observe(family::JOIN_SECONDS, waited);
+    }
+
+    /// Counts `value` in histogram `family` (one of [`LATENCY_BUCKETS`]).
+    pub fn observe(&self, family: usize, value: std::time::Duration) {
+        debug_assert_eq!(FAMILIES[family].kind, Kind::Histogram);
+        let micros = u64::try_from(value.as_micros()).unwrap_or(u64::MAX);
+        let bucket = LATENCY_BOUNDS_US
             .iter()
             .position(|bound| micros <= *bound)
-            .unwrap_or(JOIN_BOUNDS_US.len());
-        self.add(cell(family::JOIN_SECONDS, bucket), 1);
-        self.add(cell(family::JOIN_SECONDS, JOIN_BUCKETS.len()), micros);
+            .unwrap_or(LATENCY_BOUNDS_US.len());
+        self.add(cell(family, bucket), 1);
+        self.add(cell(family, LATENCY_BUCKETS.len()), micros);
     }
 
     /// This process's CPU time, resident memory and descriptors, from
@@ -735,6 +752,7 @@ mod tests {
                 "signaling_cluster_disconnects_total",
             ),
             (family::JOIN_SECONDS, "signaling_join_seconds"),
+            (family::QUEUE_WAIT_SECONDS, "signaling_queue_wait_seconds"),
             (family::PROCESS_CPU, "process_cpu_seconds_total"),
             (family::PROCESS_RSS, "process_resident_memory_bytes"),
             (family::PROCESS_FDS, "process_open_fds"),

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
 from conftest import Server
-from wsclient import ABSENT, Peer, Peers, run
+from wsclient import ABSENT, Peer, Peers, http_get, run
 
 MAX_QUEUE_BYTES = 65536
 RELAY_PAYLOAD = "x" * 60000  # one relay is close to the whole bound
@@ -74,5 +76,43 @@ def test_relays_to_a_stalled_peer_are_dropped(start_server: Callable[..., Server
             assert (await bystander.recv())["msgId"] == "s-to-b"
             await bystander.sync()
             assert bystander.view.get(sender.id) == ABSENT
+
+    run(scenario())
+
+
+def test_the_wait_of_a_backed_up_queue_is_measured(start_server: Callable[..., Server]) -> None:
+    """A peer that stops reading backs its queue up; once it reads again the
+    queue is written, and ``signaling_queue_wait_seconds`` counts how long
+    it waited."""
+    srv = start_server("--max-queue-bytes", str(MAX_QUEUE_BYTES))
+
+    def waits() -> tuple[float, float]:
+        text = http_get(srv.port, "/metrics").body.decode()
+        values = dict(
+            line.rsplit(" ", 1)
+            for line in text.splitlines()
+            if line.startswith("signaling_queue_wait")
+        )
+        return float(values["signaling_queue_wait_seconds_count"]), float(
+            values["signaling_queue_wait_seconds_sum"]
+        )
+
+    async def scenario() -> None:
+        async with Peers() as peers:
+            url = srv.url("waits")
+            sender = await peers.join(url)
+            stalled = await peers.join(url, sock=small_buffer_socket(srv.port))
+            await sender.wait_joined(stalled.id)
+            assert waits() == (0, 0)
+            stalled.pause_reading()
+            await relay_until_dropped(sender, stalled.id)  # its queue is full
+            await asyncio.sleep(0.3)  # it waits at least this long
+            stalled.resume_reading()
+            deadline = time.monotonic() + 10
+            while waits()[0] == 0:
+                assert time.monotonic() < deadline, "no queue wait counted"
+                await asyncio.sleep(0.05)
+            count, total = waits()
+            assert count >= 1 and total >= 0.3, (count, total)
 
     run(scenario())

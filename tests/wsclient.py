@@ -218,6 +218,11 @@ class Peer:
         self.ws.transport.pause_reading()
         self._paused = True
 
+    def resume_reading(self) -> None:
+        """Read from the socket again."""
+        self.ws.transport.resume_reading()
+        self._paused = False
+
     def abort(self) -> None:
         """Drop the TCP connection without a closing handshake."""
         self.ws.transport.abort()

@@ -11,6 +11,9 @@ impl<W> Engine<W> {
     /// Pings, ping timeouts and close timeouts; call a few times per
     /// `min(ping_interval, ping_timeout)`.
     pub fn tick(&mut self, now: Instant, out: &mut Outbox) {
+        // Connections that ended while paused.
+        let conns = &self.conns;
+        self.paused_at.retain(|conn, _| conns.contains_key(conn));
         let mut dead = Vec::new();
         let mut ping = Vec::new();
         frame::push_ping(&mut ping);

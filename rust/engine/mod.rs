@@ -80,6 +80,9 @@ pub struct Engine<W> {
     cluster: Option<ClusterState>,
     /// Sessions suspended now.
     suspended: usize,
+    /// Connections whose transport refused more bytes, and since when
+    /// (their queue's wait is measured from there).
+    paused_at: FxHashMap<u64, Instant>,
 }
 
 /// What a connection asks of its join: the query's `metadata`,
@@ -133,6 +136,7 @@ impl<W> Engine<W> {
             metrics,
             cluster,
             suspended: 0,
+            paused_at: FxHashMap::default(),
         }
     }
 
@@ -351,19 +355,28 @@ impl<W> Engine<W> {
     }
 
     /// The transport's buffer is over its high-water mark.
-    pub fn pause(&mut self, conn: u64) {
+    pub fn pause(&mut self, conn: u64, now: Instant) {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.paused = true;
+            self.paused_at.entry(conn).or_insert(now);
         }
     }
 
-    /// The transport drained below its low-water mark: write the queue.
-    pub fn resume(&mut self, conn: u64, out: &mut Outbox) {
+    /// The transport drained below its low-water mark: write the queue
+    /// (counting how long it waited since the pause).
+    pub fn resume(&mut self, conn: u64, now: Instant, out: &mut Outbox) {
+        let since = self.paused_at.remove(&conn);
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
         c.paused = false;
         if !c.queue.is_empty() {
+            if let Some(since) = since {
+                self.metrics.observe(
+                    family::QUEUE_WAIT_SECONDS,
+                    now.saturating_duration_since(since),
+                );
+            }
             let queue = std::mem::take(&mut c.queue);
             let index = out.shared(queue);
             out.act(conn, Action::Write(index));

@@ -188,7 +188,7 @@ fn full_queue_drops_relays_and_dooms_on_presence() {
     let mut h = Harness::new(config);
     let (a, _) = h.join("room");
     let (b, b_id) = h.join("room");
-    h.engine.pause(b);
+    h.engine.pause(b, h.now);
     let offer = text(&format!(
         r#"{{"type":"offer","to":"{b_id}","payload":"xxxxxxxxxxxxxxxxxxxxxxxxxx"}}"#
     ));
@@ -224,7 +224,7 @@ fn full_queue_drops_relays_and_dooms_on_presence() {
     assert_eq!(h.engine.peer_count(), 2);
     // Resuming writes nothing more: its queue went with it.
     h.out.clear();
-    h.engine.resume(b, &mut h.out);
+    h.engine.resume(b, h.now, &mut h.out);
     assert!(written(&h.out, b).is_empty());
 }
 
@@ -233,7 +233,7 @@ fn queue_is_written_on_resume_in_order() {
     let mut h = Harness::new(Config::default());
     let (a, _) = h.join("room");
     let (b, b_id) = h.join("room");
-    h.engine.pause(b);
+    h.engine.pause(b, h.now);
     for i in 0..3 {
         h.send(
             a,
@@ -244,10 +244,26 @@ fn queue_is_written_on_resume_in_order() {
         assert!(written(&h.out, b).is_empty());
     }
     h.out.clear();
-    h.engine.resume(b, &mut h.out);
+    h.engine
+        .resume(b, h.now + Duration::from_millis(30), &mut h.out);
     let got = written(&h.out, b);
     assert_eq!(got.len(), 3);
     assert!(got[0].ends_with(r#""msgId":"0"}"#) && got[2].ends_with(r#""msgId":"2"}"#));
+    // The wait is counted once, in the bucket of 30 ms (up to 50 ms).
+    use crate::metrics::{cell, family, LATENCY_BUCKETS};
+    let metrics = h.engine.metrics().clone();
+    let counts: Vec<u64> = (0..LATENCY_BUCKETS.len())
+        .map(|bucket| metrics.get(cell(family::QUEUE_WAIT_SECONDS, bucket)))
+        .collect();
+    assert_eq!(counts.iter().sum::<u64>(), 1);
+    assert_eq!(counts[6], 1, "{counts:?}");
+    // A resume with nothing queued counts nothing.
+    h.engine.pause(b, h.now);
+    h.engine.resume(b, h.now, &mut h.out);
+    let total: u64 = (0..LATENCY_BUCKETS.len())
+        .map(|bucket| metrics.get(cell(family::QUEUE_WAIT_SECONDS, bucket)))
+        .sum();
+    assert_eq!(total, 1);
 }
 
 #[test]

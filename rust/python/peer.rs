@@ -50,13 +50,17 @@ impl Peer {
     }
 
     fn pause_writing(&self) {
-        self.hub.get().lock().engine.pause(self.conn);
+        self.hub
+            .get()
+            .lock()
+            .engine
+            .pause(self.conn, Instant::now());
     }
 
     fn resume_writing(&self, py: Python<'_>) {
         let conn = self.conn;
         self.hub
             .get()
-            .run(py, |engine, out| engine.resume(conn, out));
+            .run(py, |engine, out| engine.resume(conn, Instant::now(), out));
     }
 }
