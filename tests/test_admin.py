@@ -162,18 +162,21 @@ def test_a_topics_peers_come_from_its_owner(admin_server: Server) -> None:
     b.close()
 
 
-def suspend(server: Server, topic: str) -> str:
-    """A resumable peer of ``topic`` whose connection is reset: suspended."""
+def suspend(server: Server, topic: str) -> tuple[str, str]:
+    """A resumable peer of ``topic`` whose connection is reset: suspended.
+    Its id and resume token."""
     with Proxy(server.port) as proxy:
-        client, peer = RawClient.join(proxy.port, f"/ws/{topic}?resumable=1")
+        client = RawClient.connect(proxy.port, f"/ws/{topic}?resumable=1")
+        welcome = client.recv_json()
+        peer, token = welcome["selfId"], welcome["resumeToken"]
         proxy.reset()
         server.wait_records("peer suspended", peer=peer)
         client.close()
-    return peer
+    return peer, token
 
 
 def test_a_suspended_session_is_listed_as_such(admin_server: Server) -> None:
-    peer = suspend(admin_server, "suspended-one")
+    peer, _ = suspend(admin_server, "suspended-one")
     status, _, body = call(admin_server, "GET", "/admin/v1/topics/suspended-one/peers")
     assert status == 200
     assert [(p["id"], p["suspended"]) for p in body["peers"]] == [(peer, True)]
@@ -205,15 +208,20 @@ def test_a_kick_closes_with_4010_and_the_others_see_a_leave(admin_server: Server
     other.close()
 
 
-def test_a_kicked_suspended_session_ends_for_the_others(admin_server: Server) -> None:
+def test_a_kicked_suspended_session_ends_and_cannot_resume(admin_server: Server) -> None:
     other, _ = join(admin_server, "kick-suspended")
-    welcome_peer = suspend(admin_server, "kick-suspended")
+    welcome_peer, token = suspend(admin_server, "kick-suspended")
     assert other.recv_json() == {"type": "peer-joined", "peerId": welcome_peer}
     status, _, _ = call(
         admin_server, "DELETE", f"/admin/v1/topics/kick-suspended/peers/{welcome_peer}"
     )
     assert status == 204
     assert other.recv_json() == {"type": "peer-left", "peerId": welcome_peer}
+    # Its token resumes nothing now: a fresh start.
+    fresh = RawClient.connect(admin_server.port, f"/ws/kick-suspended?resume={token}&seen=1")
+    welcome = fresh.recv_json()
+    assert welcome["resumed"] is False and welcome["selfId"] != welcome_peer, welcome
+    fresh.close()
     other.close()
 
 

@@ -184,7 +184,9 @@ class Worker:
             request = admin.worker_request(authorization)
             with theirs:
                 if not self.acceptor.courier.send(theirs, index, deadline, request):
+                    self.hub.count_handoff("failed")
                     return None
+                self.hub.count_handoff("sent")  # as the other worker counts it received
             answer = bytearray()
             try:
                 while chunk := await asyncio.wait_for(
