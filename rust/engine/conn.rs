@@ -255,12 +255,43 @@ impl<W> Engine<W> {
         bytes: Vec<u8>,
         out: &mut Outbox,
     ) {
+        self.broadcast_from(topic, except, bytes, Origin::Remote, out);
+    }
+
+    /// [`Engine::broadcast`] of a change of this node's own members (a
+    /// join, a leave): a session on its way to another node is not told,
+    /// since Redis tells its new node of every such change made after the
+    /// move was asked (`migrate.rs`).
+    pub(super) fn broadcast_local(
+        &mut self,
+        topic: &str,
+        except: Option<u64>,
+        bytes: Vec<u8>,
+        out: &mut Outbox,
+    ) {
+        self.broadcast_from(topic, except, bytes, Origin::Here, out);
+    }
+
+    fn broadcast_from(
+        &mut self,
+        topic: &str,
+        except: Option<u64>,
+        bytes: Vec<u8>,
+        origin: Origin,
+        out: &mut Outbox,
+    ) {
         let max = self.config.max_queue;
         let members = self.registry.members(topic);
         let mut shared = None;
         let mut doomed = Vec::new();
         for &member in members {
             if Some(member) == except {
+                continue;
+            }
+            let moving = origin == Origin::Here
+                && self.conns.get(&member).is_some_and(Conn::keeps)
+                && self.is_moving_away(member);
+            if moving {
                 continue;
             }
             let c = self
@@ -340,7 +371,7 @@ impl<W> Engine<W> {
         };
         let mut left = Vec::new();
         message::push_peer_left(&mut left, member.peer.as_str());
-        self.broadcast(&member.topic, None, left, out);
+        self.broadcast_local(&member.topic, None, left, out);
         self.metrics.add(cell(family::LEFT, reason as usize), 1);
         self.cluster_left(&member.topic, member.peer, out);
         out.left.push((member.peer, member.topic, reason));
@@ -391,4 +422,13 @@ impl<W> Engine<W> {
         c.state = State::Done;
         !was_done
     }
+}
+
+/// Where a presence change broadcast to a topic's members was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// By this node's own members.
+    Here,
+    /// On another node (cluster mode), as Redis told.
+    Remote,
 }

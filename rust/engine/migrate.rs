@@ -272,7 +272,7 @@ impl<W> Engine<W> {
             // Nobody waits for it here any more: the session ends.
             let mut left = Vec::new();
             message::push_peer_left(&mut left, moved.peer.as_str());
-            self.broadcast(&topic, None, left, out);
+            self.broadcast_local(&topic, None, left, out);
             let peer = moved.peer;
             self.cluster_left(&topic, peer, out);
             return;

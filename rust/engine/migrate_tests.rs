@@ -600,3 +600,37 @@ fn other_nodes_follow_the_move_even_before_their_snapshot() {
     assert_eq!(frames[1]["peers"].as_array().map(Vec::len), Some(2));
     assert_eq!(node_of(&fourth, &p.id).as_deref(), Some("n2"));
 }
+
+/// A peer joins the old node between its ask for the move and its reading
+/// of the move: Redis tells the new node of that join (after the move), so
+/// the old node does not keep it for the moving session as well.
+#[test]
+fn a_join_at_the_old_node_during_the_move_reaches_the_session_once() {
+    let mut pair = Pair::new();
+    let p = pair.a.peer(true, &[]);
+    let q = pair.a.peer(false, &[]);
+    pair.a.release(p.conn);
+    let (conn, ask) = pair.resume_at_b(&p, 2);
+    pair.ask_a(&ask, &p, conn);
+    let x = pair.a.peer(false, &[]);
+    pair.b
+        .deliver(&moved(&p.id, conn, &[], Some(&[(&q.id, "n1")])));
+    pair.a.deliver(&moved(&p.id, conn, &[], None));
+    let handoff = pair.a.published("n2");
+    pair.b.deliver(&handoff[0]);
+    let mut frames = pair.b.frames(conn);
+    assert_eq!(frames[0]["resumed"], true);
+    // Redis's event of x's join, which came after the move.
+    let event = format!(
+        r#"{{"topic":"{TOPIC}","v":8,"joined":[["{}","n1",null]],"left":[]}}"#,
+        x.id.as_str()
+    );
+    pair.b.deliver(event.as_bytes());
+    frames.extend(pair.b.frames(conn));
+    let joined: Vec<&Value> = frames
+        .iter()
+        .filter(|f| f["type"] == "peer-joined")
+        .collect();
+    assert_eq!(joined.len(), 1, "{frames:?}");
+    assert_eq!(joined[0]["peerId"], x.id.as_str());
+}
