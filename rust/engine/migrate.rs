@@ -259,10 +259,11 @@ impl<W> Engine<W> {
             }
         } else if waiting {
             let members = moved.members.clone().unwrap_or_default();
+            let others = members.into_iter().filter(|(_, m)| *m.node != *here);
             cluster.remote.insert(
                 Arc::clone(&topic),
                 RemoteTopic {
-                    members: members.into_iter().collect(),
+                    members: others.collect(),
                     version: moved.version,
                     ..RemoteTopic::default()
                 },
@@ -305,6 +306,54 @@ impl<W> Engine<W> {
             }));
         }
         c.session = Some(session);
+        if let Some(members) = &moved.members {
+            self.tell_what_the_old_node_could_not(conn, &topic, &here, members, out);
+        }
+    }
+
+    /// The old node told the session of every change Redis made before the
+    /// move; this node's own members that joined or left after it (their
+    /// change published to nodes the session no longer is on) are told here:
+    /// those it has and `members` (Redis's, as of the move) does not list
+    /// joined, those listed it no longer has left.
+    fn tell_what_the_old_node_could_not(
+        &mut self,
+        conn: u64,
+        topic: &str,
+        here: &str,
+        members: &[(PeerId, RemotePeer)],
+        out: &mut Outbox,
+    ) {
+        let Some(moving) = self.registry.member(conn).map(|m| m.peer) else {
+            return;
+        };
+        let listed: Vec<PeerId> = members
+            .iter()
+            .filter(|(peer, m)| *m.node == *here && *peer != moving)
+            .map(|(peer, _)| *peer)
+            .collect();
+        let local: Vec<(PeerId, Option<Box<str>>)> = self
+            .registry
+            .members(topic)
+            .iter()
+            .filter_map(|c| self.registry.member(*c))
+            .filter(|m| m.peer != moving)
+            .map(|m| (m.peer, m.metadata.clone()))
+            .collect();
+        for (peer, metadata) in &local {
+            if !listed.contains(peer) {
+                let mut joined = Vec::new();
+                message::push_peer_joined(&mut joined, peer.as_str(), metadata.as_deref());
+                self.send_must(conn, &joined, out);
+            }
+        }
+        for peer in listed {
+            if !local.iter().any(|(p, _)| *p == peer) {
+                let mut left = Vec::new();
+                message::push_peer_left(&mut left, peer.as_str());
+                self.send_must(conn, &left, out);
+            }
+        }
     }
 
     /// `H`: the old node's hand-off of a session that arrived here.

@@ -220,7 +220,8 @@ impl Pair {
         let l = self.b.peer(false, &[(p.id, "n1", None)]);
         let (conn, ask) = self.resume_at_b(&p, 1);
         self.ask_a(&ask, &p, conn);
-        self.b.deliver(&moved(&p.id, conn, &["n2"], Some(&[])));
+        let members = [(&p.id, "n2"), (&l.id, "n2")];
+        self.b.deliver(&moved(&p.id, conn, &["n2"], Some(&members)));
         (p, l, conn)
     }
 
@@ -633,4 +634,36 @@ fn a_join_at_the_old_node_during_the_move_reaches_the_session_once() {
         .collect();
     assert_eq!(joined.len(), 1, "{frames:?}");
     assert_eq!(joined[0]["peerId"], x.id.as_str());
+}
+
+/// Peers join and leave the new node between Redis making the move and the
+/// new node reading it: Redis told only the nodes the session no longer is
+/// on, so the new node tells the session itself, from Redis's list of
+/// members as of the move.
+#[test]
+fn changes_at_the_new_node_during_the_move_reach_the_session() {
+    let mut pair = Pair::new();
+    let p = pair.a.peer(true, &[]);
+    pair.a.release(p.conn);
+    let l = pair.b.peer(false, &[(p.id, "n1", None)]);
+    let (conn, ask) = pair.resume_at_b(&p, 1);
+    pair.ask_a(&ask, &p, conn);
+    // Redis moved p; before B reads it, z joins B and l leaves it.
+    let z = pair.b.peer(false, &[]);
+    pair.b.release(l.conn);
+    let members = [(&p.id, "n2"), (&l.id, "n2")];
+    pair.b.deliver(&moved(&p.id, conn, &["n2"], Some(&members)));
+    pair.a.deliver(&moved(&p.id, conn, &["n2"], None));
+    let handoff = pair.a.published("n2");
+    pair.b.deliver(&handoff[0]);
+    let frames = pair.b.frames(conn);
+    assert_eq!(frames[0]["resumed"], true);
+    let told: Vec<(&str, &str)> = frames[1..]
+        .iter()
+        .map(|f| (f["type"].as_str().unwrap(), f["peerId"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        told,
+        [("peer-joined", z.id.as_str()), ("peer-left", l.id.as_str())]
+    );
 }

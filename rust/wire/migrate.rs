@@ -10,8 +10,8 @@
 //!   `used`, `gone`, `unreplayable`);
 //! - `M`: the move, published by the Redis function `signaling_move` to
 //!   every node of the topic, JSON `{"topic","v","moved":[peer,from,to,conn,metadata],"flush":[node,..]}`,
-//!   and to the new node with `"members":[[peer,node,metadata],..]` (the
-//!   other nodes' members, for a node that did not follow the topic);
+//!   and to the new node with `"members":[[peer,node,metadata],..]` (every
+//!   member as of the move, the new node's own too);
 //!   `flush` names the nodes that held members before the move: each
 //!   tells the old node `F` when it has seen the move;
 //! - `H`: the hand-off, old node to new: a JSON header
@@ -90,7 +90,7 @@ pub struct Moved {
     pub metadata: Option<Box<str>>,
     /// The nodes that held members of the topic before the move.
     pub flush: Vec<String>,
-    /// For the new node: the other nodes' members.
+    /// For the new node: every member as of the move, its own too.
     pub members: Option<Vec<(PeerId, RemotePeer)>>,
 }
 

@@ -287,8 +287,10 @@ end
 -- The session of `peer` moves from node `from` to node `to` (its
 -- connection `conn` there), without a leave or a join. Publishes "M" and
 -- the move, with the nodes that held members before it ("flush"), to
--- every node of the topic and to `from`; `to` also gets the other nodes'
--- members. Returns the version, or 0 if `from` does not hold the peer.
+-- every node of the topic and to `from`; `to` also gets every member as
+-- of the move (its own too: those it has that are not listed joined after
+-- the move, and the moved session was not told of them by `from`).
+-- Returns the version, or 0 if `from` does not hold the peer.
 local function move(_, args)
   local p, topic, peer, from, to, ttl, conn = args[1], args[2], args[3], args[4], args[5],
     tonumber(args[6]), args[7]
@@ -324,9 +326,7 @@ local function move(_, args)
   local all = redis.call('HGETALL', tk)
   for i = 1, #all, 2 do
     local node, m = split(all[i + 1])
-    if node ~= to then
-      table.insert(members, joined_entry(all[i], node, m))
-    end
+    table.insert(members, joined_entry(all[i], node, m))
   end
   redis.call('PUBLISH', p .. 'node:' .. to, event .. ',"members":[' .. table.concat(members, ',') .. ']}')
   settle(p, topic, ttl)
