@@ -73,9 +73,11 @@ class Server(ServerProcess):
             pytest.fail(str(exc))
 
     def log_records(self) -> list[dict[str, Any]]:
-        """Every line logged so far on stdout, each parsed as one JSON object."""
-        lines = self.stdout_path.read_text().splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        """Every line logged so far on stdout, each parsed as one JSON
+        object; a last line still being written is left for a later call."""
+        text = self.stdout_path.read_text()
+        complete = text[: text.rfind("\n") + 1]
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
     def records(self, msg: str, **fields: Any) -> list[dict[str, Any]]:
         """The records of *msg* with these *fields* logged so far, oldest first."""
