@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::view::View;
@@ -179,23 +179,26 @@ pub fn stream_end(item: Option<Result<Message, WsError>>, stage: &str) -> Failur
     }
 }
 
+/// The next text message of `ws`, skipping control frames; a close, an
+/// error or the end of the stream is the failure [`stream_end`] names for
+/// `stage`.
+pub async fn next_text(ws: &mut Ws, stage: &str) -> Result<Utf8Bytes, Failure> {
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(text))) => return Ok(text),
+            Some(Ok(message)) if !message.is_close() => {}
+            other => return Err(stream_end(other, stage)),
+        }
+    }
+}
+
 /// Connects one peer over WebSocket and reads its `welcome` and
 /// `peer-list`, which go into `view` (with any presence event read on the
 /// way). Returns the stream once both have arrived.
 pub async fn join(addr: SocketAddr, url: &str, view: &mut View) -> Result<Ws, Failure> {
     let mut ws = open(addr, url).await?;
     while view.self_id().is_none() || !view.has_list() {
-        let text = match ws.next().await {
-            Some(Ok(Message::Text(text))) => text,
-            Some(Ok(Message::Close(frame))) => {
-                return Err(Failure::closed(
-                    close_code(frame.as_ref()),
-                    "before peer-list",
-                ));
-            }
-            Some(Ok(_)) => continue,
-            other => return Err(stream_end(other, "before peer-list")),
-        };
+        let text = next_text(&mut ws, "before peer-list").await?;
         let msg: Incoming = serde_json::from_str(&text)
             .map_err(|e| Failure::new("bad_message", format!("bad message {text}: {e}")))?;
         if msg.kind == "error" {

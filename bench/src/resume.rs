@@ -132,31 +132,19 @@ struct Session {
 
 /// The first text message of a connection, which must be `welcome`.
 async fn welcome(ws: &mut Ws) -> Result<(String, String, Option<bool>), Failure> {
-    loop {
-        let text = match ws.next().await {
-            Some(Ok(Message::Text(text))) => text,
-            Some(Ok(Message::Close(frame))) => {
-                return Err(Failure::closed(
-                    close_code(frame.as_ref()),
-                    "before welcome",
-                ))
-            }
-            Some(Ok(_)) => continue,
-            other => return Err(client::stream_end(other, "before welcome")),
-        };
-        let msg = parse(&text)?;
-        if msg.kind == "error" {
-            let code = msg.code.unwrap_or("unknown");
-            return Err(Failure::new(format!("error_{code}"), text.as_str()));
-        }
-        let (Some(id), Some(token)) = (msg.self_id, msg.resume_token) else {
-            return Err(Failure::new(
-                "no_token",
-                format!("not a resumable welcome: {text}"),
-            ));
-        };
-        return Ok((id.to_owned(), token.to_owned(), msg.resumed));
+    let text = client::next_text(ws, "before welcome").await?;
+    let msg = parse(&text)?;
+    if msg.kind == "error" {
+        let code = msg.code.unwrap_or("unknown");
+        return Err(Failure::new(format!("error_{code}"), text.as_str()));
     }
+    let (Some(id), Some(token)) = (msg.self_id, msg.resume_token) else {
+        return Err(Failure::new(
+            "no_token",
+            format!("not a resumable welcome: {text}"),
+        ));
+    };
+    Ok((id.to_owned(), token.to_owned(), msg.resumed))
 }
 
 impl Session {
@@ -180,19 +168,9 @@ impl Session {
 
     /// The next text message on `ws`, counted in `seen`.
     async fn next(&mut self, ws: &mut Ws) -> Result<String, Failure> {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Text(text))) => {
-                    self.seen += 1;
-                    return Ok(text.as_str().to_owned());
-                }
-                Some(Ok(Message::Close(frame))) => {
-                    return Err(Failure::closed(close_code(frame.as_ref()), "in session"))
-                }
-                Some(Ok(_)) => {}
-                other => return Err(client::stream_end(other, "in session")),
-            }
-        }
+        let text = client::next_text(ws, "in session").await?;
+        self.seen += 1;
+        Ok(text.as_str().to_owned())
     }
 
     /// Resumes on a new connection to `url`. A resume that is not honoured
@@ -467,23 +445,6 @@ impl SenderStats {
 }
 
 /// What the sender's connection gave: a message, or its end.
-enum Read {
-    Text(String),
-    Other,
-    End(Failure),
-}
-
-async fn read(ws: &mut Ws) -> Read {
-    match ws.next().await {
-        Some(Ok(Message::Text(text))) => Read::Text(text.as_str().to_owned()),
-        Some(Ok(Message::Close(frame))) => {
-            Read::End(Failure::closed(close_code(frame.as_ref()), "sending"))
-        }
-        Some(Ok(_)) => Read::Other,
-        other => Read::End(client::stream_end(other, "sending")),
-    }
-}
-
 fn relay(kind: &str, to: &str, msg_id: &str) -> Message {
     Message::text(format!(
         r#"{{"type":"{kind}","to":"{to}","payload":{{}},"msgId":"{msg_id}"}}"#
@@ -532,11 +493,10 @@ async fn sender(
                 relay("answer", &target, END)
             }
             _ = &mut done, if ending => break,
-            got = read(&mut ws) => {
+            got = client::next_text(&mut ws, "sending") => {
                 match got {
-                    Read::Text(text) => stats.read(&text),
-                    Read::Other => {}
-                    Read::End(failure) => {
+                    Ok(text) => stats.read(&text),
+                    Err(failure) => {
                         stats.errors.add(failure);
                         return stats;
                     }

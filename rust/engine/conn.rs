@@ -288,20 +288,18 @@ impl<W> Engine<W> {
             if Some(member) == except {
                 continue;
             }
-            let moving = origin == Origin::Here
-                && self.conns.get(&member).is_some_and(Conn::keeps)
-                && self.is_moving_away(member);
-            if moving {
-                continue;
-            }
             let c = self
                 .conns
                 .get_mut(&member)
                 .expect("members have connections");
             if c.keeps() {
-                let session = c
-                    .session
-                    .as_mut()
+                if origin == Origin::Here && self.is_moving_away(member) {
+                    continue;
+                }
+                let session = self
+                    .conns
+                    .get_mut(&member)
+                    .and_then(|c| c.session.as_mut())
                     .expect("a session that keeps is resumable");
                 if session.keep(&bytes, max, true) == Kept::Over {
                     doomed.push(member);

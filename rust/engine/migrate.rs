@@ -386,22 +386,10 @@ impl<W> Engine<W> {
         session.restart();
         session.held = old.held.take();
         c.session = Some(session);
-        let peer = resuming.peer;
-        let extra = self.resume_field(conn, &resuming.topic, peer, Some(true));
-        message::push_welcome(
-            out.private(conn),
-            peer.as_str(),
-            &self.ping_interval_text,
-            &extra,
-        );
-        self.metrics
-            .observe_join(now.instant.saturating_duration_since(resuming.accepted));
-        for frame in frames.into_iter().chain(kept.iter().map(|f| &f[..])) {
-            self.send_must(conn, frame, out);
-        }
+        let waited = now.instant.saturating_duration_since(resuming.accepted);
+        let replay = frames.into_iter().chain(kept.iter().map(|f| &f[..]));
+        self.greet_resumed(conn, resuming.topic, resuming.peer, waited, replay, out);
         self.metrics.add(cell(family::RESUMES, result::RESUMED), 1);
-        out.sessions
-            .push((peer, Arc::clone(&resuming.topic), SessionEvent::Resumed));
         if !resuming.input.is_empty() {
             self.feed(conn, &resuming.input, now.instant, out);
         }

@@ -215,14 +215,32 @@ impl Pair {
     /// p, suspended at A, resumes at B, where l is; the move reached B:
     /// p, l, and p's connection at B, arriving.
     fn arriving_at_b(&mut self) -> (Client, Client, u64) {
+        let (p, l, conn) = self.asked_from_b();
+        let members = [(&p.id, "n2"), (&l.id, "n2")];
+        self.b.deliver(&moved(&p.id, conn, &["n2"], Some(&members)));
+        (p, l, conn)
+    }
+
+    /// p, suspended at A, resumes at B, where l is; A asked Redis for the
+    /// move: p, l, and p's connection at B.
+    fn asked_from_b(&mut self) -> (Client, Client, u64) {
         let p = self.a.peer(true, &[]);
         self.a.release(p.conn);
         let l = self.b.peer(false, &[(p.id, "n1", None)]);
         let (conn, ask) = self.resume_at_b(&p, 1);
         self.ask_a(&ask, &p, conn);
-        let members = [(&p.id, "n2"), (&l.id, "n2")];
-        self.b.deliver(&moved(&p.id, conn, &["n2"], Some(&members)));
         (p, l, conn)
+    }
+
+    /// p, suspended at A beside q, resumes at B; A asked Redis for the
+    /// move: p, q, and p's connection at B.
+    fn asked_beside_q(&mut self) -> (Client, Client, u64) {
+        let p = self.a.peer(true, &[]);
+        let q = self.a.peer(false, &[]);
+        self.a.release(p.conn);
+        let (conn, ask) = self.resume_at_b(&p, 2);
+        self.ask_a(&ask, &p, conn);
+        (p, q, conn)
     }
 
     /// A reads the ask: the move it asks of Redis.
@@ -450,13 +468,11 @@ fn a_hand_off_that_never_comes_ends_the_moved_session() {
 #[test]
 fn a_move_redis_never_made_ends_the_session_at_the_old_node() {
     let mut pair = Pair::new();
-    let p = pair.a.peer(true, &[]);
-    let q = pair.a.peer(false, &[]);
-    pair.a.release(p.conn);
-    let (conn, ask) = pair.resume_at_b(&p, 2);
-    pair.ask_a(&ask, &p, conn);
+    let (p, q, conn) = pair.asked_beside_q();
     pair.a.tick(MOVE_WAIT);
-    assert_eq!(types(&pair.a.frames(q.conn)), ["peer-left"]);
+    let left = pair.a.frames(q.conn);
+    assert_eq!(types(&left), ["peer-left"]);
+    assert_eq!(left[0]["peerId"], p.id.as_str());
     let refused = pair.a.published("n2");
     assert_eq!(refused.len(), 1);
     pair.b.deliver(&refused[0]);
@@ -608,11 +624,7 @@ fn other_nodes_follow_the_move_even_before_their_snapshot() {
 #[test]
 fn a_join_at_the_old_node_during_the_move_reaches_the_session_once() {
     let mut pair = Pair::new();
-    let p = pair.a.peer(true, &[]);
-    let q = pair.a.peer(false, &[]);
-    pair.a.release(p.conn);
-    let (conn, ask) = pair.resume_at_b(&p, 2);
-    pair.ask_a(&ask, &p, conn);
+    let (p, q, conn) = pair.asked_beside_q();
     let x = pair.a.peer(false, &[]);
     pair.b
         .deliver(&moved(&p.id, conn, &[], Some(&[(&q.id, "n1")])));
@@ -643,11 +655,7 @@ fn a_join_at_the_old_node_during_the_move_reaches_the_session_once() {
 #[test]
 fn changes_at_the_new_node_during_the_move_reach_the_session() {
     let mut pair = Pair::new();
-    let p = pair.a.peer(true, &[]);
-    pair.a.release(p.conn);
-    let l = pair.b.peer(false, &[(p.id, "n1", None)]);
-    let (conn, ask) = pair.resume_at_b(&p, 1);
-    pair.ask_a(&ask, &p, conn);
+    let (p, l, conn) = pair.asked_from_b();
     // Redis moved p; before B reads it, z joins B and l leaves it.
     let z = pair.b.peer(false, &[]);
     pair.b.release(l.conn);

@@ -21,7 +21,7 @@
 //! (remote members, in cluster mode only).
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rustc_hash::FxHashMap;
 
@@ -274,14 +274,8 @@ impl<W> Engine<W> {
             .map_or(0, |d| d.as_secs());
         let ice = self.config.ice.welcome_field(peer.as_str(), unix);
         let extra = ice + &self.resume_field(conn, &topic, peer, None);
-        message::push_welcome(
-            out.private(conn),
-            peer.as_str(),
-            &self.ping_interval_text,
-            &extra,
-        );
-        self.metrics
-            .observe_join(now.instant.saturating_duration_since(accepted));
+        let waited = now.instant.saturating_duration_since(accepted);
+        self.push_welcome(conn, peer, &extra, waited, out);
         let others = self.registry.members(&topic);
         let others = &others[..others.len() - 1];
         let local = others.iter().map(|other| {
@@ -301,6 +295,21 @@ impl<W> Engine<W> {
         self.broadcast_local(&topic, Some(conn), joined, out);
         self.metrics.add(cell(family::JOINED, 0), 1);
         self.close_doomed(now.instant, out);
+    }
+
+    /// Writes `welcome` for `peer` (with `extra`, more fields) to `conn`,
+    /// and counts its join, `waited` since the connection was accepted.
+    fn push_welcome(
+        &mut self,
+        conn: u64,
+        peer: PeerId,
+        extra: &str,
+        waited: Duration,
+        out: &mut Outbox,
+    ) {
+        let greeting = out.private(conn);
+        message::push_welcome(greeting, peer.as_str(), &self.ping_interval_text, extra);
+        self.metrics.observe_join(waited);
     }
 
     /// Takes an upgraded connection that may not join (e.g. its token was

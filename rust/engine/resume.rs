@@ -4,14 +4,13 @@
 //! received.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::conn::{Closing, LeaveReason, State};
 use super::outbox::{Outbox, SessionEvent};
 use super::{Engine, JoinRequest, Now};
 
 use crate::metrics::{cell, family, resume as result};
-use crate::wire::message;
 use crate::wire::peer_id::PeerId;
 use crate::wire::resume::{token, verify};
 
@@ -106,18 +105,32 @@ impl<W> Engine<W> {
         }
         self.conns.get_mut(&conn).expect("just added").session = Some(session);
         let topic: Arc<str> = Arc::clone(&self.registry.member(conn).expect("rebound").topic);
-        let extra = self.resume_field(conn, &topic, peer, Some(true));
-        let greeting = out.private(conn);
-        message::push_welcome(greeting, peer.as_str(), &self.ping_interval_text, &extra);
         let accepted = request.accepted.unwrap_or(now.instant);
-        self.metrics
-            .observe_join(now.instant.saturating_duration_since(accepted));
-        for frame in replay {
-            self.send_must(conn, &frame, out);
-        }
-        out.sessions.push((peer, topic, SessionEvent::Resumed));
+        let waited = now.instant.saturating_duration_since(accepted);
+        let replay = replay.iter().map(|frame| &frame[..]);
+        self.greet_resumed(conn, topic, peer, waited, replay, out);
         self.close_doomed(now.instant, out);
         Ok(Resume::Done(peer))
+    }
+
+    /// Greets `conn`, which took `peer`'s session over: `welcome` with
+    /// `"resumed":true` and a new token, then `replay`, what its client had
+    /// not received; the caller logs it as resumed.
+    pub(super) fn greet_resumed<'a>(
+        &mut self,
+        conn: u64,
+        topic: Arc<str>,
+        peer: PeerId,
+        waited: Duration,
+        replay: impl IntoIterator<Item = &'a [u8]>,
+        out: &mut Outbox,
+    ) {
+        let extra = self.resume_field(conn, &topic, peer, Some(true));
+        self.push_welcome(conn, peer, &extra, waited, out);
+        for frame in replay {
+            self.send_must(conn, frame, out);
+        }
+        out.sessions.push((peer, topic, SessionEvent::Resumed));
     }
 
     /// Ends the session of connection `conn`, suspended or not.
