@@ -9,6 +9,11 @@ server's: the worker that took it asks every other worker for its own
 (:func:`worker_request`, over a socket pair handed to it as a connection)
 and merges them.
 
+In cluster mode the same requests are answered for the whole cluster: the
+listing comes from Redis, and an action about a topic is carried out by
+every node holding its peers (or the one holding the peer), whose answers
+are merged (:func:`merged`).
+
 This module turns requests into answers; it does no I/O.
 """
 
@@ -34,6 +39,8 @@ DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 #: Largest request body read, in bytes (a message's payload).
 MAX_BODY = 64 * 1024
 JSON_CONTENT_TYPE = "application/json"
+#: Tells a client it may try again (a 503's).
+RETRY_AFTER = ("Retry-After", "1")
 
 
 @dataclass
@@ -52,6 +59,10 @@ class Answer:
 
 def error(status: int, message: str, headers: Iterable[tuple[str, str]] = ()) -> Answer:
     return Answer(status, {"error": message}, list(headers))
+
+
+def unavailable(message: str) -> Answer:
+    return error(503, message, [RETRY_AFTER])
 
 
 def is_admin(path: str) -> bool:
@@ -78,9 +89,38 @@ def since(millis: int) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{millis % 1000:03d}Z"
 
 
-def about_topic(hub: Hub, request: Request, body: bytes) -> Answer:
-    """A request under ``/admin/v1/topics/{topic}``, answered by the
-    topic's owner."""
+@dataclass(frozen=True)
+class Peers:
+    """List the peers of ``topic``."""
+
+    topic: str
+
+
+@dataclass(frozen=True)
+class Kick:
+    """Remove ``peer`` from ``topic``."""
+
+    topic: str
+    peer: str
+
+
+@dataclass(frozen=True)
+class Message:
+    """Send a ``server-message`` with ``payload`` (JSON text) to ``to``, or
+    to every peer of ``topic``."""
+
+    topic: str
+    payload: str
+    to: str | None = None
+
+
+#: What a request under ``/admin/v1/topics/{topic}`` asks.
+Action = Peers | Kick | Message
+
+
+def read_action(request: Request, body: bytes) -> Action | Answer:
+    """What a request under ``/admin/v1/topics/{topic}`` asks, or the
+    answer it gets at once (400, 404, 405)."""
     rest, topic, method = request.admin, request.topic, request.method
     assert rest is not None
     if topic is None:
@@ -88,33 +128,19 @@ def about_topic(hub: Hub, request: Request, body: bytes) -> Answer:
     if rest == "/peers":
         if method not in ("GET", "HEAD"):
             return error(405, "method not allowed", [("Allow", "GET, HEAD")])
-        peers = hub.admin_peers(topic)
-        if peers is None:
-            return error(404, "unknown topic")
-        listed = []
-        for peer, metadata, joined, suspended in peers:
-            entry: dict[str, Any] = {"id": peer}
-            if metadata is not None:
-                entry["metadata"] = json.loads(metadata)
-            entry["since"] = since(joined)
-            entry["suspended"] = suspended
-            listed.append(entry)
-        return Answer(200, {"peers": listed})
+        return Peers(topic)
     if rest.startswith("/peers/") and rest.count("/") == 2:
         if method != "DELETE":
             return error(405, "method not allowed", [("Allow", "DELETE")])
-        missing = hub.kick(topic, rest.removeprefix("/peers/"))
-        if missing is not None:
-            return error(404, f"unknown {missing}")
-        return Answer(204)
+        return Kick(topic, rest.removeprefix("/peers/"))
     if rest == "/messages":
         if method != "POST":
             return error(405, "method not allowed", [("Allow", "POST")])
-        return post_message(hub, topic, body)
+        return read_message(topic, body)
     return error(404, "not found")
 
 
-def post_message(hub: Hub, topic: str, body: bytes) -> Answer:
+def read_message(topic: str, body: bytes) -> Message | Answer:
     try:
         message = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -125,10 +151,82 @@ def post_message(hub: Hub, topic: str, body: bytes) -> Answer:
     if to is not None and not isinstance(to, str):
         return error(400, '"to" must be a peer id')
     payload = json.dumps(message["payload"], separators=(",", ":"), ensure_ascii=False)
-    reached, missing = hub.server_message(topic, payload, to)
+    return Message(topic, payload, to)
+
+
+def peer_of(action: Action) -> str | None:
+    """The one peer ``action`` concerns, if it concerns one."""
+    if isinstance(action, Kick):
+        return action.peer
+    if isinstance(action, Message):
+        return action.to
+    return None
+
+
+def act(hub: Hub, action: Action) -> Answer:
+    """Carries out ``action`` on this worker's peers."""
+    if isinstance(action, Peers):
+        peers = hub.admin_peers(action.topic)
+        if peers is None:
+            return error(404, "unknown topic")
+        return Answer(200, {"peers": [peer_entry(*peer) for peer in peers]})
+    if isinstance(action, Kick):
+        missing = hub.kick(action.topic, action.peer)
+        if missing is not None:
+            return error(404, f"unknown {missing}")
+        return Answer(204)
+    reached, missing = hub.server_message(action.topic, action.payload, action.to)
     if missing is not None:
         return error(404, f"unknown {missing}")
     return Answer(202, {"reached": reached})
+
+
+def peer_entry(peer: str, metadata: str | None, joined: int, suspended: bool) -> dict[str, Any]:
+    entry: dict[str, Any] = {"id": peer}
+    if metadata is not None:
+        entry["metadata"] = json.loads(metadata)
+    entry["since"] = since(joined)
+    entry["suspended"] = suspended
+    return entry
+
+
+def action_to_json(action: Action) -> dict[str, Any]:
+    """``action`` as one node asks it of another (cluster mode)."""
+    if isinstance(action, Peers):
+        return {"op": "peers", "topic": action.topic}
+    if isinstance(action, Kick):
+        return {"op": "kick", "topic": action.topic, "peer": action.peer}
+    return {"op": "message", "topic": action.topic, "payload": action.payload, "to": action.to}
+
+
+def action_from_json(asked: dict[str, Any]) -> Action | None:
+    """The action another node asked (:func:`action_to_json`)."""
+    try:
+        op, topic = asked["op"], asked["topic"]
+        if op == "peers":
+            return Peers(topic)
+        if op == "kick":
+            return Kick(topic, asked["peer"])
+        if op == "message":
+            return Message(topic, asked["payload"], asked["to"])
+    except (KeyError, TypeError):
+        pass
+    return None
+
+
+def merged(action: Action, answers: list[Answer]) -> Answer:
+    """The answer to ``action`` from the answers of the nodes that hold
+    the topic's peers (cluster mode): the peers of all, the messages
+    reached by all; 404 if none had what was asked."""
+    found = [answer for answer in answers if answer.status != 404]
+    if not found:
+        return answers[0] if answers else error(404, "unknown topic")
+    if isinstance(action, Peers):
+        peers = [peer for answer in found for peer in answer.body["peers"]]
+        return Answer(200, {"peers": sorted(peers, key=lambda peer: peer["id"])})
+    if isinstance(action, Message) and action.to is None:
+        return Answer(202, {"reached": sum(answer.body["reached"] for answer in found)})
+    return found[0]
 
 
 @dataclass(frozen=True)

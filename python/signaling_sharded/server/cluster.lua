@@ -13,6 +13,8 @@ Keys, under the cluster's prefix P:
   P e:{topic}  zset   peer id -> expiry (ms); the owner refreshes it
   P c:{topic}  hash   node -> its member count; "~v" -> the topic's version
   P n:{node}   set    the topics where node has members
+  P topics     zset   every topic with members, all scores 0 (the admin
+                      API's listing, in order of name)
 A topic's keys are deleted with its last member. Every key also expires on
 its own (TTL) unless refreshed, so a cluster whose nodes all died leaves
 nothing behind. Versions are Redis' clock in microseconds, made strictly
@@ -74,6 +76,8 @@ local function add(p, topic, peer, node, meta, expiry, ttl)
   if added and redis.call('HINCRBY', ck, node, 1) == 1 then
     redis.call('SADD', p .. 'n:' .. node, topic)
     redis.call('PEXPIRE', p .. 'n:' .. node, ttl)
+    redis.call('ZADD', p .. 'topics', 0, topic)
+    redis.call('PEXPIRE', p .. 'topics', ttl)
   end
   redis.call('ZADD', ek, expiry, peer)
   return added
@@ -128,6 +132,7 @@ local function settle(p, topic, ttl)
   local tk, ek, ck = keys_of(p, topic)
   if redis.call('HLEN', tk) == 0 then
     redis.call('DEL', tk, ek, ck)
+    redis.call('ZREM', p .. 'topics', topic)
     return
   end
   redis.call('PEXPIRE', tk, ttl)
@@ -239,6 +244,7 @@ local function touch(_, args)
     end
   end
   redis.call('PEXPIRE', p .. 'n:' .. node, ttl)
+  redis.call('PEXPIRE', p .. 'topics', ttl)
   settle(p, topic, ttl)
   return missing
 end
@@ -333,6 +339,37 @@ local function move(_, args)
   return v
 end
 
+-- topics(P, prefix, after, limit)
+-- The admin API's listing: up to `limit` topics named `prefix`..., after
+-- `after` ("" for the first page), in order of name, each with its number
+-- of members: a flat array topic, count, topic, count... Forgets the topics
+-- whose keys expired (every node holding them died).
+local function topics(_, args)
+  local p, prefix, after, limit = args[1], args[2], args[3], tonumber(args[4])
+  local index = p .. 'topics'
+  local low = after ~= '' and '(' .. after or '[' .. prefix
+  -- No UTF-8 text holds the byte 0xff: above every name with the prefix.
+  local high = '[' .. prefix .. '\255'
+  local out = {}
+  while #out < 2 * limit do
+    local names = redis.call('ZRANGEBYLEX', index, low, high, 'LIMIT', 0, limit)
+    if #names == 0 then
+      break
+    end
+    for _, name in ipairs(names) do
+      local count = redis.call('HLEN', p .. 't:' .. name)
+      if count == 0 then
+        redis.call('ZREM', index, name)
+      elseif #out < 2 * limit then
+        table.insert(out, name)
+        table.insert(out, count)
+      end
+      low = '(' .. name
+    end
+  end
+  return out
+end
+
 redis.register_function('signaling_join', join)
 redis.register_function('signaling_leave', leave)
 redis.register_function('signaling_sync', sync)
@@ -340,3 +377,4 @@ redis.register_function('signaling_touch', touch)
 redis.register_function('signaling_reap', reap)
 redis.register_function('signaling_ask', ask)
 redis.register_function('signaling_move', move)
+redis.register_function('signaling_topics', topics)

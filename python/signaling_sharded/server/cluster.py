@@ -14,8 +14,16 @@ must happen. They are written to Redis at once, on one connection, so Redis
 applies and delivers them in that order and per-pair FIFO holds. Replies
 come back to the hub: a join's snapshot, and relays that reached no
 subscriber (the target's node is gone: its sender gets
-``target_not_found``). The writer and the inbox are raw connections
-(:class:`Link`, replies parsed by hiredis); redis-py serves the rest.
+``target_not_found``).
+
+The admin API (:meth:`Cluster.serve_admin`) answers for the cluster: the topic
+listing is read from Redis, and what concerns a topic's peers is asked of
+the nodes that hold them, over the same inboxes (a message starting with
+``?``), each answering after what it did reached Redis (``!``): after a
+kick is answered 204, the peer is gone from every listing.
+
+The writer and the inbox are raw connections (:class:`Link`, replies
+parsed by hiredis); redis-py serves the rest.
 
 Failure handling:
 
@@ -24,7 +32,8 @@ Failure handling:
   the ``{prefix}reap:{node}`` lock (``SET NX``) and removes its members,
   which tells every other node (``peer-left``).
 - Redis unreachable: local peers and relays go on; relays to remote peers
-  are answered ``dropped``; joins are served with what is known. The node
+  are answered ``dropped``; joins are served with what is known; the admin
+  API answers 503. The node
   reconnects with backoff, resubscribes, rewrites its presence (``sync``)
   and applies the differences, so views are exact again.
 """
@@ -33,6 +42,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import json
 import logging
 import os
 import random
@@ -52,7 +63,8 @@ from redis.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from signaling_sharded._native import AskOp, Hub, JoinOp, LeaveOp, MoveOp, PublishOp
+from signaling_sharded._native import AskOp, Hub, JoinOp, LeaveOp, MoveOp, PublishOp, Request
+from signaling_sharded.server import admin
 from signaling_sharded.server.logs import log
 
 #: Seconds the ``alive`` key lives, and between its refreshes.
@@ -76,6 +88,11 @@ JOIN_WAIT = 1.0
 STALL = 3.0
 #: Reconnect backoff: first and longest wait, in seconds.
 BACKOFF = (0.1, 2.0)
+#: Seconds an admin request waits for the answers of the other nodes.
+ADMIN_WAIT = 2.0
+#: The first byte of an admin request from another node, and of an answer
+#: to one of this node's.
+ASKED, ANSWERED = b"?", b"!"
 
 
 @dataclass(frozen=True)
@@ -99,9 +116,17 @@ class ReadyOp:
     """A marker, answered once everything sent before it was."""
 
 
+@dataclass(frozen=True)
+class AnswerOp:
+    """Answer another node's admin request (``command``: its PUBLISH),
+    after what carrying it out sent to Redis."""
+
+    command: bytes
+
+
 #: Work for Redis: the hub's (JoinOp, LeaveOp, PublishOp, AskOp, MoveOp)
 #: and this module's own.
-Op = JoinOp | LeaveOp | PublishOp | AskOp | MoveOp | SyncOp | TouchOp | ReadyOp
+Op = JoinOp | LeaveOp | PublishOp | AskOp | MoveOp | SyncOp | TouchOp | ReadyOp | AnswerOp
 
 
 def node_name() -> str:
@@ -230,6 +255,9 @@ class Cluster:
         self.task: asyncio.Task[None] | None = None
         self.subscribed: asyncio.Future[None] | None = None
         self.library = (resources.files("signaling_sharded.server") / "cluster.lua").read_text()
+        #: This node's admin requests waiting for other nodes' answers.
+        self.asked: dict[int, asyncio.Future[admin.Answer]] = {}
+        self.ask_ids = itertools.count(1)
 
     # --- the hub's side --------------------------------------------------
 
@@ -267,7 +295,7 @@ class Cluster:
         ttl = ms(ENTRY_TTL)
         chunks = []
         for op in ops:
-            if isinstance(op, PublishOp):
+            if isinstance(op, (PublishOp, AnswerOp)):
                 chunks.append(op.command)
             elif isinstance(op, JoinOp):
                 loop.call_later(JOIN_WAIT, hub.greet_waiting, op.topic)
@@ -387,15 +415,123 @@ class Cluster:
 
     def on_inbox(self, replies: list[Any]) -> None:
         """Messages published to this node, in order."""
-        messages = []
+        hub = self.hub
+        assert hub is not None
+        messages: list[bytes] = []
         for reply in replies:
             if reply[0] == b"message":
-                messages.append(reply[2])
+                data = reply[2]
+                if data[:1] in (ASKED, ANSWERED):
+                    if messages:
+                        hub.deliver(messages)
+                        messages = []
+                    self.on_admin(data)
+                else:
+                    messages.append(data)
             elif reply[0] == b"subscribe" and self.subscribed and not self.subscribed.done():
                 self.subscribed.set_result(None)
         if messages:
-            assert self.hub is not None
-            self.hub.deliver(messages)
+            hub.deliver(messages)
+
+    # --- the admin API ------------------------------------------------------
+
+    async def serve_admin(self, request: Request, body: bytes) -> admin.Answer:
+        """The cluster's answer to an admin request."""
+        if not self.up or self.control is None:
+            return admin.unavailable("the cluster is unreachable")
+        try:
+            if request.admin is None:
+                if request.path != admin.TOPICS:
+                    return admin.error(404, "not found")
+                listing = admin.read_listing(request)
+                if isinstance(listing, admin.Answer):
+                    return listing
+                return await self.topics(listing)
+            action = admin.read_action(request, body)
+            if isinstance(action, admin.Answer):
+                return action
+            return await self.carry_out(action)
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            log(logging.WARNING, "admin request failed", error=str(exc))
+            return admin.unavailable("the cluster is unreachable")
+
+    async def topics(self, listing: admin.Listing) -> admin.Answer:
+        assert self.control is not None
+        flat = await self.control.fcall(
+            "signaling_topics",
+            0,
+            self.prefix,
+            listing.prefix,
+            listing.after or "",
+            listing.limit + 1,
+        )
+        pairs = [(text(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
+        return admin.topics_page(listing, pairs)
+
+    async def carry_out(self, action: admin.Action) -> admin.Answer:
+        """Carries out ``action`` on the nodes that hold the topic's peers,
+        or the peer's (``kick``, a message ``to`` one)."""
+        assert self.control is not None
+        pipe = self.control.pipeline(transaction=False)
+        pipe.hkeys(self.key("c", action.topic))
+        peer = admin.peer_of(action)
+        if peer is not None:
+            pipe.hget(self.key("t", action.topic), peer)
+        found = await pipe.execute()
+        nodes = [text(node) for node in found[0] if node != b"~v"]
+        if not nodes:
+            return admin.error(404, "unknown topic")
+        if peer is not None:
+            if found[1] is None:
+                return admin.error(404, "unknown peer")
+            nodes = [text(found[1]).partition("\n")[0]]
+        answers = await asyncio.gather(*(self.ask(node, action) for node in nodes))
+        if any(answer is None for answer in answers):
+            return admin.unavailable("a node did not answer")
+        return admin.merged(action, [answer for answer in answers if answer is not None])
+
+    async def ask(self, node: str, action: admin.Action) -> admin.Answer | None:
+        """``node``'s answer to ``action``; None if it did not answer in time."""
+        hub, control = self.hub, self.control
+        assert hub is not None and control is not None
+        if node == self.node:
+            return admin.act(hub, action)
+        ask_id = next(self.ask_ids)
+        answer = asyncio.get_running_loop().create_future()
+        self.asked[ask_id] = answer
+        message = {"id": ask_id, "from": self.node, **admin.action_to_json(action)}
+        try:
+            if not await control.publish(
+                self.key("node", node), ASKED + json.dumps(message).encode()
+            ):
+                return None
+            return await asyncio.wait_for(answer, ADMIN_WAIT)
+        except asyncio.TimeoutError:
+            return None
+        finally:
+            del self.asked[ask_id]
+
+    def on_admin(self, data: bytes) -> None:
+        """Another node's admin request, or its answer to one of ours."""
+        try:
+            message = json.loads(data[1:])
+            ask_id = message["id"]
+            if data[:1] == ANSWERED:
+                waiting = self.asked.get(ask_id)
+                if waiting is not None and not waiting.done():
+                    waiting.set_result(admin.Answer(message["status"], message.get("body")))
+                return
+            asked = admin.action_from_json(message)
+            node = message["from"]
+        except (ValueError, KeyError, TypeError):
+            log(logging.ERROR, "cluster: unreadable admin message", message=data[:200])
+            return
+        hub = self.hub
+        assert hub is not None
+        answer = admin.error(400, "unknown request") if asked is None else admin.act(hub, asked)
+        reply = {"id": ask_id, "status": answer.status, "body": answer.body}
+        published = ANSWERED + json.dumps(reply, ensure_ascii=False).encode()
+        self.submit([AnswerOp(command("PUBLISH", self.key("node", node), published))])
 
     # --- lifecycle ---------------------------------------------------------
 

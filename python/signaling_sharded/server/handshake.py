@@ -17,7 +17,7 @@ import functools
 import http
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from importlib import resources
 from typing import Protocol, cast
 
@@ -33,7 +33,7 @@ WRITE_HIGH_WATER = 64 * 1024
 #: operators and tests can see where a topic lives. Every response has it.
 WORKER_HEADER = "X-Signaling-Worker"
 #: Seconds a refused client is told to wait before retrying.
-RETRY_AFTER = ("Retry-After", "1")
+RETRY_AFTER = admin.RETRY_AFTER
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
 #: Seconds an answered connection is read (and its input dropped) before it
@@ -72,6 +72,10 @@ class Site(Protocol):
     async def all_topics(self, authorization: str) -> list[tuple[str, int]] | None:
         """Every worker's topics and peer counts (admin API); None if a
         worker did not answer."""
+        raise NotImplementedError
+
+    async def cluster_admin(self, request: Request, body: bytes) -> admin.Answer:
+        """The cluster's answer to an admin request (cluster mode)."""
         raise NotImplementedError
 
 
@@ -284,12 +288,20 @@ class Handshake(asyncio.Protocol):
 
     def answer_admin(self, request: Request, body: bytes) -> None:
         worker = self.worker
+        if worker.config.redis_url is not None:
+            self.listing = asyncio.ensure_future(
+                self.answer_later(worker.cluster_admin(request, body), request)
+            )
+            return
         if request.admin is not None:
             if routing.owner(request, worker.config.workers, worker.index) != worker.index:
                 log(logging.ERROR, "admin request for a topic another worker owns")
-                answer = admin.error(503, "topic owner unavailable", [RETRY_AFTER])
+                answer = admin.unavailable("topic owner unavailable")
             else:
-                answer = admin.about_topic(worker.hub, request, body)
+                action = admin.read_action(request, body)
+                answer = (
+                    action if isinstance(action, admin.Answer) else admin.act(worker.hub, action)
+                )
             return self.admin_answer(answer, request)
         if request.path != admin.TOPICS:
             return self.admin_answer(admin.error(404, "not found"), request)
@@ -311,10 +323,15 @@ class Handshake(asyncio.Protocol):
         if self.transport is None or self.transport.is_closing():
             return
         if topics is None:
-            answer = admin.error(503, "a worker did not answer", [RETRY_AFTER])
+            answer = admin.unavailable("a worker did not answer")
         else:
             answer = admin.topics_page(listing, topics)
         self.admin_answer(answer, request)
+
+    async def answer_later(self, answer: Awaitable[admin.Answer], request: Request) -> None:
+        answered = await answer
+        if self.transport is not None and not self.transport.is_closing():
+            self.admin_answer(answered, request)
 
     def admin_answer(self, answer: admin.Answer, request: Request) -> None:
         body = answer.encoded()

@@ -27,7 +27,7 @@ import socket
 import sys
 import time
 
-from signaling_sharded._native import CLOSE_CODES, Hub, MetricsTable, RequestReader
+from signaling_sharded._native import CLOSE_CODES, Hub, MetricsTable, Request, RequestReader
 from signaling_sharded.server import admin
 from signaling_sharded.server.acceptor import Acceptor
 from signaling_sharded.server.cluster import Cluster
@@ -173,6 +173,10 @@ class Worker:
                 return None
             topics += answer
         return topics
+
+    async def cluster_admin(self, request: Request, body: bytes) -> admin.Answer:
+        assert self.cluster is not None
+        return await self.cluster.serve_admin(request, body)
 
     async def ask_worker(self, index: int, authorization: str) -> list[tuple[str, int]] | None:
         assert self.acceptor is not None and self.acceptor.courier is not None
