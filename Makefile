@@ -116,7 +116,7 @@ lint: build $(BIN)/.group-lint $(BIN)/.group-test ## ruff, mypy (with stubtest),
 	$(BIN)/ruff check python tests bench testkit
 	$(BIN)/ruff format --check python tests bench testkit
 	$(BIN)/mypy
-	$(BIN)/mypy --strict bench/run.py bench/soak.py bench/cluster.py bench/resume.py
+	$(BIN)/mypy --strict bench/run.py bench/soak.py bench/cluster.py bench/resume.py bench/webhook_sink.py
 	$(PY) -m mypy.stubtest signaling_sharded._native
 	$(BIN)/lint-imports
 	cargo fmt --all --check

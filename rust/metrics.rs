@@ -124,6 +124,15 @@ pub const HANDSHAKE_FAILURES: &[&str] = &[
 /// What became of a connection sent to (or received from) another worker.
 pub const HANDOFF_RESULTS: &[&str] = &["sent", "failed", "received", "refused"];
 
+/// What became of a webhook event, per URL: `sent` (its batch was answered
+/// 2xx), `overflow` (that URL's queue was full),
+/// `expired` (not delivered within the retry time).
+pub const WEBHOOK_EVENT_RESULTS: &[&str] = &["sent", "overflow", "expired"];
+
+/// What became of a webhook request: answered 2xx (`ok`), or not (another
+/// status, an error, a timeout: `failed`, then retried).
+pub const WEBHOOK_REQUEST_RESULTS: &[&str] = &["ok", "failed"];
+
 /// What became of a relayed message.
 /// `forwarded`: published to the target's node (cluster mode), which
 /// counts the delivery.
@@ -342,6 +351,33 @@ pub const FAMILIES: &[Family] = &[
         Kind::Gauge,
         1,
     ),
+    Family {
+        name: "signaling_webhook_events_total",
+        help: "Webhook events, per URL, by result.",
+        kind: Kind::Counter,
+        label: "result",
+        values: WEBHOOK_EVENT_RESULTS,
+        per_worker: false,
+        scale: 1,
+    },
+    Family {
+        name: "signaling_webhook_requests_total",
+        help: "Webhook requests (batches of events), by result.",
+        kind: Kind::Counter,
+        label: "result",
+        values: WEBHOOK_REQUEST_RESULTS,
+        per_worker: false,
+        scale: 1,
+    },
+    Family {
+        name: "signaling_webhook_queued",
+        help: "Webhook events waiting to be sent (every URL's).",
+        kind: Kind::Gauge,
+        label: "",
+        values: NONE,
+        per_worker: false,
+        scale: 1,
+    },
 ];
 
 /// Indexes into [`FAMILIES`].
@@ -370,6 +406,9 @@ pub mod family {
     pub const PROCESS_RSS: usize = 21;
     pub const PROCESS_FDS: usize = 22;
     pub const PROCESS_MAX_FDS: usize = 23;
+    pub const WEBHOOK_EVENTS: usize = 24;
+    pub const WEBHOOK_REQUESTS: usize = 25;
+    pub const WEBHOOK_QUEUED: usize = 26;
 }
 
 /// Resume results, as indexes into [`RESUME_RESULTS`].
@@ -757,11 +796,14 @@ mod tests {
             (family::PROCESS_RSS, "process_resident_memory_bytes"),
             (family::PROCESS_FDS, "process_open_fds"),
             (family::PROCESS_MAX_FDS, "process_max_fds"),
+            (family::WEBHOOK_EVENTS, "signaling_webhook_events_total"),
+            (family::WEBHOOK_REQUESTS, "signaling_webhook_requests_total"),
+            (family::WEBHOOK_QUEUED, "signaling_webhook_queued"),
         ];
         for (index, name) in names {
             assert_eq!(FAMILIES[index].name, name);
         }
-        assert_eq!(FAMILIES.len(), family::PROCESS_MAX_FDS + 1);
+        assert_eq!(FAMILIES.len(), family::WEBHOOK_QUEUED + 1);
     }
 
     #[test]

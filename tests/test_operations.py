@@ -69,6 +69,31 @@ BAD_SETTINGS = [
     pytest.param(
         ["--turn-uri", "turn:t.example", "--turn-secret", ""], {}, "--turn-secret", id="turn-empty"
     ),
+    pytest.param(
+        ["--webhook-url", "http://h.example/x"], {}, "--webhook-secret", id="hook-unsigned"
+    ),
+    pytest.param(
+        ["--webhook-secret", "sixteen-chars-or-more"], {}, "--webhook-url", id="hook-secret-alone"
+    ),
+    pytest.param(
+        ["--webhook-url", "ftp://h.example/x", "--webhook-secret", "s" * 16],
+        {},
+        "--webhook-url",
+        id="hook-not-http",
+    ),
+    pytest.param(
+        [],
+        {"SIGNALING_WEBHOOK_URL": "http://h.example:99999/", "SIGNALING_WEBHOOK_SECRET": "s" * 16},
+        "SIGNALING_WEBHOOK_URL",
+        id="hook-bad-port",
+    ),
+    pytest.param(
+        ["--webhook-url", "http://h.example/x", "--webhook-secret", "short"],
+        {},
+        "--webhook-secret",
+        id="hook-short-secret",
+    ),
+    pytest.param(["--webhook-queue", "0"], {}, "--webhook-queue", id="hook-no-queue"),
 ]
 
 

@@ -91,6 +91,10 @@ class LeaveOp:
     def topic(self) -> str: ...
     @property
     def peer(self) -> str: ...
+    @property
+    def reason(self) -> str:
+        """Why it left (as ``signaling_peers_left_total`` names it), or
+        ``"node_lost"``: a remote peer found gone with its node."""
 
 @final
 class AskOp:
@@ -147,6 +151,7 @@ class Hub:
         worker: int = 0,
         cluster_node: str | None = None,
         on_cluster: Callable[[list[Any]], object] | None = None,
+        on_joined: Callable[[str, str, str | None], object] | None = None,
     ) -> Hub:
         """A hub with the settings of ``config``, read once. ``on_left`` and
         ``on_session`` are called with ``(peer, topic, reason or event)``
@@ -156,7 +161,9 @@ class Hub:
         the server's table and ``worker`` this worker's row; in cluster
         mode, ``cluster_node`` names the node and ``on_cluster`` takes its
         work for Redis, in order: ``JoinOp``, ``LeaveOp``, ``PublishOp``,
-        ``AskOp``, ``MoveOp``."""
+        ``AskOp``, ``MoveOp``. ``on_joined`` is called with ``(peer, topic,
+        metadata JSON or None)`` when a peer joins (a resume is no join),
+        before ``on_left`` is for it."""
     def join(
         self,
         transport: Any,
@@ -202,6 +209,12 @@ class Hub:
     def count_handoff(self, result: str) -> None:
         """Count a hand-off: ``"sent"``, ``"failed"``, ``"received"``,
         ``"refused"``; an unknown label raises ValueError."""
+    def count_webhook_events(self, result: str, n: int) -> None:
+        """Count ``n`` webhook events: ``"sent"``, ``"overflow"`` or ``"expired"``."""
+    def count_webhook_request(self, result: str) -> None:
+        """Count a webhook request: ``"ok"`` or ``"failed"``."""
+    def set_webhook_queued(self, queued: int) -> None:
+        """Set how many webhook events wait to be sent from this worker."""
     def admin_topics(self) -> list[tuple[str, int]]:
         """Admin API: this worker's topics and their peer counts."""
     def admin_peers(self, topic: str) -> list[tuple[str, str | None, int, bool]] | None:

@@ -260,7 +260,12 @@ impl<W> Engine<W> {
 
     /// Forgets `conn` if it was waiting to join (it never joined here, but
     /// the cluster was told it would); returns whether it was.
-    pub(super) fn cluster_forget_joiner(&mut self, conn: u64, out: &mut Outbox) -> bool {
+    pub(super) fn cluster_forget_joiner(
+        &mut self,
+        conn: u64,
+        why: LeaveReason,
+        out: &mut Outbox,
+    ) -> bool {
         if self.forget_resuming(conn) {
             return true;
         }
@@ -273,13 +278,19 @@ impl<W> Engine<W> {
         if let Some(remote) = cluster.remote.get_mut(&joining.topic) {
             remote.waiting.retain(|waiting| *waiting != conn);
         }
-        self.cluster_left(&joining.topic, joining.newcomer.peer, out);
+        self.cluster_left(&joining.topic, joining.newcomer.peer, why, out);
         true
     }
 
     /// Tells the cluster a local peer left; forgets the topic's remote
     /// members once no local peer is in it or waiting for it.
-    pub(super) fn cluster_left(&mut self, topic: &Arc<str>, peer: PeerId, out: &mut Outbox) {
+    pub(super) fn cluster_left(
+        &mut self,
+        topic: &Arc<str>,
+        peer: PeerId,
+        reason: LeaveReason,
+        out: &mut Outbox,
+    ) {
         let Some(cluster) = &mut self.cluster else {
             return;
         };
@@ -292,7 +303,12 @@ impl<W> Engine<W> {
             cluster.remote.remove(topic);
         }
         let topic = Arc::clone(topic);
-        out.cluster.push(ClusterOp::Leave { topic, peer });
+        let reason = Some(reason);
+        out.cluster.push(ClusterOp::Leave {
+            topic,
+            peer,
+            reason,
+        });
     }
 
     // --- what Redis brings back ------------------------------------------
@@ -548,6 +564,7 @@ impl<W> Engine<W> {
             out.cluster.push(ClusterOp::Leave {
                 topic,
                 peer: relay.to,
+                reason: None,
             });
         }
         self.close_doomed(now, out);

@@ -214,10 +214,11 @@ fn join_op(topic: &str, peer: PeerId, metadata: Option<&str>, snapshot: bool) ->
     }
 }
 
-fn leave_op(topic: &str, peer: PeerId) -> ClusterOp {
+fn leave_op(topic: &str, peer: PeerId, reason: Option<LeaveReason>) -> ClusterOp {
     ClusterOp::Leave {
         topic: Arc::from(topic),
         peer,
+        reason,
     }
 }
 
@@ -504,7 +505,7 @@ fn unreachable_relay_target_is_gone() {
     n.undeliverable(&message, true);
     assert_eq!(written(&n.out, a), vec![not_found("m4"), peer_left(&r1)]);
     assert_eq!(written(&n.out, b), vec![peer_left(&r1)]);
-    assert_eq!(n.out.cluster, vec![leave_op("room", r1)]);
+    assert_eq!(n.out.cluster, vec![leave_op("room", r1, None)]);
     assert_eq!(n.remote_members("room"), vec![r2]);
     assert_eq!(n.engine.remote_nodes(), vec![Arc::<str>::from("n3")]);
 }
@@ -567,11 +568,17 @@ fn last_local_leave_forgets_the_topic() {
     n.send(a, &masked(0x88, &1000u16.to_be_bytes()));
     assert_eq!(written(&n.out, a), vec!["<close 1000>"]);
     assert_eq!(written(&n.out, b), vec![peer_left(&a_id)]);
-    assert_eq!(n.out.cluster, vec![leave_op("room", a_id)]);
+    assert_eq!(
+        n.out.cluster,
+        vec![leave_op("room", a_id, Some(LeaveReason::Closed))]
+    );
     assert_eq!(n.engine.remote_nodes(), vec![Arc::<str>::from("n2")]);
 
     n.release(b);
-    assert_eq!(n.out.cluster, vec![leave_op("room", b_id)]);
+    assert_eq!(
+        n.out.cluster,
+        vec![leave_op("room", b_id, Some(LeaveReason::Disconnected))]
+    );
     assert!(n.engine.remote_nodes().is_empty());
     assert!(n.engine.local_members().is_empty());
 
@@ -590,7 +597,10 @@ fn held_connection_that_closes_leaves_the_cluster() {
     let mut n = Node::new();
     let (a, a_id) = n.join("room", None);
     n.release(a);
-    assert_eq!(n.out.cluster, vec![leave_op("room", a_id)]);
+    assert_eq!(
+        n.out.cluster,
+        vec![leave_op("room", a_id, Some(LeaveReason::Disconnected))]
+    );
     assert!(n.engine.local_members().is_empty());
     // Its snapshot comes back to nobody.
     n.snapshot("room", 10, &[(rid(1), "n2", None)]);
@@ -602,7 +612,10 @@ fn held_connection_that_closes_leaves_the_cluster() {
     let (b, b_id) = n.join("room", None);
     n.out.clear();
     n.engine.eof(b, n.now, &mut n.out);
-    assert_eq!(n.out.cluster, vec![leave_op("room", b_id)]);
+    assert_eq!(
+        n.out.cluster,
+        vec![leave_op("room", b_id, Some(LeaveReason::Disconnected))]
+    );
     n.release(b);
     assert!(n.out.cluster.is_empty());
 }
@@ -613,7 +626,10 @@ fn held_connection_leaving_keeps_the_others_waiting() {
     let (a, a_id) = n.join("room", None);
     let (b, b_id) = n.join("room", None);
     n.release(a);
-    assert_eq!(n.out.cluster, vec![leave_op("room", a_id)]);
+    assert_eq!(
+        n.out.cluster,
+        vec![leave_op("room", a_id, Some(LeaveReason::Disconnected))]
+    );
     n.snapshot("room", 10, &[]);
     assert_eq!(written(&n.out, b), vec![welcome(&b_id), peer_list(&[])]);
 }
@@ -625,7 +641,10 @@ fn too_much_input_before_welcome_is_refused() {
     let chunk = vec![0u8; n.engine.config().max_message + super::cluster::MAX_HELD_EXTRA + 1];
     n.send(a, &chunk);
     assert_eq!(written(&n.out, a), vec!["<close 1008>"]);
-    assert_eq!(n.out.cluster, vec![leave_op("room", a_id)]);
+    assert_eq!(
+        n.out.cluster,
+        vec![leave_op("room", a_id, Some(LeaveReason::ProtocolError))]
+    );
 }
 
 #[test]

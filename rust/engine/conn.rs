@@ -361,7 +361,7 @@ impl<W> Engine<W> {
 
     /// Removes `conn` from its topic and tells the others.
     pub(super) fn leave(&mut self, conn: u64, reason: LeaveReason, out: &mut Outbox) {
-        if self.cluster_forget_joiner(conn, out) {
+        if self.cluster_forget_joiner(conn, reason, out) {
             return;
         }
         let Some(member) = self.registry.leave(conn) else {
@@ -371,7 +371,7 @@ impl<W> Engine<W> {
         message::push_peer_left(&mut left, member.peer.as_str());
         self.broadcast_local(&member.topic, None, left, out);
         self.metrics.add(cell(family::LEFT, reason as usize), 1);
-        self.cluster_left(&member.topic, member.peer, out);
+        self.cluster_left(&member.topic, member.peer, reason, out);
         out.left.push((member.peer, member.topic, reason));
     }
 

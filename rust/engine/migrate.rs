@@ -275,7 +275,7 @@ impl<W> Engine<W> {
             message::push_peer_left(&mut left, moved.peer.as_str());
             self.broadcast_local(&topic, None, left, out);
             let peer = moved.peer;
-            self.cluster_left(&topic, peer, out);
+            self.cluster_left(&topic, peer, LeaveReason::Disconnected, out);
             return;
         }
         let resuming = self

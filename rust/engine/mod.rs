@@ -292,6 +292,8 @@ impl<W> Engine<W> {
             .member(conn)
             .and_then(|m| m.metadata.as_deref());
         message::push_peer_joined(&mut joined, peer.as_str(), metadata);
+        out.joined
+            .push((peer, Arc::clone(&topic), metadata.map(Box::from)));
         self.broadcast_local(&topic, Some(conn), joined, out);
         self.metrics.add(cell(family::JOINED, 0), 1);
         self.close_doomed(now.instant, out);

@@ -32,8 +32,13 @@ pub enum ClusterOp {
         metadata: Option<Box<str>>,
         snapshot: bool,
     },
-    /// Remove a peer from the topic: a local one, or a remote one found gone.
-    Leave { topic: Arc<str>, peer: PeerId },
+    /// Remove a peer from the topic: a local one that left for `reason`,
+    /// or (`None`) a remote one found gone with its node.
+    Leave {
+        topic: Arc<str>,
+        peer: PeerId,
+        reason: Option<LeaveReason>,
+    },
     /// Publish `message` to `node`'s inbox. A relay (`relay`) that does
     /// not arrive comes back through `Engine::undeliverable`.
     Publish {
@@ -89,6 +94,10 @@ impl SessionEvent {
 pub struct Outbox {
     pub bufs: Vec<Vec<u8>>,
     pub actions: Vec<(u64, Action)>,
+    /// Peers that joined a topic during the call, with their metadata
+    /// (a resumed session is no join). A peer joins in an earlier call
+    /// than it leaves, or earlier in `joined` than in `left`.
+    pub joined: Vec<(PeerId, Arc<str>, Option<Box<str>>)>,
     /// Peers that left their topic during the call.
     pub left: Vec<(PeerId, Arc<str>, LeaveReason)>,
     /// Sessions suspended or resumed during the call.
@@ -104,6 +113,7 @@ impl Outbox {
     pub fn clear(&mut self) {
         self.bufs.clear();
         self.actions.clear();
+        self.joined.clear();
         self.left.clear();
         self.sessions.clear();
         self.cluster.clear();
@@ -112,6 +122,7 @@ impl Outbox {
 
     pub fn is_empty(&self) -> bool {
         self.actions.is_empty()
+            && self.joined.is_empty()
             && self.left.is_empty()
             && self.sessions.is_empty()
             && self.cluster.is_empty()

@@ -326,3 +326,30 @@ fn a_silent_peer_is_suspended_and_a_pong_forgets_what_arrived() {
     assert!(!joined.resumed && fresh.id != a.id);
     assert_eq!(room.to(&b)[0]["type"], "peer-left");
 }
+
+#[test]
+fn a_join_is_reported_once_and_a_resume_is_no_join() {
+    let mut room = Room::new();
+    let request = JoinRequest {
+        topic: "room",
+        resumable: true,
+        metadata: Some(r#"{"n":1}"#),
+        ..JoinRequest::default()
+    };
+    let (a, _, _) = room.join_with(request);
+    let reported: Vec<_> = room
+        .out
+        .joined
+        .iter()
+        .map(|(peer, topic, metadata)| (peer.as_str(), &**topic, metadata.as_deref()))
+        .collect();
+    assert_eq!(reported, [(a.id.as_str(), "room", Some(r#"{"n":1}"#))]);
+    room.lose(&a);
+    assert!(
+        room.out.joined.is_empty() && room.out.left.is_empty(),
+        "suspended: no leave"
+    );
+    let (resumed, _, joined) = room.resume(a.token.as_deref().unwrap(), 1);
+    assert!(joined.resumed && resumed.id == a.id);
+    assert!(room.out.joined.is_empty(), "a resume is no join");
+}

@@ -6,6 +6,7 @@ use pyo3::types::PyBytes;
 
 use crate::engine::cluster::ClusterOp;
 use crate::wire::cluster::publish_command;
+use crate::wire::reason::LeaveReason;
 
 /// Add local peer `peer` to `topic`; with `snapshot`, the hub waits for the
 /// topic's members (`Hub.snapshot`).
@@ -17,11 +18,18 @@ pub struct JoinOp {
     snapshot: bool,
 }
 
+/// The reason of a leave of a remote peer found gone with its node (and of
+/// the peers of a node found dead, in webhooks).
+pub const NODE_LOST: &str = "node_lost";
+
 /// Remove `peer` from `topic`.
 #[pyclass(frozen, get_all, module = "signaling_sharded._native")]
 pub struct LeaveOp {
     topic: String,
     peer: String,
+    /// Why it left (a `peers_left` reason), or `"node_lost"`: a remote
+    /// peer whose node was found gone.
+    reason: &'static str,
 }
 
 /// Publish `message` (a resume asked of another node, for connection
@@ -96,11 +104,16 @@ pub(super) fn to_python<'py>(
             },
         )?
         .into_any(),
-        ClusterOp::Leave { topic, peer } => Bound::new(
+        ClusterOp::Leave {
+            topic,
+            peer,
+            reason,
+        } => Bound::new(
             py,
             LeaveOp {
                 topic: topic.to_string(),
                 peer: peer.as_str().to_owned(),
+                reason: reason.map_or(NODE_LOST, LeaveReason::as_str),
             },
         )?
         .into_any(),

@@ -37,6 +37,10 @@ pub struct Hub {
     core: Mutex<Core>,
     /// Called as `on_left(peer_id, topic, reason)` when a peer leaves.
     on_left: Py<PyAny>,
+    /// Called as `on_joined(peer_id, topic, metadata JSON or None)` when a
+    /// peer joins (not when a session resumes): before `on_left` is for
+    /// that peer.
+    on_joined: Option<Py<PyAny>>,
     /// Called as `on_session(peer_id, topic, event)` when a resumable
     /// session is `"suspended"` or `"resumed"`, or `"joined"` (a resume
     /// another node could not honour started a new session).
@@ -71,6 +75,7 @@ impl Hub {
         py: Python<'_>,
         step: impl FnOnce(&mut Engine<Py<PyAny>>, &mut Outbox) -> R,
     ) -> R {
+        let mut joined = Vec::new();
         let mut left = Vec::new();
         let mut sessions = Vec::new();
         let mut cluster_ops = None;
@@ -101,6 +106,12 @@ impl Hub {
                     ops.push((transport.bind(py).clone(), op));
                 }
                 engine.metrics().add(cell(family::SENT_BYTES, 0), sent);
+                if self.on_joined.is_some() {
+                    joined.extend(outbox.joined.drain(..).map(|(peer, topic, metadata)| {
+                        let metadata = metadata.map(String::from);
+                        (peer.as_str().to_owned(), topic.to_string(), metadata)
+                    }));
+                }
                 left.extend(outbox.left.drain(..).map(|(peer, topic, reason)| {
                     (peer.as_str().to_owned(), topic.to_string(), reason.as_str())
                 }));
@@ -130,6 +141,13 @@ impl Hub {
                 err.write_unraisable(py, Some(&transport));
             }
         }
+        if let Some(on_joined) = &self.on_joined {
+            for (peer, topic, metadata) in joined {
+                if let Err(err) = on_joined.call1(py, (peer, topic, metadata)) {
+                    err.write_unraisable(py, Some(on_joined.bind(py)));
+                }
+            }
+        }
         for (peer, topic, reason) in left {
             if let Err(err) = self.on_left.call1(py, (peer, topic, reason)) {
                 err.write_unraisable(py, Some(self.on_left.bind(py)));
@@ -154,13 +172,17 @@ impl Hub {
     }
 
     fn count(&self, family: usize, values: &[&str], label: &str) -> PyResult<()> {
+        self.count_n(family, values, label, 1)
+    }
+
+    fn count_n(&self, family: usize, values: &[&str], label: &str, n: u64) -> PyResult<()> {
         let Some(value) = counters::value_index(values, label) else {
             let known = values.join(", ");
             return Err(PyValueError::new_err(format!(
                 "unknown label {label:?}; one of {known}"
             )));
         };
-        self.lock().engine.metrics().add(cell(family, value), 1);
+        self.lock().engine.metrics().add(cell(family, value), n);
         Ok(())
     }
 }
@@ -174,8 +196,10 @@ impl Hub {
     #[new]
     #[pyo3(signature = (
         config, on_left, *, on_session=None, metrics=None, worker=0, cluster_node=None,
-        on_cluster=None,
+        on_cluster=None, on_joined=None,
     ))]
+    // Python's keyword arguments: each is named at the call.
+    #[allow(clippy::too_many_arguments)]
     fn new(
         config: Settings,
         on_left: Py<PyAny>,
@@ -184,6 +208,7 @@ impl Hub {
         worker: usize,
         cluster_node: Option<String>,
         on_cluster: Option<Py<PyAny>>,
+        on_joined: Option<Py<PyAny>>,
     ) -> PyResult<Self> {
         if cluster_node.is_some() != on_cluster.is_some() {
             return Err(PyValueError::new_err(
@@ -206,6 +231,7 @@ impl Hub {
                 outbox: Outbox::default(),
             }),
             on_left,
+            on_joined,
             on_session,
             on_cluster,
             channel_prefix: format!("{}node:", config.redis_prefix).into_bytes(),
@@ -328,6 +354,29 @@ impl Hub {
     /// `"received"` or `"refused"`. An unknown label raises ValueError.
     fn count_handoff(&self, result: &str) -> PyResult<()> {
         self.count(family::HANDOFFS, counters::HANDOFF_RESULTS, result)
+    }
+
+    /// Counts `n` webhook events: `"sent"`, `"overflow"` or `"expired"`.
+    /// An unknown label raises ValueError.
+    fn count_webhook_events(&self, result: &str, n: u64) -> PyResult<()> {
+        let values = counters::WEBHOOK_EVENT_RESULTS;
+        self.count_n(family::WEBHOOK_EVENTS, values, result, n)
+    }
+
+    /// Counts a webhook request: `"ok"` or `"failed"`. An unknown label
+    /// raises ValueError.
+    fn count_webhook_request(&self, result: &str) -> PyResult<()> {
+        let values = counters::WEBHOOK_REQUEST_RESULTS;
+        self.count(family::WEBHOOK_REQUESTS, values, result)
+    }
+
+    /// Sets how many webhook events wait to be sent from this worker.
+    fn set_webhook_queued(&self, queued: u64) {
+        let metrics = self.lock();
+        metrics
+            .engine
+            .metrics()
+            .set(cell(family::WEBHOOK_QUEUED, 0), queued);
     }
 
     /// Cluster mode: messages from this node's inbox, in order.

@@ -231,6 +231,28 @@ def admin_token(value: str) -> str:
     return value
 
 
+#: Fewest characters of a webhook secret.
+MIN_WEBHOOK_SECRET = 16
+
+
+def webhook_url(text: str) -> str:
+    """An http:// or https:// URL with a host."""
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// URL")
+    try:
+        parts.port  # noqa: B018 (raises on a bad port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} has an invalid port") from None
+    return text
+
+
+def webhook_secret(value: str) -> str:
+    if len(value) < MIN_WEBHOOK_SECRET:
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_WEBHOOK_SECRET} characters")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = Config()
     parser = EnvArgumentParser(
@@ -435,6 +457,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="address of --admin-port (127.0.0.1 keeps it off the network); default: --host",
     )
     parser.add_argument(
+        "--webhook-url",
+        action="append",
+        type=webhook_url,
+        default=[],
+        metavar="URL",
+        help=(
+            "POST the topics' events (peer.joined, peer.left, topic.opened, topic.closed) "
+            "to this URL in signed batches (repeatable); needs --webhook-secret; default: off"
+        ),
+    )
+    parser.add_argument(
+        "--webhook-secret",
+        type=webhook_secret,
+        default=None,
+        metavar="SECRET",
+        help=(
+            "the key of the webhooks' HMAC-SHA256 signatures (Signaling-Signature), at "
+            "least 16 characters. Prefer the environment variable"
+        ),
+    )
+    parser.add_argument(
+        "--webhook-queue",
+        type=positive_int,
+        default=defaults.webhook_queue,
+        metavar="EVENTS",
+        help=(
+            "events a worker keeps for each webhook URL while it does not answer; more are "
+            'dropped and counted (signaling_webhook_events_total{result="overflow"})'
+        ),
+    )
+    parser.add_argument(
         "--redis-url",
         "--redis",
         type=redis_url,
@@ -466,6 +519,10 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         parser.error("--admin-host needs --admin-port")
     if args.admin_port is not None and args.admin_port in (0, args.port):
         parser.error("--admin-port must be another port than --port, and not 0")
+    if args.webhook_url and not args.webhook_secret:
+        parser.error("--webhook-url needs --webhook-secret")
+    if args.webhook_secret and not args.webhook_url:
+        parser.error("--webhook-secret needs --webhook-url")
     # argparse checks choices on the command line only, not on defaults.
     if args.log_level not in LOG_LEVELS:
         parser.error(f"--log-level: {args.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
@@ -496,6 +553,9 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         admin_token=args.admin_token,
         admin_port=args.admin_port,
         admin_host=args.admin_host,
+        webhook_urls=tuple(args.webhook_url),
+        webhook_secret=args.webhook_secret,
+        webhook_queue=args.webhook_queue,
     )
 
 

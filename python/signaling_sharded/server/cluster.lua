@@ -28,8 +28,15 @@ Presence event (published):
 with "dead":true added when the peers left because their node died.
 
 Arguments common to every function: P (prefix), then the function's own.
-Snapshots are flat arrays: version, then peer, node, metadata per member of
-other nodes.
+
+Webhooks (PROTOCOL.md section 11) number a topic's events with its
+versions: a change with n events takes n versions (`bump`), which the
+caller's node gives out in this order: topic.opened, the peer.left, the
+peer.joined, topic.closed. So `join`, `leave` and `sync` reply with a
+change: flat, the version (the last taken), the first version taken,
+opened (0/1), closed (0/1), the number of peers that left and each as
+peer, node; the number that joined and each peer. `join` (when asked) and
+`sync` add the snapshot: peer, node, metadata per member of other nodes.
 ]]
 
 local function now_ms()
@@ -45,16 +52,23 @@ local function number(v)
   return string.format('%.0f', v)
 end
 
--- The topic's next version: the clock in us, above the last one.
-local function bump(ck)
+local function clock_us()
   local t = redis.call('TIME')
-  local v = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  local last = tonumber(redis.call('HGET', ck, '~v') or '0')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+-- Takes the topic's next `n` versions (one if nil): the clock in us,
+-- above the last one. Returns the last version taken, then the first.
+local function bump(p, topic, n)
+  local _, _, ck = keys_of(p, topic)
+  local v = clock_us()
+  local last = tonumber(redis.call('HGET', ck, '~v') or redis.call('GET', p .. 's:' .. topic) or '0')
   if v <= last then
     v = last + 1
   end
-  redis.call('HSET', ck, '~v', number(v))
-  return v
+  local top = v + (n or 1) - 1
+  redis.call('HSET', ck, '~v', number(top))
+  return top, v
 end
 
 local function split(value)
@@ -100,12 +114,16 @@ local function remove(p, topic, peer)
   return node
 end
 
--- Removes the members whose expiry has passed; appends them to `left`.
-local function prune(p, topic, now, left)
+-- Removes the members whose expiry has passed; appends them to `left`
+-- (as JSON) and to `gone` (peer, node).
+local function prune(p, topic, now, left, gone)
   local _, ek = keys_of(p, topic)
   for _, peer in ipairs(redis.call('ZRANGEBYSCORE', ek, '-inf', now)) do
-    if remove(p, topic, peer) then
+    local node = remove(p, topic, peer)
+    if node then
       table.insert(left, cjson.encode(peer))
+      table.insert(gone, peer)
+      table.insert(gone, node)
     end
   end
 end
@@ -127,23 +145,49 @@ local function notify(p, topic, v, joined, left, except, dead)
   end
 end
 
--- Deletes an empty topic's keys, or refreshes their TTL.
+-- Deletes an empty topic's keys, or refreshes their TTL. True if it
+-- deleted them. A last version still ahead of the clock (a change took
+-- many) is kept (P s:{topic}) until the clock passes it, so that versions
+-- increase across the deletion.
 local function settle(p, topic, ttl)
   local tk, ek, ck = keys_of(p, topic)
   if redis.call('HLEN', tk) == 0 then
+    local last = tonumber(redis.call('HGET', ck, '~v') or '0')
     redis.call('DEL', tk, ek, ck)
     redis.call('ZREM', p .. 'topics', topic)
-    return
+    local ahead = last - clock_us()
+    if ahead >= 0 then
+      redis.call('SET', p .. 's:' .. topic, number(last), 'PX', math.floor(ahead / 1000) + 2)
+    end
+    return true
   end
   redis.call('PEXPIRE', tk, ttl)
   redis.call('PEXPIRE', ek, ttl)
   redis.call('PEXPIRE', ck, ttl)
+  return false
 end
 
--- The members of other nodes than `node`, after the version.
-local function snapshot(p, topic, node, v)
+-- The versions a change takes: one per event (see the top), at least one.
+local function events_of(opened, left, joined, closed)
+  return math.max(1, (opened and 1 or 0) + left + joined + (closed and 1 or 0))
+end
+
+-- A change's reply (see the top); `left` holds peer, node pairs.
+local function change(v, first, opened, closed, left, joined)
+  local out = { v, first, opened and 1 or 0, closed and 1 or 0, #left / 2 }
+  for _, item in ipairs(left) do
+    table.insert(out, item)
+  end
+  table.insert(out, #joined)
+  for _, peer in ipairs(joined) do
+    table.insert(out, peer)
+  end
+  return out
+end
+
+-- Appends the members of other nodes than `node` to `out`.
+local function snapshot(p, topic, node, out)
   local tk = keys_of(p, topic)
-  local out = { v }
   local all = redis.call('HGETALL', tk)
   for i = 1, #all, 2 do
     local owner, meta = split(all[i + 1])
@@ -157,16 +201,19 @@ local function snapshot(p, topic, node, v)
 end
 
 -- join(P, topic, peer, node, metadata, want_snapshot, ttl_ms)
--- A local peer of `node` joins `topic`. Returns the version, then (when
+-- A local peer of `node` joins `topic`. Returns the change, then (when
 -- asked) the snapshot of the other nodes' members.
 local function join(_, args)
   local p, topic, peer, node, meta, want, ttl = args[1], args[2], args[3], args[4], args[5],
     args[6] == '1', tonumber(args[7])
   local now = now_ms()
-  local left = {}
-  prune(p, topic, now, left)
+  local left, gone = {}, {}
+  local opened = redis.call('EXISTS', (keys_of(p, topic))) == 0
+  prune(p, topic, now, left, gone)
   local added = add(p, topic, peer, node, meta, now + ttl, ttl)
-  local v = bump(select(3, keys_of(p, topic)))
+  local joined = added and { peer } or {}
+  opened = opened and added
+  local v, first = bump(p, topic, events_of(opened, #gone / 2, #joined, false))
   notify(p, topic, v, added and { joined_entry(peer, node, meta) } or {}, left, node)
   if #left > 0 and not want then
     -- The joiner's node follows the topic too: tell it who expired.
@@ -175,30 +222,35 @@ local function join(_, args)
     redis.call('PUBLISH', p .. 'node:' .. node, event)
   end
   settle(p, topic, ttl)
+  local out = change(v, first, opened, false, gone, joined)
   if want then
-    return snapshot(p, topic, node, v)
+    snapshot(p, topic, node, out)
   end
-  return { v }
+  return out
 end
 
 -- leave(P, topic, peer, node, ttl_ms)
 -- Peer `peer` leaves `topic`: a local peer of `node`, or one that `node`
--- found gone. Returns the version, or 0 if it was not a member.
+-- found gone. Returns the change (version 0 if it was not a member).
 local function leave(_, args)
   local p, topic, peer, node, ttl = args[1], args[2], args[3], args[4], tonumber(args[5])
-  if not remove(p, topic, peer) then
+  local tk = keys_of(p, topic)
+  local owner = remove(p, topic, peer)
+  if not owner then
     settle(p, topic, ttl)
-    return 0
+    return change(0, 0, false, false, {}, {})
   end
-  local v = bump(select(3, keys_of(p, topic)))
+  local closed = redis.call('HLEN', tk) == 0
+  local v, first = bump(p, topic, events_of(false, 1, 0, closed))
   notify(p, topic, v, {}, { cjson.encode(peer) }, node)
   settle(p, topic, ttl)
-  return v
+  return change(v, first, false, closed, { peer, owner }, {})
 end
 
 -- sync(P, topic, node, ttl_ms, peer1, metadata1, peer2, metadata2, ...)
 -- Makes `node`'s members of `topic` exactly the given peers (after Redis
--- came back, or lost them). Returns the snapshot of the other nodes' members.
+-- came back, or lost them). Returns the change, then the snapshot of the
+-- other nodes' members.
 local function sync(_, args)
   local p, topic, node, ttl = args[1], args[2], args[3], tonumber(args[4])
   local tk = keys_of(p, topic)
@@ -207,25 +259,33 @@ local function sync(_, args)
   for i = 5, #args, 2 do
     wanted[args[i]] = args[i + 1]
   end
-  local joined, left = {}, {}
-  prune(p, topic, now, left)
+  local existed = redis.call('EXISTS', tk) == 1
+  local joined, left, gone, added = {}, {}, {}, {}
+  prune(p, topic, now, left, gone)
   local all = redis.call('HGETALL', tk)
   for i = 1, #all, 2 do
     local owner = split(all[i + 1])
     if owner == node and wanted[all[i]] == nil then
       remove(p, topic, all[i])
       table.insert(left, cjson.encode(all[i]))
+      table.insert(gone, all[i])
+      table.insert(gone, node)
     end
   end
   for peer, meta in pairs(wanted) do
     if add(p, topic, peer, node, meta, now + ttl, ttl) then
       table.insert(joined, joined_entry(peer, node, meta))
+      table.insert(added, peer)
     end
   end
-  local v = bump(select(3, keys_of(p, topic)))
+  local opened = not existed and #added > 0
+  local closed = existed and redis.call('HLEN', tk) == 0
+  local v, first = bump(p, topic, events_of(opened, #gone / 2, #added, closed))
   notify(p, topic, v, joined, left, node)
   settle(p, topic, ttl)
-  return snapshot(p, topic, node, v)
+  local out = change(v, first, opened, closed, gone, added)
+  snapshot(p, topic, node, out)
+  return out
 end
 
 -- touch(P, topic, node, ttl_ms, peer1, peer2, ...)
@@ -251,28 +311,33 @@ end
 
 -- reap(P, node, ttl_ms, dead)
 -- Removes every member of `node` (a node found dead: dead = "1", or one
--- leaving) and tells the others. Returns how many members were removed.
+-- leaving) and tells the others. Returns, per topic it had members in,
+-- the topic, then the change.
 local function reap(_, args)
   local p, node, ttl, dead = args[1], args[2], tonumber(args[3]), args[4] == '1'
-  local removed = 0
+  local out = {}
   for _, topic in ipairs(redis.call('SMEMBERS', p .. 'n:' .. node)) do
     local tk = keys_of(p, topic)
-    local left = {}
+    local left, gone = {}, {}
     local all = redis.call('HGETALL', tk)
     for i = 1, #all, 2 do
       if split(all[i + 1]) == node then
         remove(p, topic, all[i])
         table.insert(left, cjson.encode(all[i]))
+        table.insert(gone, all[i])
+        table.insert(gone, node)
       end
     end
     if #left > 0 then
-      removed = removed + #left
-      notify(p, topic, bump(select(3, keys_of(p, topic))), {}, left, node, dead)
+      local closed = redis.call('HLEN', tk) == 0
+      local v, first = bump(p, topic, events_of(false, #left, 0, closed))
+      notify(p, topic, v, {}, left, node, dead)
+      table.insert(out, { topic, unpack(change(v, first, false, closed, gone, {})) })
     end
     settle(p, topic, ttl)
   end
   redis.call('DEL', p .. 'n:' .. node)
-  return removed
+  return out
 end
 
 -- ask(P, topic, peer, message)
@@ -317,7 +382,7 @@ local function move(_, args)
   end
   remove(p, topic, peer)
   add(p, topic, peer, to, meta, now_ms() + ttl, ttl)
-  local v = bump(ck)
+  local v = bump(p, topic)
   local event = 'M{"topic":' .. cjson.encode(topic) .. ',"v":' .. number(v) .. ',"moved":['
     .. cjson.encode(peer) .. ',' .. cjson.encode(from) .. ',' .. cjson.encode(to) .. ','
     .. conn .. ',' .. (meta == '' and 'null' or meta) .. '],"flush":['

@@ -66,6 +66,7 @@ from redis.exceptions import RedisError
 from signaling_sharded._native import AskOp, Hub, JoinOp, LeaveOp, MoveOp, PublishOp, Request
 from signaling_sharded.server import admin
 from signaling_sharded.server.logs import log
+from signaling_sharded.server.webhooks import Webhooks
 
 #: Seconds the ``alive`` key lives, and between its refreshes.
 ALIVE_TTL = 10.0
@@ -93,6 +94,9 @@ ADMIN_WAIT = 2.0
 #: The first byte of an admin request from another node, and of an answer
 #: to one of this node's.
 ASKED, ANSWERED = b"?", b"!"
+#: The webhook reason of the peers of a node found dead, or whose entries
+#: expired (their node stopped refreshing them).
+NODE_LOST = "node_lost"
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,32 @@ class TouchOp:
 @dataclass(frozen=True)
 class ReadyOp:
     """A marker, answered once everything sent before it was."""
+
+
+@dataclass(frozen=True)
+class Change:
+    """What a function of cluster.lua changed in a topic (see its top): the
+    versions it took, from ``first`` to ``version``, numbering its events."""
+
+    version: int
+    first: int
+    opened: bool
+    closed: bool
+    #: (peer, node) of each peer that left.
+    left: list[tuple[str, str]]
+    joined: list[str]
+
+
+def read_change(reply: list[Any], at: int = 0) -> tuple[Change, int]:
+    """The change at ``reply[at:]`` and the index after it."""
+    version, first, opened, closed, count = (int(x) for x in reply[at : at + 5])
+    at += 5
+    left = [(text(reply[at + 2 * i]), text(reply[at + 2 * i + 1])) for i in range(count)]
+    at += 2 * count
+    count = int(reply[at])
+    joined = [text(peer) for peer in reply[at + 1 : at + 1 + count]]
+    change = Change(version, first, bool(opened), bool(closed), left, joined)
+    return change, at + 1 + count
 
 
 @dataclass(frozen=True)
@@ -255,6 +285,9 @@ class Cluster:
         self.task: asyncio.Task[None] | None = None
         self.subscribed: asyncio.Future[None] | None = None
         self.library = (resources.files("signaling_sharded.server") / "cluster.lua").read_text()
+        #: Where this node reports its changes' events (cluster mode sends
+        #: each event from the node whose Redis call made the change).
+        self.webhooks: Webhooks | None = None
         #: This node's admin requests waiting for other nodes' answers.
         self.asked: dict[int, asyncio.Future[admin.Answer]] = {}
         self.ask_ids = itertools.count(1)
@@ -392,8 +425,16 @@ class Cluster:
             elif isinstance(op, PublishOp):
                 if reply == 0 and op.is_relay:
                     hub.undeliverable(op, True)
-            elif topic is not None:
-                hub.snapshot(topic, *snapshot(reply))
+            elif isinstance(op, (JoinOp, SyncOp)):
+                change, at = read_change(reply)
+                if isinstance(op, JoinOp):
+                    self.report(op.topic, change, {op.peer: op.metadata})
+                else:
+                    self.report(op.topic, change, dict(op.members))
+                if topic is not None:
+                    hub.snapshot(topic, change.version, snapshot(reply, at))
+            elif isinstance(op, LeaveOp):
+                self.report(op.topic, read_change(reply)[0], {}, op.reason)
             elif isinstance(op, TouchOp) and reply:
                 resync = True
             elif isinstance(op, ReadyOp):
@@ -412,6 +453,42 @@ class Cluster:
         if resync:
             log(logging.WARNING, "cluster lost some of this node's presence; resyncing")
             self.resync()
+
+    def report(
+        self,
+        topic: str,
+        change: Change,
+        metadata: dict[str, str | None],
+        reason: str | None = None,
+    ) -> None:
+        """Sends the webhook events of ``change``, numbered by its versions.
+        A peer that left gets ``reason``, else: one of this node's left
+        while Redis was away (``disconnected``), another node's was lost."""
+        hooks = self.webhooks
+        if hooks is None or change.version == 0:
+            return
+        seq = change.first
+        if change.opened:
+            hooks.emit("topic.opened", topic, seq)
+            seq += 1
+        for peer, node in change.left:
+            why = reason or ("disconnected" if node == self.node else NODE_LOST)
+            hooks.emit("peer.left", topic, seq, peer, reason=why)
+            seq += 1
+        for peer in change.joined:
+            hooks.emit("peer.joined", topic, seq, peer, metadata.get(peer))
+            seq += 1
+        if change.closed:
+            hooks.emit("topic.closed", topic, seq)
+
+    def report_reaped(self, reaped: list[Any], reason: str) -> int:
+        """Reports what ``signaling_reap`` removed; how many peers."""
+        removed = 0
+        for entry in reaped:
+            change, _ = read_change(entry, 1)
+            removed += len(change.left)
+            self.report(text(entry[0]), change, {}, reason)
+        return removed
 
     def on_inbox(self, replies: list[Any]) -> None:
         """Messages published to this node, in order."""
@@ -547,9 +624,10 @@ class Cluster:
             with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):
                 await asyncio.wait_for(self.drained(), COMMAND_TIMEOUT)
                 assert self.control is not None
-                await self.control.fcall(
+                reaped = await self.control.fcall(
                     "signaling_reap", 0, self.prefix, self.node, ms(ENTRY_TTL), "0"
                 )
+                self.report_reaped(reaped, "shutdown")
                 await self.control.delete(self.key("alive", self.node))
         if self.task is not None:
             self.task.cancel()
@@ -725,9 +803,8 @@ class Cluster:
         assert control is not None
         lock = self.key("reap", node)
         if await control.set(lock, self.node.encode(), nx=True, px=ms(ALIVE_TTL)):
-            removed = await control.fcall(
-                "signaling_reap", 0, self.prefix, node, ms(ENTRY_TTL), "1"
-            )
+            reaped = await control.fcall("signaling_reap", 0, self.prefix, node, ms(ENTRY_TTL), "1")
+            removed = self.report_reaped(reaped, NODE_LOST)
             await control.delete(self.key("alive", node))
             log(logging.WARNING, "cluster: reaped a dead node", node=node, peers=removed)
 
@@ -753,14 +830,13 @@ def ms(seconds: float) -> int:
     return int(seconds * 1000)
 
 
-def snapshot(result: list[Any]) -> tuple[int, list[tuple[str, str, str | None]]]:
-    """A function's snapshot reply: the version and (peer, node, metadata)."""
-    version = int(result[0])
+def snapshot(result: list[Any], at: int) -> list[tuple[str, str, str | None]]:
+    """The snapshot at ``result[at:]``: (peer, node, metadata) per member."""
     members = []
-    for index in range(1, len(result) - 2, 3):
+    for index in range(at, len(result) - 2, 3):
         peer, node, metadata = result[index : index + 3]
         members.append((text(peer), text(node), text(metadata) or None))
-    return version, members
+    return members
 
 
 def text(value: bytes | str) -> str:

@@ -60,3 +60,8 @@ class Config:
     #: signaling host).
     admin_port: int | None = None
     admin_host: str | None = None
+    #: Webhooks: the URLs events are POSTed to (none: off), the secret
+    #: that signs them, and how many events each URL may have waiting.
+    webhook_urls: tuple[str, ...] = field(default_factory=tuple)
+    webhook_secret: str | None = None
+    webhook_queue: int = 10_000

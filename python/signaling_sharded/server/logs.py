@@ -51,6 +51,11 @@ class _Clock:
         return f"{self.prefix}.{int((now - second) * 1000):03d}Z"
 
 
+def timestamp() -> str:
+    """Now, as RFC 3339 UTC with milliseconds (as the logs' ``time``)."""
+    return _clock.now()
+
+
 class _Sink:
     """Lines waiting for the end of the current loop iteration."""
 

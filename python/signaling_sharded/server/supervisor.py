@@ -31,7 +31,7 @@ from pathlib import Path
 from types import FrameType
 
 from signaling_sharded._native import MetricsTable
-from signaling_sharded.server import auth
+from signaling_sharded.server import auth, webhooks
 from signaling_sharded.server.config import Config
 from signaling_sharded.server.logs import log
 from signaling_sharded.server.worker import EXIT_BOOT_ERROR, PortInUse, bound_socket, lock_port, run
@@ -224,7 +224,8 @@ class Supervisor:
     def enforce_drain_deadline(self) -> None:
         if self.stopping_since is None:
             return
-        if time.monotonic() - self.stopping_since > self.config.drain_timeout + KILL_GRACE:
+        grace = KILL_GRACE + (webhooks.FLUSH_ON_STOP if self.config.webhook_urls else 0.0)
+        if time.monotonic() - self.stopping_since > self.config.drain_timeout + grace:
             self.stop_all(signal.SIGKILL)
 
     def reap(self) -> None:

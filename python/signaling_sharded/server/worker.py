@@ -34,6 +34,7 @@ from signaling_sharded.server.cluster import Cluster
 from signaling_sharded.server.config import Config
 from signaling_sharded.server.handshake import Handshake
 from signaling_sharded.server.logs import configure, flush, log
+from signaling_sharded.server.webhooks import Webhooks
 
 #: Close code and reason sent to every peer when the server drains.
 CLOSE_GOING_AWAY = CLOSE_CODES["GOING_AWAY"]
@@ -130,6 +131,21 @@ class Worker:
             if config.redis_url is not None
             else None
         )
+        self.webhooks = None
+        if config.webhook_urls:
+            assert config.webhook_secret is not None
+            self.webhooks = Webhooks(
+                config.webhook_urls,
+                config.webhook_secret,
+                config.webhook_queue,
+                lambda result, n: self.hub.count_webhook_events(result, n),
+                lambda result: self.hub.count_webhook_request(result),
+            )
+        #: Single-server webhooks follow the hub's joins and leaves (in
+        #: cluster mode, Redis's: see cluster.py).
+        self.local_webhooks = self.webhooks if self.cluster is None else None
+        if self.cluster is not None:
+            self.cluster.webhooks = self.webhooks
         # The settings cross into the Rust core once, as this Config.
         self.hub = Hub(
             config,
@@ -139,6 +155,7 @@ class Worker:
             worker=index,
             cluster_node=None if self.cluster is None else self.cluster.node,
             on_cluster=None if self.cluster is None else self.cluster.submit,
+            on_joined=None if self.local_webhooks is None else self.local_webhooks.joined,
         )
         # A request without Origin (a native client) always passes the
         # allow-list.
@@ -152,6 +169,8 @@ class Worker:
 
     def on_left(self, peer: str, topic: str, reason: str) -> None:
         log(logging.INFO, "peer left", peer=peer, topic=topic, reason=reason)
+        if self.local_webhooks is not None:
+            self.local_webhooks.left(peer, topic, reason)
 
     def on_session(self, peer: str, topic: str, event: str) -> None:
         log(logging.INFO, f"peer {event}", peer=peer, topic=topic)
@@ -228,6 +247,8 @@ class Worker:
         ticker = loop.call_later(tick_period(self.config), self.tick)
         if self.cluster is not None:
             self.cluster.start(self.hub)
+        if self.webhooks is not None:
+            self.webhooks.start()
         log(
             logging.INFO,
             "listening",
@@ -245,10 +266,14 @@ class Worker:
                 handshake.close()
             if self.cluster is not None:
                 await self.cluster.close()
+            if self.webhooks is not None:
+                await self.webhooks.close()
         log(logging.INFO, "stopped", worker=self.index)
 
     def tick(self) -> None:
         self.hub.tick()
+        if self.webhooks is not None:
+            self.hub.set_webhook_queued(self.webhooks.queued())
         loop = asyncio.get_running_loop()
         if self.draining and self.hub.connection_count() == 0:
             self.stop()
