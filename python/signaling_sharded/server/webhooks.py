@@ -40,7 +40,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from signaling_sharded import __version__
 from signaling_sharded.server.logs import log, timestamp
@@ -61,6 +61,9 @@ FLUSH_ON_STOP = 3.0
 #: Seconds between two warnings about one URL.
 WARN_EVERY = 10.0
 SIGNATURE_HEADER = "Signaling-Signature"
+#: The events that start what another ends, and those that end it.
+STARTS = frozenset(("peer.joined", "topic.opened"))
+ENDS = frozenset(("peer.left", "topic.closed"))
 
 
 def signature(secret: bytes, unix: int, body: bytes) -> str:
@@ -69,15 +72,18 @@ def signature(secret: bytes, unix: int, body: bytes) -> str:
     return f"t={unix},v1={digest}"
 
 
-@dataclass(frozen=True)
-class Event:
+class Event(NamedTuple):
     """One encoded event. ``opens``/``closes``: the peer id (or topic) whose
     start or end it is, so that an end whose start was dropped is dropped
     too."""
 
     data: bytes
-    opens: str | None = None
-    closes: str | None = None
+    opens: str | None
+    closes: str | None
+
+
+#: A str as JSON (quoted and escaped; the json module's own, in C).
+quoted: Callable[[str], str] = json.encoder.encode_basestring
 
 
 @dataclass
@@ -173,22 +179,19 @@ class Webhooks:
     ) -> None:
         """Queues one event for every URL; ``metadata`` is JSON text."""
         self.next_id += 1
-        parts = [
-            f'{{"id":"{self.prefix}-{self.next_id}","type":"{kind}","topic":',
-            json.dumps(topic, ensure_ascii=False),
-        ]
-        if peer is not None:
-            parts.append(f',"peerId":"{peer}"')
+        if peer is None:
+            key, about = f"t{topic}", ""
+        else:
+            key, about = f"p{peer}", f',"peerId":"{peer}"'
         if metadata is not None:
-            parts.append(f',"metadata":{metadata}')
+            about += f',"metadata":{metadata}'
         if reason is not None:
-            parts.append(f',"reason":"{reason}"')
-        parts.append(f',"time":"{timestamp()}","seq":{seq}}}')
-        data = "".join(parts).encode()
-        key = f"t{topic}" if peer is None else f"p{peer}"
-        opens = key if kind in ("peer.joined", "topic.opened") else None
-        closes = key if kind in ("peer.left", "topic.closed") else None
-        event = Event(data, opens, closes)
+            about += f',"reason":"{reason}"'
+        data = (
+            f'{{"id":"{self.prefix}-{self.next_id}","type":"{kind}","topic":{quoted(topic)}'
+            f'{about},"time":"{timestamp()}","seq":{seq}}}'
+        ).encode()
+        event = Event(data, key if kind in STARTS else None, key if kind in ENDS else None)
         for sender in self.senders:
             if not sender.put(event):
                 self.count("overflow", 1)
