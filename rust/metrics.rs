@@ -133,6 +133,10 @@ pub const WEBHOOK_EVENT_RESULTS: &[&str] = &["sent", "overflow", "expired"];
 /// status, an error, a timeout: `failed`, then retried).
 pub const WEBHOOK_REQUEST_RESULTS: &[&str] = &["ok", "failed"];
 
+/// What became of a copy of a broadcast (the first two of
+/// [`RELAY_RESULTS`], so `relay::DELIVERED` and `relay::DROPPED` index it).
+pub const BROADCAST_RESULTS: &[&str] = &["delivered", "dropped"];
+
 /// What became of a relayed message.
 /// `forwarded`: published to the target's node (cluster mode), which
 /// counts the delivery.
@@ -352,6 +356,16 @@ pub const FAMILIES: &[Family] = &[
         1,
     ),
     Family {
+        name: "signaling_broadcast_copies_total",
+        help: "Copies of peers' broadcasts for local peers: delivered, or dropped (the \
+               target's queue was full).",
+        kind: Kind::Counter,
+        label: "result",
+        values: BROADCAST_RESULTS,
+        per_worker: false,
+        scale: 1,
+    },
+    Family {
         name: "signaling_webhook_events_total",
         help: "Webhook events, per URL, by result.",
         kind: Kind::Counter,
@@ -406,9 +420,10 @@ pub mod family {
     pub const PROCESS_RSS: usize = 21;
     pub const PROCESS_FDS: usize = 22;
     pub const PROCESS_MAX_FDS: usize = 23;
-    pub const WEBHOOK_EVENTS: usize = 24;
-    pub const WEBHOOK_REQUESTS: usize = 25;
-    pub const WEBHOOK_QUEUED: usize = 26;
+    pub const BROADCAST_COPIES: usize = 24;
+    pub const WEBHOOK_EVENTS: usize = 25;
+    pub const WEBHOOK_REQUESTS: usize = 26;
+    pub const WEBHOOK_QUEUED: usize = 27;
 }
 
 /// Resume results, as indexes into [`RESUME_RESULTS`].
@@ -796,6 +811,7 @@ mod tests {
             (family::PROCESS_RSS, "process_resident_memory_bytes"),
             (family::PROCESS_FDS, "process_open_fds"),
             (family::PROCESS_MAX_FDS, "process_max_fds"),
+            (family::BROADCAST_COPIES, "signaling_broadcast_copies_total"),
             (family::WEBHOOK_EVENTS, "signaling_webhook_events_total"),
             (family::WEBHOOK_REQUESTS, "signaling_webhook_requests_total"),
             (family::WEBHOOK_QUEUED, "signaling_webhook_queued"),

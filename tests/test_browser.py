@@ -215,3 +215,29 @@ def test_the_browser_client_resumes_after_its_connection_is_reset(
             other.send_frame(OP_TEXT, b'{"type":"ping","msgId":"p"}')
             assert other.recv_json() == {"type": "pong", "msgId": "p"}
             assert other_id not in events
+
+
+def test_the_browser_client_broadcasts_and_hears_broadcasts(
+    server: Server, open_page: Callable[[str], Page]
+) -> None:
+    """signaling.js: `broadcast()` reaches a native peer, and a peer's
+    broadcast comes as a `broadcast` event, named by its sender."""
+    page = open_page(f"http://127.0.0.1:{server.port}/")
+    self_id = page.evaluate(
+        """async (port) => {
+            const client = new SignalingClient("browser-broadcast", {url: `ws://127.0.0.1:${port}`});
+            window.broadcastTest = { client, heard: [] };
+            client.on("broadcast", (m) => window.broadcastTest.heard.push([m.from, m.payload]));
+            return await client.connect();
+        }""",
+        server.port,
+    )
+    other, other_id = RawClient.join(server.port, "/ws/browser-broadcast")
+    with other:
+        page.wait_for_function("window.broadcastTest.client.peers.size === 1")
+        page.evaluate("window.broadcastTest.client.broadcast({hi: 1}, 'b1')")
+        heard = other.recv_json()
+        assert heard == {"type": "broadcast", "from": self_id, "payload": {"hi": 1}, "msgId": "b1"}
+        other.send_frame(OP_TEXT, b'{"type":"broadcast","payload":"back"}')
+        page.wait_for_function("window.broadcastTest.heard.length === 1")
+        assert page.evaluate("window.broadcastTest.heard") == [[other_id, "back"]]

@@ -94,6 +94,14 @@ BAD_SETTINGS = [
         id="hook-short-secret",
     ),
     pytest.param(["--webhook-queue", "0"], {}, "--webhook-queue", id="hook-no-queue"),
+    pytest.param(["--relay-type", "offer"], {}, "--relay-type", id="relay-type-taken"),
+    pytest.param(["--relay-type", "Bye!"], {}, "--relay-type", id="relay-type-bad-name"),
+    pytest.param(
+        [], {"SIGNALING_RELAY_TYPE": "bye,broadcast"}, "SIGNALING_RELAY_TYPE", id="rt-env"
+    ),
+    pytest.param(["--broadcast", "maybe"], {}, "--broadcast", id="broadcast-not-on-off"),
+    pytest.param(["--broadcast-rate", "0"], {}, "--broadcast-rate", id="broadcast-rate-zero"),
+    pytest.param(["--max-broadcast-size", "-5"], {}, "--max-broadcast-size", id="broadcast-size"),
 ]
 
 

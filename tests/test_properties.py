@@ -35,11 +35,11 @@ Answer = tuple[str, str | None, str | None]
 
 
 def check_answer_shape(text: str, answer: Answer) -> None:
-    """One of the three answers, with a msgId that is a non-empty JSON string taken from *text*."""
+    """One of the four answers, with a msgId that is a non-empty JSON string taken from *text*."""
     kind, code, msg_id = answer
     if kind == "relay":
         assert code in RELAY_TYPES, answer
-    elif kind == "ping":
+    elif kind in ("ping", "broadcast"):
         assert code is None, answer
     else:
         assert kind == "error", answer
@@ -77,7 +77,7 @@ json_values = st.recursive(
 )
 # Values for the protocol's own fields: often the right type, often not.
 field_values = st.one_of(
-    st.sampled_from([*RELAY_TYPES, "ping", "pong", "", "Offer", "error"]),
+    st.sampled_from([*RELAY_TYPES, "ping", "broadcast", "pong", "", "Offer", "error"]),
     st.text(max_size=12),
     json_values,
 )
@@ -161,6 +161,8 @@ def model_answer(fields: list[Field]) -> Answer:
     kind = last["type"].value if "type" in last and last["type"].value is not None else ""
     if kind == "ping":
         return ("ping", None, msg_id)
+    if kind == "broadcast":
+        return ("broadcast", None, msg_id)
     if kind not in RELAY_TYPES:
         return ("error", "invalid_type", msg_id)
     to = last.get("to")

@@ -60,6 +60,7 @@ from signaling_sharded._native import CLOSE_CODES
 
 __all__ = [
     "RELAY_TYPES",
+    "Broadcast",
     "Disconnected",
     "Error",
     "Event",
@@ -78,7 +79,11 @@ __all__ = [
 ]
 
 RELAY_TYPES = ("offer", "answer", "ice-candidate")
-"""The message types the server relays to the peer named in ``to``."""
+"""The message types the server relays to the peer named in ``to``
+(besides those its operator allows with ``--relay-type``)."""
+
+NOT_RELAYS = frozenset(("ping", "broadcast", "update-metadata"))
+"""Types a client sends that are not relays to one peer."""
 
 FINAL_CLOSE_CODES = frozenset(
     CLOSE_CODES[name] for name in ("UNAUTHORIZED", "TOPIC_FULL", "KICKED", "BAD_REQUEST")
@@ -108,9 +113,19 @@ class PeerLeft:
 
 @dataclass(frozen=True)
 class Relay:
-    """An offer, answer or ice-candidate that the peer `sender` sent to us."""
+    """An offer, answer or ice-candidate that the peer `sender` sent to us
+    (or another type the server's operator allows)."""
 
     type: str
+    sender: str
+    payload: Any
+    msg_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    """A message the peer `sender` sent to the whole topic."""
+
     sender: str
     payload: Any
     msg_id: str | None = None
@@ -120,12 +135,14 @@ class Relay:
 class Error:
     """An ``error`` message from the server (an event, not an exception).
 
-    `msg_id` is the id of the message that caused it, when that had one.
+    `msg_id` is the id of the message that caused it, when that had one;
+    `missed`, for a ``dropped`` broadcast, how many peers missed it.
     """
 
     code: str
     message: str
     msg_id: str | None = None
+    missed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -172,6 +189,7 @@ Event = (
     PeerJoined
     | PeerLeft
     | Relay
+    | Broadcast
     | ServerMessage
     | Error
     | Pong
@@ -379,7 +397,21 @@ class SignalingClient:
         An empty *msg_id* counts as none: the server does not echo it.
         Raises `NotConnected` while there is no connection.
         """
+        if type in NOT_RELAYS:
+            raise ValueError(f"not a relay type: {type!r}")
         message: dict[str, Any] = {"type": type, "to": to, "payload": payload}
+        if msg_id is not None:
+            message["msgId"] = msg_id
+        await self._send(message)
+
+    async def broadcast(self, payload: Any, msg_id: str | None = None) -> None:
+        """Send *payload* (any JSON value) to every other peer of the topic.
+
+        A peer whose queue is full misses it; the server then answers one
+        `Error` ``dropped`` whose `missed` says how many did. Raises
+        `NotConnected` while there is no connection.
+        """
+        message: dict[str, Any] = {"type": "broadcast", "payload": payload}
         if msg_id is not None:
             message["msgId"] = msg_id
         await self._send(message)
@@ -546,7 +578,10 @@ class SignalingClient:
         if kind == "peer-left":
             self._peers.pop(message["peerId"], None)
             return PeerLeft(message["peerId"])
-        if kind in RELAY_TYPES:
+        if kind == "broadcast":
+            return Broadcast(message["from"], message.get("payload"), msg_id)
+        if isinstance(kind, str) and isinstance(message.get("from"), str):
+            # offer, answer, ice-candidate, or a type the operator allows
             return Relay(kind, message["from"], message.get("payload"), msg_id)
         if kind == "server-message":
             return ServerMessage(message.get("payload"))
@@ -611,8 +646,10 @@ def _parse(frame: str | bytes) -> dict[str, Any]:
 
 def _error(message: Mapping[str, Any]) -> Error:
     msg_id = message.get("msgId")
+    missed = message.get("missed")
     return Error(
         str(message.get("code", "")),
         str(message.get("message", "")),
         msg_id if isinstance(msg_id, str) else None,
+        missed if isinstance(missed, int) else None,
     )

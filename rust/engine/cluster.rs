@@ -211,6 +211,70 @@ impl<W> Engine<W> {
         })
     }
 
+    /// Publishes a local peer's broadcast (`frame`, ready to write) once to
+    /// every other node holding members of `topic`.
+    pub(super) fn broadcast_to_nodes(
+        &self,
+        topic: &str,
+        frame: &[u8],
+        from: PeerId,
+        msg_id: Option<&RawValue>,
+        out: &mut Outbox,
+    ) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        let Some(remote) = cluster.remote.get(topic) else {
+            return;
+        };
+        let mut nodes: Vec<&Arc<str>> = remote.members.values().map(|m| &m.node).collect();
+        if nodes.is_empty() {
+            return;
+        }
+        nodes.sort_unstable();
+        nodes.dedup();
+        let mut message = Vec::with_capacity(64 + topic.len() + frame.len());
+        let broadcast = cluster::Broadcast {
+            topic,
+            from,
+            origin: &cluster.node,
+            msg_id,
+            frame,
+        };
+        cluster::push_broadcast(&mut message, &broadcast);
+        for node in nodes {
+            out.cluster.push(ClusterOp::Publish {
+                node: Arc::clone(node),
+                message: message.clone(),
+                relay: false,
+            });
+        }
+    }
+
+    /// Another node's broadcast: written to every local member of its
+    /// topic; the sender hears of those that missed it (`dropped`).
+    fn deliver_broadcast(&mut self, data: &[u8], out: &mut Outbox) {
+        let Some(broadcast) = cluster::parse_broadcast(data) else {
+            return;
+        };
+        let frame = broadcast.frame.to_vec();
+        let (reached, missed) = self.broadcast_message(broadcast.topic, None, frame, out);
+        self.count_broadcast(reached, missed);
+        if missed == 0 {
+            return;
+        }
+        self.count_error(ErrorCode::Dropped);
+        let mut message = Vec::new();
+        cluster::push_direct(&mut message, &broadcast.from, |frame| {
+            message::push_dropped_broadcast(frame, broadcast.msg_id, missed)
+        });
+        out.cluster.push(ClusterOp::Publish {
+            node: Arc::from(broadcast.origin),
+            message,
+            relay: false,
+        });
+    }
+
     /// The node holding peer `to` of `conn`'s topic, if another does.
     pub(super) fn remote_target(&self, conn: u64, to: &str) -> Option<(Arc<str>, PeerId)> {
         let cluster = self.cluster.as_ref()?;
@@ -387,6 +451,7 @@ impl<W> Engine<W> {
         let now = now.instant;
         match data.first() {
             Some(&cluster::RELAY) => self.deliver_relay_held(data, true, out),
+            Some(&cluster::BROADCAST) => self.deliver_broadcast(data, out),
             Some(&cluster::DIRECT) => {
                 if let Some((to, frame)) = cluster::parse_direct(data) {
                     if let Some(conn) = self.registry.conn_of(&to) {

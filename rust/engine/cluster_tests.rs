@@ -716,3 +716,63 @@ fn joiners_greeted_before_the_snapshot_learn_the_rest_from_it() {
     );
     assert_eq!(node.remote_members("room"), vec![rid(1), rid(2)]);
 }
+
+#[test]
+fn a_broadcast_is_published_once_per_node_and_written_to_each_member_there() {
+    let mut n = Node::new();
+    let members = [
+        (rid(1), "n2", None),
+        (rid(2), "n2", None),
+        (rid(3), "n3", None),
+    ];
+    let (a, a_id) = n.first("room", 10, &members);
+    let (b, _) = n.join("room", None);
+    n.send(a, &text(r#"{"type":"broadcast","payload":7,"msgId":"m"}"#));
+    let from = a_id.as_str();
+    let frame = format!(r#"{{"type":"broadcast","from":"{from}","payload":7,"msgId":"m"}}"#);
+    assert_eq!(written(&n.out, b), vec![frame.clone()]);
+    let published: Vec<(&str, &[u8])> = n
+        .out
+        .cluster
+        .iter()
+        .map(|op| match op {
+            ClusterOp::Publish { node, message, .. } => (&**node, message.as_slice()),
+            other => panic!("not a publish: {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        published.iter().map(|(node, _)| *node).collect::<Vec<_>>(),
+        ["n2", "n3"]
+    );
+    let message = published[0].1.to_vec();
+    let parsed = cluster::parse_broadcast(&message).expect("a B message");
+    assert_eq!(
+        (parsed.topic, parsed.from, parsed.origin),
+        ("room", a_id, HERE)
+    );
+
+    // At another node, every local member of the topic gets the frame; a
+    // full one misses it and the sender's node hears how many did.
+    let mut m = Node::named("n2");
+    let (c, _) = m.first("room", 10, &[(a_id, HERE, None)]);
+    let (d, _) = m.join("room", None);
+    m.deliver(&message);
+    assert_eq!(written(&m.out, c), vec![frame.clone()]);
+    assert_eq!(written(&m.out, d), vec![frame]);
+    assert!(m.out.cluster.is_empty(), "nobody missed it");
+    let max_queue = m.engine.config().max_queue;
+    m.engine.pause(d, m.now);
+    for _ in 0..=max_queue / 20 {
+        m.deliver(&message);
+        if !m.out.cluster.is_empty() {
+            break;
+        }
+    }
+    let Some(ClusterOp::Publish { node, message, .. }) = m.out.cluster.first() else {
+        panic!("no bounce: {:?}", m.out.cluster);
+    };
+    assert_eq!(&**node, HERE);
+    let (to, bounced) = cluster::parse_direct(message).expect("a D message");
+    assert_eq!(to, a_id);
+    assert!(String::from_utf8_lossy(bounced).contains(r#""missed":1"#));
+}

@@ -32,6 +32,19 @@ pub struct Config {
     pub resume_window: Option<Duration>,
     /// The key of resume tokens.
     pub resume_secret: Vec<u8>,
+    /// Broadcasts (PROTOCOL.md section 9); `None`: refused (`forbidden`).
+    pub broadcast: Option<BroadcastLimits>,
+    /// Unicast types relayed like `offer` besides the three
+    /// (`--relay-type`).
+    pub relay_types: Vec<&'static str>,
+}
+
+/// How much one peer may broadcast: messages of at most `max_size` bytes,
+/// at `rate`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BroadcastLimits {
+    pub max_size: usize,
+    pub rate: RateLimit,
 }
 
 /// A token bucket: `per_second` messages a second on average, bursts of up
@@ -59,6 +72,14 @@ impl Default for Config {
             cluster_node: None,
             resume_window: Some(Duration::from_secs(30)),
             resume_secret: b"engine tests".to_vec(),
+            broadcast: Some(BroadcastLimits {
+                max_size: 16 * 1024,
+                rate: RateLimit {
+                    per_second: 20.0,
+                    burst: 40.0,
+                },
+            }),
+            relay_types: Vec::new(),
         }
     }
 }

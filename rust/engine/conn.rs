@@ -43,6 +43,8 @@ pub(super) struct Conn<W> {
     pub(super) ping_sent: Instant,
     pub(super) awaiting_pong: bool,
     pub(super) bucket: Bucket,
+    /// The broadcast rate's bucket, from the first broadcast on.
+    pub(super) broadcasts: Option<Box<Bucket>>,
     /// A resumable session's memory of what it sent.
     pub(super) session: Option<Box<Session>>,
 }
@@ -67,6 +69,7 @@ impl<W> Conn<W> {
             ping_sent: now,
             awaiting_pong: false,
             bucket: Bucket::full(0.0, now),
+            broadcasts: None,
             session: None,
         }
     }
@@ -258,6 +261,19 @@ impl<W> Engine<W> {
         self.broadcast_from(topic, except, bytes, Origin::Remote, out);
     }
 
+    /// Sends `frame` (a client's `broadcast`) to every member of `topic`
+    /// but `except`, as a relay is sent: a member over its bound misses
+    /// it. Returns how many got it and how many missed it.
+    pub(super) fn broadcast_message(
+        &mut self,
+        topic: &str,
+        except: Option<u64>,
+        frame: Vec<u8>,
+        out: &mut Outbox,
+    ) -> (usize, usize) {
+        self.deliver_to_topic(topic, except, frame, Origin::Remote, Over::Miss, out)
+    }
+
     /// [`Engine::broadcast`] of a change of this node's own members (a
     /// join, a leave): a session on its way to another node is not told,
     /// since Redis tells its new node of every such change made after the
@@ -272,6 +288,8 @@ impl<W> Engine<W> {
         self.broadcast_from(topic, except, bytes, Origin::Here, out);
     }
 
+    /// A presence message every member must get: one over its bound is
+    /// doomed (a slow consumer).
     fn broadcast_from(
         &mut self,
         topic: &str,
@@ -280,10 +298,26 @@ impl<W> Engine<W> {
         origin: Origin,
         out: &mut Outbox,
     ) {
+        self.deliver_to_topic(topic, except, bytes, origin, Over::Doom, out);
+    }
+
+    /// Writes `bytes` (one text message, encoded once) to every member of
+    /// `topic` but `except`; one over its bound is doomed or misses it
+    /// (`over`). Returns how many got it and how many did not.
+    fn deliver_to_topic(
+        &mut self,
+        topic: &str,
+        except: Option<u64>,
+        bytes: Vec<u8>,
+        origin: Origin,
+        over: Over,
+        out: &mut Outbox,
+    ) -> (usize, usize) {
         let max = self.config.max_queue;
         let members = self.registry.members(topic);
         let mut shared = None;
         let mut doomed = Vec::new();
+        let mut reached = 0;
         for &member in members {
             if Some(member) == except {
                 continue;
@@ -303,11 +337,15 @@ impl<W> Engine<W> {
                     .expect("a session that keeps is resumable");
                 if session.keep(&bytes, max, true) == Kept::Over {
                     doomed.push(member);
+                } else {
+                    reached += 1;
                 }
                 continue;
             }
+            reached += 1;
             if c.paused {
                 if c.queue.len() + bytes.len() > max {
+                    reached -= 1;
                     doomed.push(member);
                     continue;
                 }
@@ -320,9 +358,13 @@ impl<W> Engine<W> {
                 session.keep(&bytes, max, false);
             }
         }
-        for member in doomed {
-            self.doom(member);
+        let missed = doomed.len();
+        if over == Over::Doom {
+            for member in doomed {
+                self.doom(member);
+            }
         }
+        (reached, missed)
     }
 
     /// The connection of a resumable session was lost without a close
@@ -420,6 +462,15 @@ impl<W> Engine<W> {
         c.state = State::Done;
         !was_done
     }
+}
+
+/// What becomes of a member over its bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Over {
+    /// It must have the message: it is closed as a slow consumer.
+    Doom,
+    /// It misses the message, as a relay's target does.
+    Miss,
 }
 
 /// Where a presence change broadcast to a topic's members was made.

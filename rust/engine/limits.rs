@@ -2,6 +2,7 @@
 
 use std::time::{Duration, Instant};
 
+use super::config::RateLimit;
 use super::Engine;
 use crate::wire::close;
 use crate::wire::message::ErrorCode;
@@ -81,6 +82,19 @@ impl Bucket {
             violations_since: now,
         }
     }
+
+    /// Takes a token, refilled at `limit` for the time elapsed; false if
+    /// there is none.
+    fn take(&mut self, limit: RateLimit, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * limit.per_second).min(limit.burst);
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return true;
+        }
+        false
+    }
 }
 
 impl<W> Engine<W> {
@@ -93,11 +107,7 @@ impl<W> Engine<W> {
             return Admission::Yes;
         };
         let bucket = &mut c.bucket;
-        let elapsed = now.saturating_duration_since(bucket.refilled).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * limit.per_second).min(limit.burst);
-        bucket.refilled = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
+        if bucket.take(limit, now) {
             return Admission::Yes;
         }
         if now.saturating_duration_since(bucket.violations_since) > ABUSE_WINDOW {
@@ -110,5 +120,16 @@ impl<W> Engine<W> {
         } else {
             Admission::Limited
         }
+    }
+
+    /// Takes a token from `conn`'s broadcast bucket (full at its first
+    /// broadcast); false if it has none left.
+    pub(super) fn admit_broadcast(&mut self, conn: u64, limit: RateLimit, now: Instant) -> bool {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return false;
+        };
+        c.broadcasts
+            .get_or_insert_with(|| Box::new(Bucket::full(limit.burst, now)))
+            .take(limit, now)
     }
 }

@@ -40,7 +40,7 @@ mod session;
 pub mod topics;
 
 pub use admin::{Missing, PeerView};
-pub use config::{Config, RateLimit};
+pub use config::{BroadcastLimits, Config, RateLimit};
 pub use conn::LeaveReason;
 pub use limits::{Refusal, ABUSE_LIMIT, ABUSE_WINDOW};
 pub use outbox::{Action, Outbox, SessionEvent};

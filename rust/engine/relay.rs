@@ -2,7 +2,10 @@
 //! message answered or relayed to its target.
 
 use std::mem;
+use std::sync::Arc;
 use std::time::Instant;
+
+use serde_json::value::RawValue;
 
 use super::conn::{Closing, Queued, State};
 use super::limits::Admission;
@@ -11,7 +14,7 @@ use super::{Engine, LeaveReason};
 use crate::metrics::{cell, family, relay};
 use crate::wire::close;
 use crate::wire::frame::{self, Event, Flow};
-use crate::wire::message::{self, ErrorCode, Inbound};
+use crate::wire::message::{self, ErrorCode, Inbound, RelayKind};
 
 impl<W> Engine<W> {
     /// Parses what `conn` sent and acts on every frame in it.
@@ -95,7 +98,7 @@ impl<W> Engine<W> {
     }
 
     fn on_text(&mut self, conn: u64, text: &str, now: Instant, out: &mut Outbox) {
-        match message::parse_inbound(text) {
+        match message::parse_inbound_with(text, &self.config.relay_types) {
             Ok(Inbound::Relay {
                 kind,
                 to,
@@ -138,6 +141,9 @@ impl<W> Engine<W> {
                     self.count_relay(relay::DELIVERED);
                 }
             }
+            Ok(Inbound::Broadcast { payload, msg_id }) => {
+                self.broadcast_from_peer(conn, text.len(), payload, msg_id, now, out);
+            }
             Ok(Inbound::Ping { msg_id }) => {
                 let mut pong = Vec::new();
                 message::push_pong_message(&mut pong, msg_id);
@@ -145,6 +151,60 @@ impl<W> Engine<W> {
             }
             Err(rejected) => self.send_error(conn, rejected.code, rejected.msg_id, out),
         }
+    }
+
+    /// A peer's `broadcast`, within its bounds: encoded once, written to
+    /// every other local member (and, in cluster mode, published once to
+    /// each other node holding members); the sender gets one `dropped`
+    /// with the number of local members that missed it.
+    fn broadcast_from_peer(
+        &mut self,
+        conn: u64,
+        size: usize,
+        payload: Option<&RawValue>,
+        msg_id: Option<&RawValue>,
+        now: Instant,
+        out: &mut Outbox,
+    ) {
+        let Some(limits) = self.config.broadcast else {
+            return self.send_error(conn, ErrorCode::Forbidden, msg_id, out);
+        };
+        if size > limits.max_size {
+            return self.send_error(conn, ErrorCode::InvalidMessage, msg_id, out);
+        }
+        if !self.admit_broadcast(conn, limits.rate, now) {
+            return self.send_error(conn, ErrorCode::RateLimited, msg_id, out);
+        }
+        let member = self
+            .registry
+            .member(conn)
+            .expect("open connections are members");
+        let (from, topic) = (member.peer, Arc::clone(&member.topic));
+        let mut frame = Vec::new();
+        message::push_relay(
+            &mut frame,
+            RelayKind::Broadcast,
+            from.as_str(),
+            payload,
+            msg_id,
+        );
+        self.broadcast_to_nodes(&topic, &frame, from, msg_id, out);
+        let (reached, missed) = self.broadcast_message(&topic, Some(conn), frame, out);
+        self.count_broadcast(reached, missed);
+        if missed > 0 {
+            self.count_error(ErrorCode::Dropped);
+            let mut dropped = Vec::new();
+            message::push_dropped_broadcast(&mut dropped, msg_id, missed);
+            self.send_must(conn, &dropped, out);
+        }
+    }
+
+    pub(super) fn count_broadcast(&self, reached: usize, missed: usize) {
+        let copies = family::BROADCAST_COPIES;
+        self.metrics
+            .add(cell(copies, relay::DELIVERED), reached as u64);
+        self.metrics
+            .add(cell(copies, relay::DROPPED), missed as u64);
     }
 
     pub(super) fn count_relay(&self, result: usize) {

@@ -353,3 +353,31 @@ fn a_join_is_reported_once_and_a_resume_is_no_join() {
     assert!(joined.resumed && resumed.id == a.id);
     assert!(room.out.joined.is_empty(), "a resume is no join");
 }
+
+#[test]
+fn a_suspended_session_keeps_broadcasts_up_to_its_bound_then_misses_them() {
+    let mut room = Room::with(Config {
+        max_queue: 1000,
+        ..Config::default()
+    });
+    let a = room.join(false);
+    let b = room.join(true);
+    room.lose(&b);
+    let mut dropped = 0;
+    for n in 0..20 {
+        room.out.clear();
+        let message = format!(
+            r#"{{"type":"broadcast","payload":"{}","msgId":"{n}"}}"#,
+            "x".repeat(40)
+        );
+        room.engine
+            .receive(a.conn, &text(&message), room.now, &mut room.out);
+        dropped += room
+            .to(&a)
+            .iter()
+            .filter(|m| m["code"] == "dropped" && m["missed"] == 1)
+            .count();
+    }
+    assert!(dropped > 0, "the bound was reached");
+    assert!(dropped < 20, "some were kept");
+}

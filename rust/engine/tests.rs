@@ -433,3 +433,128 @@ fn admin_lists_kicks_and_speaks() {
         Err(Missing::Topic)
     );
 }
+
+#[test]
+fn a_broadcast_reaches_every_other_peer_once_encoded() {
+    let mut h = Harness::new(Config::default());
+    let (a, a_id) = h.join("room");
+    let (b, _) = h.join("room");
+    let (c, _) = h.join("room");
+    let (elsewhere, _) = h.join("other");
+    h.send(
+        a,
+        &text(r#"{"type":"broadcast","payload":{"n":1},"msgId":"m1"}"#),
+    );
+    let expected =
+        format!(r#"{{"type":"broadcast","from":"{a_id}","payload":{{"n":1}},"msgId":"m1"}}"#);
+    assert_eq!(written(&h.out, b), vec![expected.clone()]);
+    assert_eq!(written(&h.out, c), vec![expected]);
+    assert!(written(&h.out, a).is_empty(), "not to the sender");
+    assert!(
+        written(&h.out, elsewhere).is_empty(),
+        "not to another topic"
+    );
+    assert_eq!(h.out.bufs.len(), 1, "one buffer written to both");
+}
+
+#[test]
+fn a_full_target_misses_a_broadcast_and_the_sender_hears_how_many() {
+    let config = Config {
+        max_queue: 200,
+        ..Config::default()
+    };
+    let mut h = Harness::new(config);
+    let (a, _) = h.join("room");
+    let (b, _) = h.join("room");
+    let (c, _) = h.join("room");
+    h.engine.pause(b, h.now);
+    h.engine.pause(c, h.now);
+    let broadcast = text(
+        r#"{"type":"broadcast","payload":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx","msgId":"m"}"#,
+    );
+    let mut errors = Vec::new();
+    for _ in 0..6 {
+        h.send(a, &broadcast);
+        errors.extend(written(&h.out, a));
+    }
+    assert!(!errors.is_empty(), "the queues filled");
+    for error in &errors {
+        let error: serde_json::Value = serde_json::from_str(error).unwrap();
+        assert_eq!(
+            (error["code"].as_str(), error["missed"].as_u64()),
+            (Some("dropped"), Some(2))
+        );
+        assert_eq!(error["msgId"], "m");
+    }
+    assert_eq!(
+        h.engine.peer_count(),
+        4 - 1,
+        "a broadcast disconnects nobody"
+    );
+}
+
+#[test]
+fn broadcasts_are_bounded_in_size_and_rate_and_can_be_off() {
+    let limits = BroadcastLimits {
+        max_size: 80,
+        rate: RateLimit {
+            per_second: 1.0,
+            burst: 2.0,
+        },
+    };
+    let config = Config {
+        broadcast: Some(limits),
+        ..Config::default()
+    };
+    let mut h = Harness::new(config);
+    let (a, _) = h.join("room");
+    let (_b, _) = h.join("room");
+    let code = |h: &Harness, conn| {
+        let frames = written(&h.out, conn);
+        frames
+            .first()
+            .map(|f| serde_json::from_str::<serde_json::Value>(f).unwrap()["code"].clone())
+    };
+    let big = format!(r#"{{"type":"broadcast","payload":"{}"}}"#, "x".repeat(80));
+    h.send(a, &text(&big));
+    assert_eq!(code(&h, a), Some("invalid_message".into()));
+    let small = text(r#"{"type":"broadcast","payload":1}"#);
+    for _ in 0..2 {
+        h.send(a, &small);
+        assert_eq!(code(&h, a), None, "within the burst");
+    }
+    h.send(a, &small);
+    assert_eq!(code(&h, a), Some("rate_limited".into()));
+    h.now += Duration::from_secs(1);
+    h.send(a, &small);
+    assert_eq!(code(&h, a), None, "a token a second");
+
+    let mut off = Harness::new(Config {
+        broadcast: None,
+        ..Config::default()
+    });
+    let (a, _) = off.join("room");
+    off.send(a, &small);
+    assert_eq!(code(&off, a), Some("forbidden".into()));
+}
+
+#[test]
+fn an_allowed_relay_type_is_relayed_like_an_offer() {
+    let config = Config {
+        relay_types: vec!["bye"],
+        ..Config::default()
+    };
+    let mut h = Harness::new(config);
+    let (a, a_id) = h.join("room");
+    let (b, b_id) = h.join("room");
+    h.send(
+        a,
+        &text(&format!(r#"{{"type":"bye","to":"{b_id}","msgId":"x"}}"#)),
+    );
+    assert_eq!(
+        written(&h.out, b),
+        vec![format!(r#"{{"type":"bye","from":"{a_id}","msgId":"x"}}"#)]
+    );
+    h.send(a, &text(&format!(r#"{{"type":"hello","to":"{b_id}"}}"#)));
+    assert!(written(&h.out, a)[0].contains("invalid_type"));
+}

@@ -7,8 +7,9 @@ use std::time::Duration;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use crate::engine::{Config, RateLimit};
+use crate::engine::{BroadcastLimits, Config, RateLimit};
 use crate::wire::ice::IceServers;
+use crate::wire::message::RESERVED_TYPES;
 
 /// The attributes of the Python `Config` that the engine needs.
 #[derive(FromPyObject)]
@@ -32,6 +33,13 @@ pub struct Settings {
     /// The key of resume tokens; the supervisor draws one at start if
     /// none is configured.
     resume_secret: Option<String>,
+    /// Broadcasts: on, their largest size, and their rate per peer.
+    broadcast: bool,
+    max_broadcast_size: usize,
+    broadcast_rate: f64,
+    broadcast_burst: Option<f64>,
+    /// Unicast types relayed like `offer` besides the three.
+    relay_types: Vec<String>,
 }
 
 fn seconds(value: f64, name: &str) -> PyResult<Duration> {
@@ -57,6 +65,34 @@ impl Settings {
             }),
             Some(_) => return Err(PyValueError::new_err("rate_limit must be positive")),
         };
+        if !(self.broadcast_rate > 0.0 && self.broadcast_rate.is_finite()) {
+            return Err(PyValueError::new_err("broadcast_rate must be positive"));
+        }
+        let broadcast = self.broadcast.then(|| BroadcastLimits {
+            max_size: self.max_broadcast_size,
+            rate: RateLimit {
+                per_second: self.broadcast_rate,
+                burst: self
+                    .broadcast_burst
+                    .unwrap_or(2.0 * self.broadcast_rate)
+                    .max(1.0),
+            },
+        });
+        if let Some(reserved) = self
+            .relay_types
+            .iter()
+            .find(|name| RESERVED_TYPES.contains(&name.as_str()))
+        {
+            return Err(PyValueError::new_err(format!(
+                "relay type {reserved:?} is already a message type"
+            )));
+        }
+        // The engine borrows the names for as long as the process runs.
+        let relay_types = self
+            .relay_types
+            .iter()
+            .map(|name| &*Box::leak(name.clone().into_boxed_str()))
+            .collect();
         Ok(Config {
             max_message: self.max_message_size,
             max_queue: self.max_queue_bytes,
@@ -79,6 +115,8 @@ impl Settings {
                 Some(seconds(self.resume_window, "resume_window")?)
             },
             resume_secret: self.resume_secret.clone().unwrap_or_default().into_bytes(),
+            broadcast,
+            relay_types,
         })
     }
 }

@@ -52,7 +52,8 @@ fn frame_events<'py>(
 }
 
 /// How the server answers one client text message: `("relay", type)`,
-/// `("ping", None)` or `("error", code)`, with the `msgId` it would echo.
+/// `("ping", None)`, `("broadcast", None)` or `("error", code)`, with the
+/// `msgId` it would echo.
 /// Exposed for tests.
 #[pyfunction]
 fn message_answer(text: &str) -> (&'static str, Option<&'static str>, Option<String>) {
@@ -63,6 +64,9 @@ fn message_answer(text: &str) -> (&'static str, Option<&'static str>, Option<Str
             msg_id.map(|raw| raw.get().to_owned()),
         ),
         Ok(Inbound::Ping { msg_id }) => ("ping", None, msg_id.map(|raw| raw.get().to_owned())),
+        Ok(Inbound::Broadcast { msg_id, .. }) => {
+            ("broadcast", None, msg_id.map(|raw| raw.get().to_owned()))
+        }
         Err(rejected) => (
             "error",
             Some(rejected.code.code()),

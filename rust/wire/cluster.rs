@@ -8,6 +8,10 @@
 //!   write to `to`, ready to send;
 //! - `D`: a frame that a local peer must receive (an error bounced back to
 //!   a relay's sender): `to` (26), then the frame;
+//! - `B`: a broadcast for every local peer of a topic: `from` (26), the
+//!   origin node's name (u8 length, then bytes), the sender's `msgId` JSON
+//!   (u16 length, then bytes), the topic (u16 length, then bytes), then the
+//!   frame to write to each of them;
 //! - `{`: a presence event, JSON:
 //!   `{"topic":..,"v":..,"joined":[[peer,node,metadata|null],..],"left":[peer,..]}`,
 //!   with `"dead":true` when the peers left because their node died.
@@ -43,6 +47,7 @@ pub struct Presence {
 
 pub const RELAY: u8 = b'R';
 pub const DIRECT: u8 = b'D';
+pub const BROADCAST: u8 = b'B';
 const ID: usize = ulid::ULID_LEN;
 
 /// A relay on its way to another node.
@@ -99,6 +104,60 @@ pub fn parse_relay(data: &[u8]) -> Option<Relay<'_>> {
         msg_id,
         frame,
     })
+}
+
+/// A broadcast on its way to another node's members of `topic`.
+#[derive(Debug)]
+pub struct Broadcast<'a> {
+    pub topic: &'a str,
+    pub from: PeerId,
+    pub origin: &'a str,
+    pub msg_id: Option<&'a RawValue>,
+    pub frame: &'a [u8],
+}
+
+/// Writes a `B` message.
+pub fn push_broadcast(out: &mut Vec<u8>, broadcast: &Broadcast<'_>) {
+    let origin = &broadcast.origin.as_bytes()[..broadcast.origin.len().min(255)];
+    let msg_id = broadcast.msg_id.map_or("", |id| id.get()).as_bytes();
+    let msg_id = &msg_id[..msg_id.len().min(usize::from(u16::MAX))];
+    let topic = broadcast.topic.as_bytes();
+    let topic = &topic[..topic.len().min(usize::from(u16::MAX))];
+    out.push(BROADCAST);
+    out.extend_from_slice(broadcast.from.as_str().as_bytes());
+    out.push(origin.len() as u8);
+    out.extend_from_slice(origin);
+    out.extend_from_slice(&(msg_id.len() as u16).to_be_bytes());
+    out.extend_from_slice(msg_id);
+    out.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    out.extend_from_slice(topic);
+    out.extend_from_slice(broadcast.frame);
+}
+
+pub fn parse_broadcast(data: &[u8]) -> Option<Broadcast<'_>> {
+    let rest = data.strip_prefix(&[BROADCAST])?;
+    let (from, rest) = split(rest, ID)?;
+    let (&origin_len, rest) = rest.split_first()?;
+    let (origin, rest) = split(rest, usize::from(origin_len))?;
+    let (msg_id, rest) = long_field(rest)?;
+    let (topic, frame) = long_field(rest)?;
+    let msg_id = match msg_id {
+        [] => None,
+        text => Some(serde_json::from_slice::<&RawValue>(text).ok()?),
+    };
+    Some(Broadcast {
+        topic: std::str::from_utf8(topic).ok()?,
+        from: peer_id(from)?,
+        origin: std::str::from_utf8(origin).ok()?,
+        msg_id,
+        frame,
+    })
+}
+
+/// A field of up to 65,535 bytes after its u16 big-endian length.
+fn long_field(data: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (len, rest) = split(data, 2)?;
+    split(rest, usize::from(u16::from_be_bytes([len[0], len[1]])))
 }
 
 /// Writes a `D` message: `frame` must reach local peer `to`.

@@ -19,15 +19,38 @@ pub enum RelayKind {
     Offer,
     Answer,
     IceCandidate,
+    /// To every other peer of the topic (PROTOCOL.md section 9).
+    Broadcast,
+    /// A unicast type the operator allowed (`--relay-type`), relayed
+    /// exactly like `offer`.
+    App(&'static str),
 }
 
+/// The message type of a broadcast.
+pub const BROADCAST: &str = "broadcast";
+
+/// Types a client message has that are not relay types, and so no
+/// `--relay-type` may take.
+pub const RESERVED_TYPES: &[&str] = &[
+    "offer",
+    "answer",
+    "ice-candidate",
+    "ping",
+    BROADCAST,
+    "update-metadata",
+];
+
 impl RelayKind {
-    fn parse(name: &str) -> Option<Self> {
+    /// The unicast type `name`: one of the three, or of `extra`.
+    fn parse(name: &str, extra: &[&'static str]) -> Option<Self> {
         match name {
             "offer" => Some(Self::Offer),
             "answer" => Some(Self::Answer),
             "ice-candidate" => Some(Self::IceCandidate),
-            _ => None,
+            _ => extra
+                .iter()
+                .find(|allowed| **allowed == name)
+                .map(|allowed| Self::App(allowed)),
         }
     }
 
@@ -36,6 +59,8 @@ impl RelayKind {
             Self::Offer => "offer",
             Self::Answer => "answer",
             Self::IceCandidate => "ice-candidate",
+            Self::Broadcast => BROADCAST,
+            Self::App(name) => name,
         }
     }
 }
@@ -50,6 +75,11 @@ pub enum Inbound<'a> {
         msg_id: Option<&'a RawValue>,
     },
     Ping {
+        msg_id: Option<&'a RawValue>,
+    },
+    /// To every other peer of the topic.
+    Broadcast {
+        payload: Option<&'a RawValue>,
         msg_id: Option<&'a RawValue>,
     },
 }
@@ -72,11 +102,12 @@ pub enum ErrorCode {
     InvalidTopic,
     InvalidMetadata,
     Kicked,
+    Forbidden,
 }
 
 impl ErrorCode {
     /// Every code, in declaration order (`code as usize` indexes it).
-    pub const ALL: [Self; 15] = [
+    pub const ALL: [Self; 16] = [
         Self::InvalidType,
         Self::MissingTarget,
         Self::TargetNotFound,
@@ -92,6 +123,7 @@ impl ErrorCode {
         Self::InvalidTopic,
         Self::InvalidMetadata,
         Self::Kicked,
+        Self::Forbidden,
     ];
 
     pub const fn code(self) -> &'static str {
@@ -111,6 +143,7 @@ impl ErrorCode {
             Self::InvalidTopic => "invalid_topic",
             Self::InvalidMetadata => "invalid_metadata",
             Self::Kicked => "kicked",
+            Self::Forbidden => "forbidden",
         }
     }
 
@@ -132,6 +165,7 @@ impl ErrorCode {
             Self::InvalidTopic => "the topic must be 1 to 256 bytes of UTF-8, percent-encoded",
             Self::InvalidMetadata => "metadata must be one JSON value of at most 1 KiB",
             Self::Kicked => "removed by the server",
+            Self::Forbidden => "not allowed",
         }
     }
 }
@@ -215,8 +249,17 @@ fn string_value<'de, D: Deserializer<'de>>(
     }
 }
 
-/// Parses one client text message.
+/// Parses one client text message (the three relay types only).
 pub fn parse_inbound(text: &str) -> Result<Inbound<'_>, Rejected<'_>> {
+    parse_inbound_with(text, &[])
+}
+
+/// Parses one client text message; `relay_types` are the unicast types
+/// allowed besides the three.
+pub fn parse_inbound_with<'a>(
+    text: &'a str,
+    relay_types: &[&'static str],
+) -> Result<Inbound<'a>, Rejected<'a>> {
     // serde would also take a struct from a JSON array: only objects count.
     if text.trim_start().as_bytes().first() != Some(&b'{') {
         return Err(Rejected {
@@ -253,7 +296,11 @@ pub fn parse_inbound(text: &str) -> Result<Inbound<'_>, Rejected<'_>> {
     if kind == "ping" {
         return Ok(Inbound::Ping { msg_id });
     }
-    let Some(kind) = RelayKind::parse(kind) else {
+    if kind == BROADCAST {
+        let payload = wire.payload;
+        return Ok(Inbound::Broadcast { payload, msg_id });
+    }
+    let Some(kind) = RelayKind::parse(kind, relay_types) else {
         return Err(Rejected {
             code: ErrorCode::InvalidType,
             msg_id,
@@ -327,20 +374,32 @@ pub fn push_relay(
 
 /// `{"type":"error","code":...,"message":...,"msgId":...}`
 pub fn push_error(out: &mut Vec<u8>, code: ErrorCode, msg_id: Option<&RawValue>) {
+    push_error_with(out, code, msg_id, &[]);
+}
+
+/// `{"type":"error","code":"dropped",...,"missed":N}`: a broadcast that
+/// `missed` targets did not get.
+pub fn push_dropped_broadcast(out: &mut Vec<u8>, msg_id: Option<&RawValue>, missed: usize) {
+    let missed = missed.to_string();
+    let extra: [&[u8]; 2] = [b",\"missed\":", missed.as_bytes()];
+    push_error_with(out, ErrorCode::Dropped, msg_id, &extra);
+}
+
+/// An error with `extra` (more fields, each with its leading comma).
+fn push_error_with(out: &mut Vec<u8>, code: ErrorCode, msg_id: Option<&RawValue>, extra: &[&[u8]]) {
     let [id_key, id] = msg_id_part(msg_id);
-    push_text(
-        out,
-        &[
-            b"{\"type\":\"error\",\"code\":\"",
-            code.code().as_bytes(),
-            b"\",\"message\":\"",
-            code.message().as_bytes(),
-            b"\"",
-            id_key,
-            id,
-            b"}",
-        ],
-    );
+    let mut parts: Vec<&[u8]> = vec![
+        b"{\"type\":\"error\",\"code\":\"",
+        code.code().as_bytes(),
+        b"\",\"message\":\"",
+        code.message().as_bytes(),
+        b"\"",
+        id_key,
+        id,
+    ];
+    parts.extend_from_slice(extra);
+    parts.push(b"}");
+    push_text(out, &parts);
 }
 
 /// `{"type":"pong","msgId":...}`

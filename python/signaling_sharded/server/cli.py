@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -231,6 +232,37 @@ def admin_token(value: str) -> str:
     return value
 
 
+#: What a relay type may be named: lowercase letters, digits, dashes.
+RELAY_TYPE = re.compile(r"[a-z][a-z0-9-]{0,31}")
+#: Message types of the protocol, which no relay type may take.
+TAKEN_TYPES = (
+    "offer",
+    "answer",
+    "ice-candidate",
+    "ping",
+    "broadcast",
+    "update-metadata",
+    "welcome",
+    "peer-list",
+    "peer-joined",
+    "peer-left",
+    "peer-updated",
+    "error",
+    "pong",
+    "server-message",
+)
+
+
+def relay_type(text: str) -> str:
+    if not RELAY_TYPE.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a relay type is 1 to 32 lowercase letters, digits or dashes"
+        )
+    if text in TAKEN_TYPES:
+        raise argparse.ArgumentTypeError(f"{text!r} is already a message type")
+    return text
+
+
 #: Fewest characters of a webhook secret.
 MIN_WEBHOOK_SECRET = 16
 
@@ -351,6 +383,44 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.rate_burst,
         metavar="MESSAGES",
         help="burst the rate limit allows (default: one second's worth)",
+    )
+    parser.add_argument(
+        "--broadcast",
+        choices=("on", "off"),
+        default="on" if defaults.broadcast else "off",
+        help="whether peers may broadcast to their whole topic (PROTOCOL section 9)",
+    )
+    parser.add_argument(
+        "--max-broadcast-size",
+        type=positive_int,
+        default=defaults.max_broadcast_size,
+        metavar="BYTES",
+        help="largest broadcast message; larger ones are refused with 'invalid_message'",
+    )
+    parser.add_argument(
+        "--broadcast-rate",
+        type=positive_float,
+        default=defaults.broadcast_rate,
+        metavar="PER_SECOND",
+        help="broadcasts per second each peer may send; more are refused with 'rate_limited'",
+    )
+    parser.add_argument(
+        "--broadcast-burst",
+        type=positive_float,
+        default=defaults.broadcast_burst,
+        metavar="MESSAGES",
+        help="burst the broadcast rate allows (default: two seconds' worth)",
+    )
+    parser.add_argument(
+        "--relay-type",
+        action="append",
+        type=relay_type,
+        default=[],
+        metavar="NAME",
+        help=(
+            "one more unicast message type relayed exactly like 'offer' (repeatable), "
+            "e.g. bye or renegotiate"
+        ),
     )
     parser.add_argument(
         "--auth-secret",
@@ -553,6 +623,11 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         admin_token=args.admin_token,
         admin_port=args.admin_port,
         admin_host=args.admin_host,
+        broadcast=args.broadcast == "on",
+        max_broadcast_size=args.max_broadcast_size,
+        broadcast_rate=args.broadcast_rate,
+        broadcast_burst=args.broadcast_burst,
+        relay_types=tuple(dict.fromkeys(args.relay_type)),
         webhook_urls=tuple(args.webhook_url),
         webhook_secret=args.webhook_secret,
         webhook_queue=args.webhook_queue,

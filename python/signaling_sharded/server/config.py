@@ -60,6 +60,14 @@ class Config:
     #: signaling host).
     admin_port: int | None = None
     admin_host: str | None = None
+    #: Broadcasts (PROTOCOL.md section 9): on; the largest, in bytes; each
+    #: peer's rate (messages per second) and burst (None: two seconds').
+    broadcast: bool = True
+    max_broadcast_size: int = 16 * 1024
+    broadcast_rate: float = 20.0
+    broadcast_burst: float | None = None
+    #: Unicast message types relayed like ``offer`` besides the three.
+    relay_types: tuple[str, ...] = field(default_factory=tuple)
     #: Webhooks: the URLs events are POSTed to (none: off), the secret
     #: that signs them, and how many events each URL may have waiting.
     webhook_urls: tuple[str, ...] = field(default_factory=tuple)

@@ -14,6 +14,8 @@
   const FINAL_CLOSE_CODES = new Set([4001, 4009, 4010, 4400]);
   /** Message types relayed between peers. */
   const RELAY_TYPES = new Set(["offer", "answer", "ice-candidate"]);
+  /** Types a client sends that are not unicast relays. */
+  const NOT_RELAYS = new Set(["ping", "broadcast", "update-metadata"]);
 
   /** An EventTarget with `emit(type, detail)` and `on(type, listener)`. */
   class Emitter extends EventTarget {
@@ -39,7 +41,9 @@
    * Events: `welcome` (the welcome message), `peers` (a Map of peer id to
    * metadata, after every change), `peer-joined` and `peer-left`
    * ({id, metadata}), `offer` / `answer` / `ice-candidate` (the relayed
-   * message: {from, payload, msgId?}), `server-message` ({payload}: the
+   * message: {from, payload, msgId?}; so is any relay type the server's
+   * operator allowed with --relay-type), `broadcast` ({from, payload,
+   * msgId?}: a peer's message to the whole topic), `server-message` ({payload}: the
    * application's backend speaking, through the admin API), `pong`, `error` (a server error
    * message {code, message, msgId?}, or {code: "socket_error"}), `close`
    * ({code, reason, willReconnect, error}: `error` is the server's error
@@ -152,16 +156,31 @@
     }
 
     /**
-     * Send a relay message to peer `to`.
-     * @param {"offer"|"answer"|"ice-candidate"} type
+     * Send a relay message to peer `to`: `offer`, `answer`,
+     * `ice-candidate`, or a type the server allows with --relay-type.
+     * @param {string} type
      * @param {string} to the target's peer id
      * @param {*} payload any JSON value, relayed as is
      * @param {string} [msgId] echoed in the answer or in an error
      * @returns {boolean} false if not connected (nothing is queued)
      */
     send(type, to, payload, msgId) {
-      if (!RELAY_TYPES.has(type)) throw new TypeError(`not a relay type: ${type}`);
+      if (typeof type !== "string" || NOT_RELAYS.has(type)) {
+        throw new TypeError(`not a relay type: ${type}`);
+      }
       const message = { type, to, payload };
+      if (msgId !== undefined) message.msgId = msgId;
+      return this.sendRaw(message);
+    }
+
+    /**
+     * Send `payload` to every other peer of the topic (`broadcast`). A
+     * peer whose queue is full misses it: the server then answers one
+     * `error` `dropped` with `missed`, the number that did.
+     * @returns {boolean} false if not connected (nothing is queued)
+     */
+    broadcast(payload, msgId) {
+      const message = { type: "broadcast", payload };
       if (msgId !== undefined) message.msgId = msgId;
       return this.sendRaw(message);
     }
@@ -261,7 +280,9 @@
           this.emit("error", message);
           break;
         default:
-          if (RELAY_TYPES.has(message.type) || message.type === "pong") {
+          // A relay (of any type the server relays) or a broadcast: it
+          // names its sender.
+          if (typeof message.from === "string" || message.type === "pong") {
             this.emit(message.type, message);
           }
       }
