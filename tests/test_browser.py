@@ -241,3 +241,26 @@ def test_the_browser_client_broadcasts_and_hears_broadcasts(
         other.send_frame(OP_TEXT, b'{"type":"broadcast","payload":"back"}')
         page.wait_for_function("window.broadcastTest.heard.length === 1")
         assert page.evaluate("window.broadcastTest.heard") == [[other_id, "back"]]
+
+
+def test_the_demo_page_renames_its_peer(server: Server, open_page: Callable[[str], Page]) -> None:
+    """The demo's Rename button sends update-metadata: another peer gets
+    peer-updated, and the page shows the other's new name from its own."""
+    from playwright.sync_api import expect
+
+    page = open_page(f"http://127.0.0.1:{server.port}/#browser-rename")
+    page.fill("#name", "ada")
+    self_id = join(page)
+    other, other_id = RawClient.join(server.port, "/ws/browser-rename")
+    with other:
+        page.wait_for_function("window.demo.client.peers.size === 1")
+        page.fill("#name", "grace")
+        page.click("#rename")
+        # The demo also offers a data channel: skip its relays.
+        while (message := other.recv_json())["type"] in ("offer", "ice-candidate"):
+            pass
+        assert message == {"type": "peer-updated", "peerId": self_id, "metadata": {"name": "grace"}}
+        renamed = {"type": "update-metadata", "metadata": {"name": "lin"}}
+        other.send_frame(OP_TEXT, json.dumps(renamed).encode())
+        expect(page.locator("#log")).to_contain_text("is now lin", timeout=TIMEOUT_MS)
+        assert page.evaluate(f"window.demo.client.peers.get('{other_id}')") == {"name": "lin"}

@@ -35,11 +35,11 @@ Answer = tuple[str, str | None, str | None]
 
 
 def check_answer_shape(text: str, answer: Answer) -> None:
-    """One of the four answers, with a msgId that is a non-empty JSON string taken from *text*."""
+    """One of the five answers, with a msgId that is a non-empty JSON string taken from *text*."""
     kind, code, msg_id = answer
     if kind == "relay":
         assert code in RELAY_TYPES, answer
-    elif kind in ("ping", "broadcast"):
+    elif kind in ("ping", "broadcast", "update-metadata"):
         assert code is None, answer
     else:
         assert kind == "error", answer

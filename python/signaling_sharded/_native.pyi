@@ -152,6 +152,7 @@ class Hub:
         cluster_node: str | None = None,
         on_cluster: Callable[[list[Any]], object] | None = None,
         on_joined: Callable[[str, str, str | None], object] | None = None,
+        on_updated: Callable[[str, str, str | None], object] | None = None,
     ) -> Hub:
         """A hub with the settings of ``config``, read once. ``on_left`` and
         ``on_session`` are called with ``(peer, topic, reason or event)``
@@ -163,7 +164,8 @@ class Hub:
         work for Redis, in order: ``JoinOp``, ``LeaveOp``, ``PublishOp``,
         ``AskOp``, ``MoveOp``. ``on_joined`` is called with ``(peer, topic,
         metadata JSON or None)`` when a peer joins (a resume is no join),
-        before ``on_left`` is for it."""
+        before ``on_left`` is for it; ``on_updated`` the same when a peer
+        changes its metadata."""
     def join(
         self,
         transport: Any,
@@ -174,6 +176,7 @@ class Hub:
         resume: str | None = None,
         seen: int | None = None,
         waited: float = 0.0,
+        metadata_locked: bool = False,
     ) -> Peer:
         """Add the upgraded connection on ``transport`` to ``topic``.
 
@@ -186,7 +189,8 @@ class Hub:
         ``resume`` (a token) and ``seen``, it takes that session over if it
         can (``Peer.resumed``), else it is a new peer. ``waited``: seconds
         since the connection was accepted (the join latency histogram counts
-        from there).
+        from there). ``metadata_locked``: its token fixed the metadata, so
+        ``update-metadata`` is ``forbidden``.
         """
     def refuse(self, transport: Any, reason: str) -> Peer:
         """Refuse the upgraded connection on ``transport`` with ``reason``

@@ -67,6 +67,7 @@ __all__ = [
     "NotConnected",
     "PeerJoined",
     "PeerLeft",
+    "PeerUpdated",
     "Pong",
     "Reconnected",
     "Relay",
@@ -99,6 +100,14 @@ invalid topic or metadata."""
 @dataclass(frozen=True)
 class PeerJoined:
     """A peer joined the topic. `metadata` is None when it gave none."""
+
+    peer_id: str
+    metadata: Any = None
+
+
+@dataclass(frozen=True)
+class PeerUpdated:
+    """A peer changed its metadata (None: it has none now)."""
 
     peer_id: str
     metadata: Any = None
@@ -187,6 +196,7 @@ class Reconnected:
 
 Event = (
     PeerJoined
+    | PeerUpdated
     | PeerLeft
     | Relay
     | Broadcast
@@ -404,6 +414,12 @@ class SignalingClient:
             message["msgId"] = msg_id
         await self._send(message)
 
+    async def update_metadata(self, metadata: Any) -> None:
+        """Replace this peer's metadata (any JSON value of at most 1 KiB;
+        None: none); every other peer gets `PeerUpdated`. The server
+        refuses it (``forbidden``) when a token fixed the metadata."""
+        await self._send({"type": "update-metadata", "metadata": metadata})
+
     async def broadcast(self, payload: Any, msg_id: str | None = None) -> None:
         """Send *payload* (any JSON value) to every other peer of the topic.
 
@@ -575,6 +591,10 @@ class SignalingClient:
         if kind == "peer-joined":
             self._peers[message["peerId"]] = message.get("metadata")
             return PeerJoined(message["peerId"], message.get("metadata"))
+        if kind == "peer-updated":
+            if message["peerId"] in self._peers:
+                self._peers[message["peerId"]] = message.get("metadata")
+            return PeerUpdated(message["peerId"], message.get("metadata"))
         if kind == "peer-left":
             self._peers.pop(message["peerId"], None)
             return PeerLeft(message["peerId"])

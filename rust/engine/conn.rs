@@ -45,6 +45,8 @@ pub(super) struct Conn<W> {
     pub(super) bucket: Bucket,
     /// The broadcast rate's bucket, from the first broadcast on.
     pub(super) broadcasts: Option<Box<Bucket>>,
+    /// Its token fixed its metadata: `update-metadata` is `forbidden`.
+    pub(super) metadata_locked: bool,
     /// A resumable session's memory of what it sent.
     pub(super) session: Option<Box<Session>>,
 }
@@ -70,6 +72,7 @@ impl<W> Conn<W> {
             awaiting_pong: false,
             bucket: Bucket::full(0.0, now),
             broadcasts: None,
+            metadata_locked: false,
             session: None,
         }
     }

@@ -93,6 +93,9 @@ pub struct JoinRequest<'a> {
     pub metadata: Option<&'a str>,
     pub resumable: bool,
     pub resume: Option<(&'a str, Option<u64>)>,
+    /// The metadata is the token's, which does not let the peer change it
+    /// (`update-metadata` is `forbidden`).
+    pub metadata_locked: bool,
     /// When the connection was accepted (the join latency counts from
     /// there); `None`: now.
     pub accepted: Option<Instant>,
@@ -208,6 +211,10 @@ impl<W> Engine<W> {
         out: &mut Outbox,
     ) -> (u64, Result<Joined, Refusal>) {
         let conn = self.add_conn(transport, now.instant);
+        if request.metadata_locked {
+            let c = self.conns.get_mut(&conn).expect("just added");
+            c.metadata_locked = true;
+        }
         if self.conns.len() > self.config.max_connections {
             self.close(
                 conn,

@@ -98,6 +98,8 @@ pub struct Outbox {
     /// (a resumed session is no join). A peer joins in an earlier call
     /// than it leaves, or earlier in `joined` than in `left`.
     pub joined: Vec<(PeerId, Arc<str>, Option<Box<str>>)>,
+    /// Peers whose metadata changed during the call, with the new one.
+    pub updated: Vec<(PeerId, Arc<str>, Option<Box<str>>)>,
     /// Peers that left their topic during the call.
     pub left: Vec<(PeerId, Arc<str>, LeaveReason)>,
     /// Sessions suspended or resumed during the call.
@@ -114,6 +116,7 @@ impl Outbox {
         self.bufs.clear();
         self.actions.clear();
         self.joined.clear();
+        self.updated.clear();
         self.left.clear();
         self.sessions.clear();
         self.cluster.clear();
@@ -123,6 +126,7 @@ impl Outbox {
     pub fn is_empty(&self) -> bool {
         self.actions.is_empty()
             && self.joined.is_empty()
+            && self.updated.is_empty()
             && self.left.is_empty()
             && self.sessions.is_empty()
             && self.cluster.is_empty()

@@ -15,6 +15,7 @@ use crate::metrics::{cell, family, relay};
 use crate::wire::close;
 use crate::wire::frame::{self, Event, Flow};
 use crate::wire::message::{self, ErrorCode, Inbound, RelayKind};
+use crate::wire::request::MAX_METADATA;
 
 impl<W> Engine<W> {
     /// Parses what `conn` sent and acts on every frame in it.
@@ -144,6 +145,9 @@ impl<W> Engine<W> {
             Ok(Inbound::Broadcast { payload, msg_id }) => {
                 self.broadcast_from_peer(conn, text.len(), payload, msg_id, now, out);
             }
+            Ok(Inbound::UpdateMetadata { metadata, msg_id }) => {
+                self.update_metadata(conn, metadata, msg_id, out);
+            }
             Ok(Inbound::Ping { msg_id }) => {
                 let mut pong = Vec::new();
                 message::push_pong_message(&mut pong, msg_id);
@@ -197,6 +201,38 @@ impl<W> Engine<W> {
             message::push_dropped_broadcast(&mut dropped, msg_id, missed);
             self.send_must(conn, &dropped, out);
         }
+    }
+
+    /// A peer's `update-metadata`: its metadata is replaced, and every
+    /// other peer of the topic must hear of it (`peer-updated`, in the
+    /// exact-view stream: a slow consumer is disconnected).
+    fn update_metadata(
+        &mut self,
+        conn: u64,
+        metadata: &RawValue,
+        msg_id: Option<&RawValue>,
+        out: &mut Outbox,
+    ) {
+        let locked = self.conns.get(&conn).is_some_and(|c| c.metadata_locked);
+        if locked || self.cluster.is_some() {
+            // Cluster mode: not until Redis carries the change to the other
+            // nodes (a versioned function, as joins and leaves).
+            return self.send_error(conn, ErrorCode::Forbidden, msg_id, out);
+        }
+        let text = metadata.get();
+        if text.len() > MAX_METADATA {
+            return self.send_error(conn, ErrorCode::InvalidMetadata, msg_id, out);
+        }
+        let metadata = (text != "null").then(|| Box::from(text));
+        let member = self
+            .registry
+            .set_metadata(conn, metadata.clone())
+            .expect("open connections are members");
+        let (peer, topic) = (member.peer, Arc::clone(&member.topic));
+        let mut updated = Vec::new();
+        message::push_peer_updated(&mut updated, peer.as_str(), metadata.as_deref());
+        self.broadcast_local(&topic, Some(conn), updated, out);
+        out.updated.push((peer, topic, metadata));
     }
 
     pub(super) fn count_broadcast(&self, reached: usize, missed: usize) {

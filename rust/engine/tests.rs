@@ -558,3 +558,51 @@ fn an_allowed_relay_type_is_relayed_like_an_offer() {
     h.send(a, &text(&format!(r#"{{"type":"hello","to":"{b_id}"}}"#)));
     assert!(written(&h.out, a)[0].contains("invalid_type"));
 }
+
+#[test]
+fn a_metadata_update_reaches_the_others_and_later_joiners() {
+    let mut h = Harness::new(Config::default());
+    let (a, a_id) = h.join("room");
+    let (b, _) = h.join("room");
+    h.send(
+        a,
+        &text(r#"{"type":"update-metadata","metadata":{"name":"ada"}}"#),
+    );
+    assert_eq!(
+        written(&h.out, b),
+        vec![format!(
+            r#"{{"type":"peer-updated","peerId":"{a_id}","metadata":{{"name":"ada"}}}}"#
+        )]
+    );
+    assert!(written(&h.out, a).is_empty(), "no echo");
+    assert_eq!(h.out.updated.len(), 1);
+    let (c, _) = h.join("room");
+    assert!(written(&h.out, c)[1].contains(r#""metadata":{"name":"ada"}"#));
+    h.send(a, &text(r#"{"type":"update-metadata","metadata":null}"#));
+    assert_eq!(
+        written(&h.out, b),
+        vec![format!(
+            r#"{{"type":"peer-updated","peerId":"{a_id}","metadata":null}}"#
+        )]
+    );
+    h.send(a, &text(r#"{"type":"update-metadata"}"#));
+    assert!(written(&h.out, a)[0].contains("invalid_message"));
+}
+
+#[test]
+fn a_locked_metadata_cannot_be_updated() {
+    let mut h = Harness::new(Config::default());
+    h.out.clear();
+    let request = JoinRequest {
+        metadata_locked: true,
+        ..request("room", Some(r#"{"role":"host"}"#))
+    };
+    let (a, _) = h.engine.join((), request, at(h.now), &mut h.out);
+    let (b, _) = h.join("room");
+    h.send(
+        a,
+        &text(r#"{"type":"update-metadata","metadata":1,"msgId":"u"}"#),
+    );
+    assert!(written(&h.out, a)[0].contains(r#""code":"forbidden""#));
+    assert!(written(&h.out, b).is_empty());
+}

@@ -138,6 +138,13 @@ impl Registry {
         self.members.get(&conn)
     }
 
+    /// Replaces the metadata of `conn`'s membership; the member, if any.
+    pub fn set_metadata(&mut self, conn: u64, metadata: Option<Box<str>>) -> Option<&Member> {
+        let member = self.members.get_mut(&conn)?;
+        member.metadata = metadata;
+        Some(member)
+    }
+
     /// The connection of peer `to`, if it is in the same topic as `from`.
     pub fn find_in_topic_of(&self, from: u64, to: &str) -> Option<u64> {
         let target = *self.by_peer.get(&PeerId::parse(to)?)?;

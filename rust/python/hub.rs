@@ -39,8 +39,9 @@ pub struct Hub {
     on_left: Py<PyAny>,
     /// Called as `on_joined(peer_id, topic, metadata JSON or None)` when a
     /// peer joins (not when a session resumes): before `on_left` is for
-    /// that peer.
+    /// that peer. `on_updated`, the same, when a peer's metadata changes.
     on_joined: Option<Py<PyAny>>,
+    on_updated: Option<Py<PyAny>>,
     /// Called as `on_session(peer_id, topic, event)` when a resumable
     /// session is `"suspended"` or `"resumed"`, or `"joined"` (a resume
     /// another node could not honour started a new session).
@@ -76,6 +77,7 @@ impl Hub {
         step: impl FnOnce(&mut Engine<Py<PyAny>>, &mut Outbox) -> R,
     ) -> R {
         let mut joined = Vec::new();
+        let mut updated = Vec::new();
         let mut left = Vec::new();
         let mut sessions = Vec::new();
         let mut cluster_ops = None;
@@ -108,6 +110,12 @@ impl Hub {
                 engine.metrics().add(cell(family::SENT_BYTES, 0), sent);
                 if self.on_joined.is_some() {
                     joined.extend(outbox.joined.drain(..).map(|(peer, topic, metadata)| {
+                        let metadata = metadata.map(String::from);
+                        (peer.as_str().to_owned(), topic.to_string(), metadata)
+                    }));
+                }
+                if self.on_updated.is_some() {
+                    updated.extend(outbox.updated.drain(..).map(|(peer, topic, metadata)| {
                         let metadata = metadata.map(String::from);
                         (peer.as_str().to_owned(), topic.to_string(), metadata)
                     }));
@@ -145,6 +153,13 @@ impl Hub {
             for (peer, topic, metadata) in joined {
                 if let Err(err) = on_joined.call1(py, (peer, topic, metadata)) {
                     err.write_unraisable(py, Some(on_joined.bind(py)));
+                }
+            }
+        }
+        if let Some(on_updated) = &self.on_updated {
+            for (peer, topic, metadata) in updated {
+                if let Err(err) = on_updated.call1(py, (peer, topic, metadata)) {
+                    err.write_unraisable(py, Some(on_updated.bind(py)));
                 }
             }
         }
@@ -196,7 +211,7 @@ impl Hub {
     #[new]
     #[pyo3(signature = (
         config, on_left, *, on_session=None, metrics=None, worker=0, cluster_node=None,
-        on_cluster=None, on_joined=None,
+        on_cluster=None, on_joined=None, on_updated=None,
     ))]
     // Python's keyword arguments: each is named at the call.
     #[allow(clippy::too_many_arguments)]
@@ -209,6 +224,7 @@ impl Hub {
         cluster_node: Option<String>,
         on_cluster: Option<Py<PyAny>>,
         on_joined: Option<Py<PyAny>>,
+        on_updated: Option<Py<PyAny>>,
     ) -> PyResult<Self> {
         if cluster_node.is_some() != on_cluster.is_some() {
             return Err(PyValueError::new_err(
@@ -232,6 +248,7 @@ impl Hub {
             }),
             on_left,
             on_joined,
+            on_updated,
             on_session,
             on_cluster,
             channel_prefix: format!("{}node:", config.redis_prefix).into_bytes(),
@@ -247,7 +264,10 @@ impl Hub {
     /// `transport.set_protocol()` the returned `Peer`.
     // Python's keyword arguments: each is named at the call.
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (transport, topic, metadata=None, *, resumable=false, resume=None, seen=None, waited=0.0))]
+    #[pyo3(signature = (
+        transport, topic, metadata=None, *, resumable=false, resume=None, seen=None, waited=0.0,
+        metadata_locked=false,
+    ))]
     fn join(
         slf: &Bound<'_, Self>,
         transport: Py<PyAny>,
@@ -257,6 +277,7 @@ impl Hub {
         resume: Option<&str>,
         seen: Option<u64>,
         waited: f64,
+        metadata_locked: bool,
     ) -> Peer {
         let py = slf.py();
         let waited = Duration::try_from_secs_f64(waited).unwrap_or_default();
@@ -265,6 +286,7 @@ impl Hub {
             metadata,
             resumable,
             resume: resume.map(|token| (token, seen)),
+            metadata_locked,
             accepted: Instant::now().checked_sub(waited),
         };
         let (conn, joined) = slf.get().run(py, |engine, out| {

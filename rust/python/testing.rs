@@ -52,7 +52,8 @@ fn frame_events<'py>(
 }
 
 /// How the server answers one client text message: `("relay", type)`,
-/// `("ping", None)`, `("broadcast", None)` or `("error", code)`, with the
+/// `("ping", None)`, `("broadcast", None)`, `("update-metadata", None)` or
+/// `("error", code)`, with the
 /// `msgId` it would echo.
 /// Exposed for tests.
 #[pyfunction]
@@ -67,6 +68,11 @@ fn message_answer(text: &str) -> (&'static str, Option<&'static str>, Option<Str
         Ok(Inbound::Broadcast { msg_id, .. }) => {
             ("broadcast", None, msg_id.map(|raw| raw.get().to_owned()))
         }
+        Ok(Inbound::UpdateMetadata { msg_id, .. }) => (
+            "update-metadata",
+            None,
+            msg_id.map(|raw| raw.get().to_owned()),
+        ),
         Err(rejected) => (
             "error",
             Some(rejected.code.code()),

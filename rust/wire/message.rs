@@ -82,7 +82,15 @@ pub enum Inbound<'a> {
         payload: Option<&'a RawValue>,
         msg_id: Option<&'a RawValue>,
     },
+    /// The sender's new metadata (JSON `null`: none).
+    UpdateMetadata {
+        metadata: &'a RawValue,
+        msg_id: Option<&'a RawValue>,
+    },
 }
+
+/// The message type of a metadata update.
+pub const UPDATE_METADATA: &str = "update-metadata";
 
 /// The `error` codes of the protocol (PROTOCOL.md section 4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,6 +196,8 @@ struct Wire<'a> {
     payload: Option<&'a RawValue>,
     #[serde(rename = "msgId", default, borrow, deserialize_with = "string_value")]
     msg_id: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "any_value")]
+    metadata: Option<&'a RawValue>,
 }
 
 /// [`Wire`] for a message whose `type` or `to` does not decode (a lone
@@ -203,6 +213,8 @@ struct LenientWire<'a> {
     payload: Option<&'a RawValue>,
     #[serde(rename = "msgId", default, borrow, deserialize_with = "string_value")]
     msg_id: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "any_value")]
+    metadata: Option<&'a RawValue>,
 }
 
 /// What a string that does not decode stands for: no type, no peer id.
@@ -218,6 +230,7 @@ impl<'a> LenientWire<'a> {
             to: self.to.map(decode),
             payload: self.payload,
             msg_id: self.msg_id,
+            metadata: self.metadata,
         }
     }
 }
@@ -299,6 +312,15 @@ pub fn parse_inbound_with<'a>(
     if kind == BROADCAST {
         let payload = wire.payload;
         return Ok(Inbound::Broadcast { payload, msg_id });
+    }
+    if kind == UPDATE_METADATA {
+        return match wire.metadata {
+            Some(metadata) => Ok(Inbound::UpdateMetadata { metadata, msg_id }),
+            None => Err(Rejected {
+                code: ErrorCode::InvalidMessage,
+                msg_id,
+            }),
+        };
     }
     let Some(kind) = RelayKind::parse(kind, relay_types) else {
         return Err(Rejected {
@@ -462,6 +484,20 @@ pub fn push_peer_joined(out: &mut Vec<u8>, peer_id: &str, metadata: Option<&str>
             b"\"",
             metadata[0],
             metadata[1],
+            b"}",
+        ],
+    );
+}
+
+/// `{"type":"peer-updated","peerId":...,"metadata":...}` (`null` for none)
+pub fn push_peer_updated(out: &mut Vec<u8>, peer_id: &str, metadata: Option<&str>) {
+    push_text(
+        out,
+        &[
+            b"{\"type\":\"peer-updated\",\"peerId\":\"",
+            peer_id.as_bytes(),
+            b"\",\"metadata\":",
+            metadata.unwrap_or("null").as_bytes(),
             b"}",
         ],
     );

@@ -12,9 +12,13 @@ SECRET = "unit-test-secret-" + "s" * 32
 
 def test_a_minted_token_grants_its_topics_and_metadata() -> None:
     token = auth.mint(SECRET, ttl=60, topics=["a", "b"], metadata={"name": "ann"})
-    assert auth.authorize(SECRET, token, "a") == auth.Grant('{"name":"ann"}')
+    # Metadata a token gives is fixed unless it says the peer may change it.
+    assert auth.authorize(SECRET, token, "a") == auth.Grant('{"name":"ann"}', False)
     assert auth.authorize(SECRET, token, "b") is not None
     assert auth.authorize(SECRET, token, "c") is None
+    free = auth.mint(SECRET, ttl=60, metadata=1, can_update_metadata=True)
+    assert auth.authorize(SECRET, free, "a") == auth.Grant("1", True)
+    assert auth.authorize(SECRET, auth.mint(SECRET, ttl=60), "a") == auth.Grant(None, True)
 
 
 def test_what_is_refused() -> None:

@@ -6,7 +6,8 @@ query parameter (browsers cannot set headers on a WebSocket) or an
 (HS256 only: ``alg: none`` and every other algorithm are refused) and carry
 ``exp``. Optional claims: ``topic``, the only topic it may join (a string)
 or the topics it may join (a list of strings); ``metadata``, any JSON value,
-which replaces the ``?metadata=`` of the request.
+which replaces the ``?metadata=`` of the request and which the peer may not
+change (``update-metadata``) unless ``"canUpdateMetadata": true``.
 """
 
 from __future__ import annotations
@@ -41,9 +42,11 @@ ABSENT = object()
 
 @dataclass(frozen=True)
 class Grant:
-    """What a valid token allows: its metadata (JSON text), if it has any."""
+    """What a valid token allows: its metadata (JSON text), if it has any,
+    and whether the peer may change it (``"canUpdateMetadata": true``)."""
 
     metadata: str | None
+    can_update_metadata: bool = True
 
 
 def bearer(authorization: str | None) -> str | None:
@@ -75,7 +78,7 @@ def authorize(secret: str, token: str | None, topic: str) -> Grant | None:
     text = json.dumps(metadata, ensure_ascii=False, separators=(",", ":"))
     if len(text.encode()) > MAX_METADATA_BYTES:
         return None
-    return Grant(text)
+    return Grant(text, claims.get("canUpdateMetadata") is True)
 
 
 def _allows(allowed: object, topic: str) -> bool:
@@ -92,13 +95,17 @@ def mint(
     ttl: float,
     topics: list[str] | None = None,
     metadata: object = ABSENT,
+    can_update_metadata: bool = False,
     now: float | None = None,
 ) -> str:
-    """A token valid for ``ttl`` seconds, for ``topics`` (any when None)."""
+    """A token valid for ``ttl`` seconds, for ``topics`` (any when None);
+    its ``metadata`` may be changed by the peer if ``can_update_metadata``."""
     issued = int(time.time() if now is None else now)
     claims: dict[str, Any] = {"iat": issued, "exp": issued + int(ttl)}
     if topics:
         claims["topic"] = topics[0] if len(topics) == 1 else topics
     if metadata is not ABSENT:
         claims["metadata"] = metadata
+        if can_update_metadata:
+            claims["canUpdateMetadata"] = True
     return jwt.encode(claims, secret, algorithm=ALGORITHM)

@@ -402,6 +402,7 @@ class Handshake(asyncio.Protocol):
         topic = request.topic
         assert topic is not None
         metadata = request.metadata
+        metadata_locked = False
         if worker.config.auth_secret is not None:
             token = request.token or auth.bearer(request.authorization)
             grant = auth.authorize(worker.config.auth_secret, token, topic)
@@ -410,6 +411,7 @@ class Handshake(asyncio.Protocol):
                 return
             if grant.metadata is not None:
                 metadata = grant.metadata
+                metadata_locked = not grant.can_update_metadata
         peer = hub.join(
             transport,
             topic,
@@ -418,6 +420,7 @@ class Handshake(asyncio.Protocol):
             resume=request.resume,
             seen=request.seen,
             waited=time.monotonic() - self.accepted,
+            metadata_locked=metadata_locked,
         )
         self.install(transport, peer, request, rest)
 

@@ -156,6 +156,7 @@ class Worker:
             cluster_node=None if self.cluster is None else self.cluster.node,
             on_cluster=None if self.cluster is None else self.cluster.submit,
             on_joined=None if self.local_webhooks is None else self.local_webhooks.joined,
+            on_updated=None if self.local_webhooks is None else self.local_webhooks.updated,
         )
         # A request without Origin (a native client) always passes the
         # allow-list.

@@ -39,8 +39,8 @@
    * A connection to one topic of a signaling-sharded server.
    *
    * Events: `welcome` (the welcome message), `peers` (a Map of peer id to
-   * metadata, after every change), `peer-joined` and `peer-left`
-   * ({id, metadata}), `offer` / `answer` / `ice-candidate` (the relayed
+   * metadata, after every change), `peer-joined`, `peer-updated` (its new
+   * metadata) and `peer-left` ({id, metadata}), `offer` / `answer` / `ice-candidate` (the relayed
    * message: {from, payload, msgId?}; so is any relay type the server's
    * operator allowed with --relay-type), `broadcast` ({from, payload,
    * msgId?}: a peer's message to the whole topic), `server-message` ({payload}: the
@@ -179,6 +179,11 @@
      * `error` `dropped` with `missed`, the number that did.
      * @returns {boolean} false if not connected (nothing is queued)
      */
+    updateMetadata(metadata) {
+      // Every other peer gets `peer-updated`; `forbidden` if a token fixed it.
+      return this.sendRaw({ type: "update-metadata", metadata });
+    }
+
     broadcast(payload, msgId) {
       const message = { type: "broadcast", payload };
       if (msgId !== undefined) message.msgId = msgId;
@@ -272,6 +277,13 @@
           this.emit("peers", this.peers);
           break;
         }
+        case "peer-updated":
+          if (this.peers.has(message.peerId)) {
+            this.peers.set(message.peerId, message.metadata);
+            this.emit("peer-updated", { id: message.peerId, metadata: message.metadata });
+            this.emit("peers", this.peers);
+          }
+          break;
         case "server-message":
           this.emit("server-message", { payload: message.payload });
           break;

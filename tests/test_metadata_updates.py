@@ -1,0 +1,138 @@
+"""Metadata updates (PROTOCOL.md section 9): ``update-metadata`` reaches
+every other peer as ``peer-updated`` in the exact-view stream, later
+joiners see it in ``peer-list``, a token can fix it, and webhooks hear of
+it. On 1 and 4 workers; refused (``forbidden``) in cluster mode until Redis
+carries it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from conftest import Server
+from redis_server import RedisServer, redis_server  # noqa: F401
+from signaling_sharded.client import PeerUpdated, SignalingClient
+from test_auth import SECRET, token
+from test_cluster import CONVERGE, converge, start_cluster
+from test_webhooks import SECRET as HOOK_SECRET
+from test_webhooks import kinds
+from webhook_receiver import Receiver
+from wsclient import OP_TEXT, Peers, RawClient, run
+
+StartServer = Callable[..., Server]
+
+
+def update(client: RawClient, metadata: Any, msg_id: str | None = None) -> None:
+    message: dict[str, Any] = {"type": "update-metadata", "metadata": metadata}
+    if msg_id is not None:
+        message["msgId"] = msg_id
+    client.send_frame(OP_TEXT, json.dumps(message).encode())
+
+
+@pytest.mark.parametrize("workers", ["1", "4"])
+def test_an_update_reaches_the_others_and_later_joiners(
+    start_server: StartServer, workers: str
+) -> None:
+    server = start_server("--workers", workers)
+    a, a_id = RawClient.join(server.port, "/ws/names?metadata=%7B%22name%22%3A%22a%22%7D")
+    b, _ = RawClient.join(server.port, "/ws/names")
+    assert a.recv_json()["type"] == "peer-joined"
+    update(a, {"name": "ada"})
+    assert b.recv_json() == {"type": "peer-updated", "peerId": a_id, "metadata": {"name": "ada"}}
+    c = RawClient.connect(server.port, "/ws/names")
+    c.recv_json()
+    listed = {entry["id"]: entry.get("metadata") for entry in c.recv_json()["peers"]}
+    assert listed[a_id] == {"name": "ada"}
+    update(a, None)
+    assert b.recv_json()["type"] == "peer-joined"  # c
+    assert b.recv_json() == {"type": "peer-updated", "peerId": a_id, "metadata": None}
+    # Too large: refused, and the connection stays.
+    update(a, "x" * 1100, "big")
+    assert a.recv_json()["type"] == "peer-joined"  # c
+    answer = a.recv_json()
+    assert (answer["code"], answer["msgId"]) == ("invalid_metadata", "big")
+    a.send_frame(OP_TEXT, b'{"type":"ping","msgId":"p"}')
+    assert a.recv_json() == {"type": "pong", "msgId": "p"}
+    for client in (a, b, c):
+        client.close()
+
+
+def test_a_token_fixes_the_metadata_unless_it_allows_updates(
+    start_server: StartServer,
+) -> None:
+    server = start_server("--auth-secret", SECRET)
+    fixed = token({"metadata": {"role": "guest"}})
+    free = token({"metadata": {"role": "host"}, "canUpdateMetadata": True})
+    guest, _ = RawClient.join(server.port, f"/ws/roles?token={fixed}")
+    host, host_id = RawClient.join(server.port, f"/ws/roles?token={free}")
+    guest.recv_json()  # host joined
+    update(guest, {"role": "host"}, "g")
+    answer = guest.recv_json()
+    assert (answer["code"], answer["msgId"]) == ("forbidden", "g")
+    update(host, {"role": "host", "muted": True})
+    assert guest.recv_json() == {
+        "type": "peer-updated",
+        "peerId": host_id,
+        "metadata": {"role": "host", "muted": True},
+    }
+    guest.close()
+    host.close()
+
+
+def test_webhooks_hear_of_an_update(start_server: StartServer) -> None:
+    receiver = Receiver(HOOK_SECRET)
+    try:
+        server = start_server("--webhook-url", receiver.url, "--webhook-secret", HOOK_SECRET)
+        client, peer = RawClient.join(server.port, "/ws/hooked-names")
+        update(client, {"name": "b"})
+        client.send_frame(OP_TEXT, b'{"type":"ping","msgId":"p"}')
+        client.recv_json()
+        events = receiver.wait(lambda got: any(e["type"] == "peer.updated" for e in got))
+        (updated,) = [e for e in events if e["type"] == "peer.updated"]
+        assert (updated["peerId"], updated["metadata"]) == (peer, {"name": "b"})
+        assert kinds(events)[:2] == [("topic.opened", None, None), ("peer.joined", peer, None)]
+        client.close()
+    finally:
+        receiver.close()
+
+
+def test_the_python_client_updates_and_sees_updates(start_server: StartServer) -> None:
+    server = start_server()
+    base = f"ws://127.0.0.1:{server.port}"
+
+    async def scenario() -> None:
+        async with (
+            SignalingClient(base, "py-names") as a,
+            SignalingClient(base, "py-names", metadata={"name": "b"}) as b,
+        ):
+            async for event in a:
+                if getattr(event, "peer_id", None) == b.self_id:
+                    break
+            await b.update_metadata({"name": "bea"})
+            async for event in a:
+                if isinstance(event, PeerUpdated):
+                    assert event == PeerUpdated(b.self_id, {"name": "bea"})
+                    break
+            assert a.peers[b.self_id] == {"name": "bea"}
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_cluster_mode_refuses_updates_for_now(
+    redis_server: RedisServer,  # noqa: F811
+    start_server: StartServer,
+) -> None:
+    (server,) = start_cluster(start_server, redis_server, 1)
+
+    async def scenario() -> None:
+        async with Peers() as peers:
+            (a,) = await peers.join_all(server.url("cluster-names"))
+            await converge([a], CONVERGE)
+            await a.send({"type": "update-metadata", "metadata": 1, "msgId": "u"})
+            answer = await a.recv_error()
+            assert (answer["code"], answer["msgId"]) == ("forbidden", "u")
+
+    run(scenario())
