@@ -1,8 +1,7 @@
 """Metadata updates (PROTOCOL.md section 9): ``update-metadata`` reaches
 every other peer as ``peer-updated`` in the exact-view stream, later
 joiners see it in ``peer-list``, a token can fix it, and webhooks hear of
-it. On 1 and 4 workers; refused (``forbidden``) in cluster mode until Redis
-carries it."""
+it. On 1 and 4 workers and across two cluster servers."""
 
 from __future__ import annotations
 
@@ -21,6 +20,8 @@ from test_webhooks import SECRET as HOOK_SECRET
 from test_webhooks import kinds
 from webhook_receiver import Receiver
 from wsclient import OP_TEXT, Peers, RawClient, run
+
+from testkit.proxy import Proxy
 
 StartServer = Callable[..., Server]
 
@@ -121,18 +122,84 @@ def test_the_python_client_updates_and_sees_updates(start_server: StartServer) -
     asyncio.run(asyncio.wait_for(scenario(), 30))
 
 
-def test_cluster_mode_refuses_updates_for_now(
+def test_an_update_crosses_a_cluster_and_reaches_later_joiners(
     redis_server: RedisServer,  # noqa: F811
     start_server: StartServer,
 ) -> None:
-    (server,) = start_cluster(start_server, redis_server, 1)
+    first, second = start_cluster(start_server, redis_server, 2)
 
     async def scenario() -> None:
         async with Peers() as peers:
-            (a,) = await peers.join_all(server.url("cluster-names"))
-            await converge([a], CONVERGE)
-            await a.send({"type": "update-metadata", "metadata": 1, "msgId": "u"})
-            answer = await a.recv_error()
-            assert (answer["code"], answer["msgId"]) == ("forbidden", "u")
+            (a,) = await peers.join_all(first.url("cluster-names"))
+            (b,) = await peers.join_all(second.url("cluster-names"))
+            await converge([a, b], CONVERGE)
+            await a.send({"type": "update-metadata", "metadata": {"name": "ada"}})
+            await b.wait_until(lambda: b.view.get(a.id) == {"name": "ada"}, CONVERGE)
+            assert b.events[-1] == {
+                "type": "peer-updated",
+                "peerId": a.id,
+                "metadata": {"name": "ada"},
+            }
+            # A later joiner on either server sees the new metadata.
+            for server in (first, second):
+                c = await peers.join(server.url("cluster-names"))
+                assert c.initial_view[a.id] == {"name": "ada"}
 
     run(scenario())
+
+
+def test_a_cluster_sends_peer_updated_once_numbered_by_redis(
+    redis_server: RedisServer,  # noqa: F811
+    start_server: StartServer,
+) -> None:
+    receiver = Receiver(HOOK_SECRET)
+    try:
+        flags = ("--webhook-url", receiver.url, "--webhook-secret", HOOK_SECRET)
+        first, second = start_cluster(start_server, redis_server, 2, *flags)
+        a, a_id = RawClient.join(first.port, "/ws/hooked-cluster")
+        b, _ = RawClient.join(second.port, "/ws/hooked-cluster")
+        a.recv_json()  # b joined
+        update(a, {"name": "ada"})
+        assert b.recv_json()["type"] == "peer-updated"
+        events = receiver.wait(lambda got: any(e["type"] == "peer.updated" for e in got))
+        (updated,) = [e for e in events if e["type"] == "peer.updated"]
+        assert (updated["peerId"], updated["metadata"]) == (a_id, {"name": "ada"})
+        joined = [e["seq"] for e in events if e["type"] == "peer.joined"]
+        assert updated["seq"] > max(joined)
+        a.close()
+        b.close()
+    finally:
+        receiver.close()
+
+
+def test_an_update_lost_with_the_link_to_redis_reaches_the_cluster_after(
+    redis_server: RedisServer,  # noqa: F811
+    start_server: StartServer,
+) -> None:
+    """The first server reaches Redis through a proxy. An update sent while
+    that link is blackholed never reaches Redis; once the link is back, the
+    server's resync rewrites its members and the other server's peers see
+    the new metadata."""
+    proxy = Proxy(redis_server.port)
+    try:
+        via_proxy = redis_server.url.replace(f":{redis_server.port}", f":{proxy.port}")
+        first = start_server("--workers", "1", "--redis", via_proxy)
+        first.wait_records("cluster ready", 1)
+        (second,) = start_cluster(start_server, redis_server, 1, workers=1)
+
+        async def scenario() -> None:
+            async with Peers() as peers:
+                a = await peers.join(first.url("outage-names"))
+                b = await peers.join(second.url("outage-names"))
+                await converge([a, b], CONVERGE)
+                proxy.blackhole("up")
+                await a.send({"type": "update-metadata", "metadata": {"name": "late"}})
+                await asyncio.to_thread(first.wait_records, "cluster lost", 1, CONVERGE)
+                assert b.view[a.id] != {"name": "late"}
+                proxy.reset()  # what was held for Redis is gone with it
+                proxy.blackholed = frozenset()
+                await b.wait_until(lambda: b.view.get(a.id) == {"name": "late"}, CONVERGE)
+
+        run(scenario())
+    finally:
+        proxy.close()

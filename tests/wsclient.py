@@ -33,7 +33,7 @@ TIMEOUT = 5.0
 
 ULID = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}")
 RELAY_TYPES = ("offer", "answer", "ice-candidate")
-PRESENCE_TYPES = ("peer-joined", "peer-left")
+PRESENCE_TYPES = ("peer-joined", "peer-left", "peer-updated")
 
 ABSENT = "<no metadata>"
 """Stands for a peer's metadata in a view when the server sent none."""
@@ -205,6 +205,11 @@ class Peer:
             assert peer_id != self.id, f"{self.id} told that it joined itself"
             assert peer_id not in self.view, f"{self.id}: peer-joined for a known peer: {event}"
             self.view[peer_id] = event.get("metadata", ABSENT)
+        elif event["type"] == "peer-updated":
+            assert set(event) == {"type", "peerId", "metadata"}, event
+            assert peer_id in self.view, f"{self.id}: peer-updated for an unknown peer: {event}"
+            metadata = event["metadata"]
+            self.view[peer_id] = ABSENT if metadata is None else metadata
         else:
             assert set(event) == {"type", "peerId"}, event
             assert peer_id in self.view, f"{self.id}: peer-left for an unknown peer: {event}"

@@ -19,6 +19,7 @@ __all__ = [
     "PublishOp",
     "Request",
     "RequestReader",
+    "UpdateOp",
     "frame_events",
     "message_answer",
     "query_values",
@@ -82,6 +83,18 @@ class JoinOp:
     def metadata(self) -> str | None: ...
     @property
     def snapshot(self) -> bool: ...
+
+@final
+class UpdateOp:
+    """Cluster work: replace the metadata of local peer ``peer`` of
+    ``topic`` (None: none)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def peer(self) -> str: ...
+    @property
+    def metadata(self) -> str | None: ...
 
 @final
 class LeaveOp:
@@ -161,7 +174,7 @@ class Hub:
         honour started a new session). ``metrics`` is
         the server's table and ``worker`` this worker's row; in cluster
         mode, ``cluster_node`` names the node and ``on_cluster`` takes its
-        work for Redis, in order: ``JoinOp``, ``LeaveOp``, ``PublishOp``,
+        work for Redis, in order: ``JoinOp``, ``UpdateOp``, ``LeaveOp``, ``PublishOp``,
         ``AskOp``, ``MoveOp``. ``on_joined`` is called with ``(peer, topic,
         metadata JSON or None)`` when a peer joins (a resume is no join),
         before ``on_left`` is for it; ``on_updated`` the same when a peer

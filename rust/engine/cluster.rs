@@ -22,7 +22,7 @@ use super::conn::{Closing, LeaveReason, Queued, State};
 use super::migrate::Migrations;
 pub use super::outbox::ClusterOp;
 use super::outbox::Outbox;
-use super::remote::RemoteTopic;
+use super::remote::{Changes, RemoteTopic};
 use super::{Engine, Newcomer, Now};
 use crate::metrics::relay;
 use crate::wire::close;
@@ -396,7 +396,7 @@ impl<W> Engine<W> {
         else {
             return; // nobody here follows the topic any more
         };
-        let (left, joined) = match snapshot {
+        let changes = match snapshot {
             Some((version, _)) if remote.pending.is_none() && version <= remote.version => {
                 return; // older than what was applied since
             }
@@ -407,7 +407,7 @@ impl<W> Engine<W> {
                 remote.replace(remote.version, members)
             }
         };
-        self.announce(topic, left, joined, out);
+        self.announce(topic, changes, out);
         self.greet_waiting(topic, now, out);
     }
 
@@ -492,8 +492,8 @@ impl<W> Engine<W> {
             pending.push(event);
             return;
         }
-        let (left, joined) = remote.apply(event);
-        self.announce(topic, left, joined, out);
+        let changes = remote.apply(event);
+        self.announce(topic, changes, out);
     }
 
     /// Answers `target_not_found` to the recent relays to `gone` peers,
@@ -520,13 +520,17 @@ impl<W> Engine<W> {
     }
 
     /// Tells the local members of `topic` of remote peers that left or joined.
-    fn announce(
-        &mut self,
-        topic: &str,
-        left: Vec<PeerId>,
-        joined: Vec<(PeerId, RemotePeer)>,
-        out: &mut Outbox,
-    ) {
+    fn announce(&mut self, topic: &str, changes: Changes, out: &mut Outbox) {
+        let Changes {
+            left,
+            joined,
+            updated,
+        } = changes;
+        for (peer, metadata) in updated {
+            let mut bytes = Vec::new();
+            message::push_peer_updated(&mut bytes, peer.as_str(), metadata.as_deref());
+            self.broadcast(topic, None, bytes, out);
+        }
         for peer in left {
             let mut bytes = Vec::new();
             message::push_peer_left(&mut bytes, peer.as_str());
@@ -625,7 +629,11 @@ impl<W> Engine<W> {
             .and_then(|cluster| cluster.remote.get_mut(&topic))
             .and_then(|remote| remote.members.remove(&relay.to));
         if gone.is_some() {
-            self.announce(&topic, vec![relay.to], Vec::new(), out);
+            let gone = Changes {
+                left: vec![relay.to],
+                ..Changes::default()
+            };
+            self.announce(&topic, gone, out);
             out.cluster.push(ClusterOp::Leave {
                 topic,
                 peer: relay.to,

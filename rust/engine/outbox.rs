@@ -32,6 +32,12 @@ pub enum ClusterOp {
         metadata: Option<Box<str>>,
         snapshot: bool,
     },
+    /// Replace a local peer's metadata (`None`: none).
+    Update {
+        topic: Arc<str>,
+        peer: PeerId,
+        metadata: Option<Box<str>>,
+    },
     /// Remove a peer from the topic: a local one that left for `reason`,
     /// or (`None`) a remote one found gone with its node.
     Leave {

@@ -9,7 +9,7 @@ use serde_json::value::RawValue;
 
 use super::conn::{Closing, Queued, State};
 use super::limits::Admission;
-use super::outbox::{Action, Outbox};
+use super::outbox::{Action, ClusterOp, Outbox};
 use super::{Engine, LeaveReason};
 use crate::metrics::{cell, family, relay};
 use crate::wire::close;
@@ -213,10 +213,7 @@ impl<W> Engine<W> {
         msg_id: Option<&RawValue>,
         out: &mut Outbox,
     ) {
-        let locked = self.conns.get(&conn).is_some_and(|c| c.metadata_locked);
-        if locked || self.cluster.is_some() {
-            // Cluster mode: not until Redis carries the change to the other
-            // nodes (a versioned function, as joins and leaves).
+        if self.conns.get(&conn).is_some_and(|c| c.metadata_locked) {
             return self.send_error(conn, ErrorCode::Forbidden, msg_id, out);
         }
         let text = metadata.get();
@@ -232,6 +229,15 @@ impl<W> Engine<W> {
         let mut updated = Vec::new();
         message::push_peer_updated(&mut updated, peer.as_str(), metadata.as_deref());
         self.broadcast_local(&topic, Some(conn), updated, out);
+        if self.cluster.is_some() {
+            // The other nodes hear of it through Redis, in the topic's order.
+            let (topic, metadata) = (Arc::clone(&topic), metadata.clone());
+            out.cluster.push(ClusterOp::Update {
+                topic,
+                peer,
+                metadata,
+            });
+        }
         out.updated.push((peer, topic, metadata));
     }
 

@@ -12,6 +12,15 @@ use rustc_hash::FxHashMap;
 use crate::wire::cluster::{Presence, RemotePeer};
 use crate::wire::peer_id::PeerId;
 
+/// What changed in a topic's remote members that local peers must hear.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub left: Vec<PeerId>,
+    pub joined: Vec<(PeerId, RemotePeer)>,
+    /// Members whose metadata changed, with the new one.
+    pub updated: Vec<(PeerId, Option<Box<str>>)>,
+}
+
 /// What a worker knows of one topic's remote members. It exists while the
 /// worker has members of the topic, or connections waiting to become so.
 #[derive(Debug, Default)]
@@ -27,37 +36,48 @@ pub struct RemoteTopic {
 
 impl RemoteTopic {
     /// Applies `event` if it is newer than what is known; returns the
-    /// changes that were news (peers that left, peers that joined).
-    pub fn apply(&mut self, event: Presence) -> (Vec<PeerId>, Vec<(PeerId, RemotePeer)>) {
+    /// changes that were news. A member listed as joined again with other
+    /// metadata changed it (`update` in cluster.lua).
+    pub fn apply(&mut self, event: Presence) -> Changes {
+        let mut changes = Changes::default();
         if event.version <= self.version {
-            return (Vec::new(), Vec::new());
+            return changes;
         }
         self.version = event.version;
-        let left = event
+        changes.left = event
             .left
             .into_iter()
             .filter(|peer| self.members.remove(peer).is_some())
             .collect();
-        let joined = event
-            .joined
-            .into_iter()
-            .filter(|(peer, remote)| self.members.insert(*peer, remote.clone()).is_none())
-            .collect();
+        for (peer, remote) in event.joined {
+            match self.members.insert(peer, remote.clone()) {
+                None => changes.joined.push((peer, remote)),
+                Some(old) if old.metadata != remote.metadata => {
+                    changes.updated.push((peer, remote.metadata));
+                }
+                Some(_) => {}
+            }
+        }
         for (peer, node) in event.moved {
             if let Some(member) = self.members.get_mut(&peer) {
                 member.node = node;
             }
         }
-        (left, joined)
+        changes
     }
 
     /// Replaces the members with a snapshot taken at `version`, then
     /// applies the events that waited for it; returns what changed.
-    pub fn replace(
-        &mut self,
-        version: u64,
-        members: FxHashMap<PeerId, RemotePeer>,
-    ) -> (Vec<PeerId>, Vec<(PeerId, RemotePeer)>) {
+    pub fn replace(&mut self, version: u64, members: FxHashMap<PeerId, RemotePeer>) -> Changes {
+        let mut updated: Vec<(PeerId, Option<Box<str>>)> = members
+            .iter()
+            .filter(|(peer, remote)| {
+                self.members
+                    .get(peer)
+                    .is_some_and(|old| old.metadata != remote.metadata)
+            })
+            .map(|(peer, remote)| (*peer, remote.metadata.clone()))
+            .collect();
         let mut left: Vec<PeerId> = self
             .members
             .keys()
@@ -72,7 +92,18 @@ impl RemoteTopic {
         self.members = members;
         self.version = version;
         for event in self.pending.take().unwrap_or_default() {
-            let (gone, came) = self.apply(event);
+            let Changes {
+                left: gone,
+                joined: came,
+                updated: changed,
+            } = self.apply(event);
+            for (peer, metadata) in changed {
+                // Told as it joins if it is news, else as an update.
+                match joined.iter_mut().find(|(p, _)| *p == peer) {
+                    Some((_, remote)) => remote.metadata = metadata,
+                    None => updated.push((peer, metadata)),
+                }
+            }
             for peer in gone {
                 // Joined then left before anyone was told: no news at all.
                 match joined.iter().position(|(p, _)| *p == peer) {
@@ -91,7 +122,12 @@ impl RemoteTopic {
                 }
             }
         }
-        (left, joined)
+        updated.retain(|(peer, _)| !left.contains(peer));
+        Changes {
+            left,
+            joined,
+            updated,
+        }
     }
 }
 
@@ -136,7 +172,7 @@ mod tests {
         ];
         topic.pending = Some(events);
         let snapshot = [(id(1), remote("n"))].into_iter().collect();
-        let (left, joined) = topic.replace(5, snapshot);
+        let Changes { left, joined, .. } = topic.replace(5, snapshot);
         // Before: nothing; snapshot: 1; then 1 left, 2 came and went, 3 came.
         assert_eq!(left, Vec::<PeerId>::new());
         assert_eq!(joined, vec![(id(3), remote("n"))]);
@@ -145,16 +181,42 @@ mod tests {
             vec![id(3)]
         );
         assert_eq!(topic.version, 7);
-        let (left, joined) = topic.apply(Presence {
+        let changes = topic.apply(Presence {
             version: 7,
             left: vec![id(3)],
             joined: vec![],
             dead: false,
             moved: vec![],
         });
-        assert!(
-            left.is_empty() && joined.is_empty(),
+        assert_eq!(
+            changes,
+            Changes::default(),
             "a replayed event is news again"
         );
+    }
+
+    #[test]
+    fn a_member_joined_again_with_other_metadata_updated_it() {
+        let mut topic = RemoteTopic::default();
+        let event = |version, metadata: Option<&str>| Presence {
+            version,
+            left: vec![],
+            joined: vec![(id(1), member("n", metadata))],
+            dead: false,
+            moved: vec![],
+        };
+        assert_eq!(topic.apply(event(1, None)).joined.len(), 1);
+        let changes = topic.apply(event(2, Some("{\"n\":2}")));
+        assert_eq!(changes.updated, vec![(id(1), Some(Box::from("{\"n\":2}")))]);
+        assert!(changes.joined.is_empty());
+        assert_eq!(topic.apply(event(3, Some("{\"n\":2}"))), Changes::default());
+        // Waiting for a snapshot: an update of a member it lists is news
+        // as an update; of one it does not, it is the metadata it joins with.
+        topic.pending = Some(vec![event(9, Some("3"))]);
+        let snapshot = [(id(1), member("n", Some("{\"n\":2}")))]
+            .into_iter()
+            .collect();
+        let changes = topic.replace(8, snapshot);
+        assert_eq!(changes.updated, vec![(id(1), Some(Box::from("3")))]);
     }
 }

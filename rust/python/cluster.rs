@@ -22,6 +22,14 @@ pub struct JoinOp {
 /// the peers of a node found dead, in webhooks).
 pub const NODE_LOST: &str = "node_lost";
 
+/// Replace the metadata of local peer `peer` of `topic` (None: none).
+#[pyclass(frozen, get_all, module = "signaling_sharded._native")]
+pub struct UpdateOp {
+    topic: String,
+    peer: String,
+    metadata: Option<String>,
+}
+
 /// Remove `peer` from `topic`.
 #[pyclass(frozen, get_all, module = "signaling_sharded._native")]
 pub struct LeaveOp {
@@ -101,6 +109,19 @@ pub(super) fn to_python<'py>(
                 peer: peer.as_str().to_owned(),
                 metadata: metadata.as_deref().map(str::to_owned),
                 snapshot: *snapshot,
+            },
+        )?
+        .into_any(),
+        ClusterOp::Update {
+            topic,
+            peer,
+            metadata,
+        } => Bound::new(
+            py,
+            UpdateOp {
+                topic: topic.to_string(),
+                peer: peer.as_str().to_owned(),
+                metadata: metadata.as_deref().map(str::to_owned),
             },
         )?
         .into_any(),

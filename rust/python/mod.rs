@@ -60,6 +60,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<request::Request>()?;
     m.add_class::<cluster::JoinOp>()?;
     m.add_class::<cluster::LeaveOp>()?;
+    m.add_class::<cluster::UpdateOp>()?;
     m.add_class::<cluster::PublishOp>()?;
     m.add_class::<cluster::AskOp>()?;
     m.add_class::<cluster::MoveOp>()?;

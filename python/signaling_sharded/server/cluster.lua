@@ -247,6 +247,26 @@ local function leave(_, args)
   return change(v, first, false, closed, { peer, owner }, {})
 end
 
+-- update(P, topic, peer, node, metadata, ttl_ms)
+-- Local peer `peer` of `node` has new metadata ("" for none); the other
+-- nodes get it as a join of a member they have (see the Rust core's
+-- engine/remote.rs). Returns the change (version 0 if `node` does not
+-- hold the peer).
+local function update(_, args)
+  local p, topic, peer, node, meta, ttl = args[1], args[2], args[3], args[4], args[5],
+    tonumber(args[6])
+  local tk = keys_of(p, topic)
+  local value = redis.call('HGET', tk, peer)
+  if not value or split(value) ~= node then
+    return change(0, 0, false, false, {}, {})
+  end
+  redis.call('HSET', tk, peer, node .. '\n' .. meta)
+  local v, first = bump(p, topic)
+  notify(p, topic, v, { joined_entry(peer, node, meta) }, {}, node)
+  settle(p, topic, ttl)
+  return change(v, first, false, false, {}, {})
+end
+
 -- sync(P, topic, node, ttl_ms, peer1, metadata1, peer2, metadata2, ...)
 -- Makes `node`'s members of `topic` exactly the given peers (after Redis
 -- came back, or lost them). Returns the change, then the snapshot of the
@@ -276,6 +296,14 @@ local function sync(_, args)
     if add(p, topic, peer, node, meta, now + ttl, ttl) then
       table.insert(joined, joined_entry(peer, node, meta))
       table.insert(added, peer)
+    else
+      -- Its metadata changed while Redis was away: the other nodes get it
+      -- as a join of a member they have (an update).
+      local value = redis.call('HGET', tk, peer)
+      if value and value ~= node .. '\n' .. meta and split(value) == node then
+        redis.call('HSET', tk, peer, node .. '\n' .. meta)
+        table.insert(joined, joined_entry(peer, node, meta))
+      end
     end
   end
   local opened = not existed and #added > 0
@@ -437,6 +465,7 @@ end
 
 redis.register_function('signaling_join', join)
 redis.register_function('signaling_leave', leave)
+redis.register_function('signaling_update', update)
 redis.register_function('signaling_sync', sync)
 redis.register_function('signaling_touch', touch)
 redis.register_function('signaling_reap', reap)

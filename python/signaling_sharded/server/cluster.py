@@ -63,7 +63,16 @@ from redis.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from signaling_sharded._native import AskOp, Hub, JoinOp, LeaveOp, MoveOp, PublishOp, Request
+from signaling_sharded._native import (
+    AskOp,
+    Hub,
+    JoinOp,
+    LeaveOp,
+    MoveOp,
+    PublishOp,
+    Request,
+    UpdateOp,
+)
 from signaling_sharded.server import admin
 from signaling_sharded.server.logs import log
 from signaling_sharded.server.webhooks import Webhooks
@@ -156,7 +165,9 @@ class AnswerOp:
 
 #: Work for Redis: the hub's (JoinOp, LeaveOp, PublishOp, AskOp, MoveOp)
 #: and this module's own.
-Op = JoinOp | LeaveOp | PublishOp | AskOp | MoveOp | SyncOp | TouchOp | ReadyOp | AnswerOp
+Op = (
+    JoinOp | UpdateOp | LeaveOp | PublishOp | AskOp | MoveOp | SyncOp | TouchOp | ReadyOp | AnswerOp
+)
 
 
 def node_name() -> str:
@@ -359,6 +370,20 @@ class Cluster:
                         ttl,
                     )
                 )
+            elif isinstance(op, UpdateOp):
+                chunks.append(
+                    command(
+                        "FCALL",
+                        "signaling_update",
+                        0,
+                        self.prefix,
+                        op.topic,
+                        op.peer,
+                        self.node,
+                        op.metadata or "",
+                        ttl,
+                    )
+                )
             elif isinstance(op, SyncOp):
                 flat = [item for peer, metadata in op.members for item in (peer, metadata or "")]
                 chunks.append(
@@ -435,6 +460,11 @@ class Cluster:
                     hub.snapshot(topic, change.version, snapshot(reply, at))
             elif isinstance(op, LeaveOp):
                 self.report(op.topic, read_change(reply)[0], {}, op.reason)
+            elif isinstance(op, UpdateOp):
+                change = read_change(reply)[0]
+                if self.webhooks is not None and change.version:
+                    metadata = op.metadata or "null"
+                    self.webhooks.emit("peer.updated", op.topic, change.first, op.peer, metadata)
             elif isinstance(op, TouchOp) and reply:
                 resync = True
             elif isinstance(op, ReadyOp):
