@@ -74,12 +74,13 @@ def signature(secret: bytes, unix: int, body: bytes) -> str:
 
 class Event(NamedTuple):
     """One encoded event. ``opens``/``closes``: the peer id (or topic) whose
-    start or end it is, so that an end whose start was dropped is dropped
-    too."""
+    start or end it is, ``about``: whose update, so that what follows a
+    dropped start is dropped too."""
 
     data: bytes
     opens: str | None
     closes: str | None
+    about: str | None = None
 
 
 #: A str as JSON (quoted and escaped; the json module's own, in C).
@@ -104,6 +105,8 @@ class Sender:
         """Queues ``event``; False if it was dropped."""
         if event.closes is not None and event.closes in self.dropped:
             self.dropped.discard(event.closes)
+            return False
+        if event.about is not None and event.about in self.dropped:
             return False
         if len(self.queue) >= self.limit:
             if event.opens is not None:
@@ -196,7 +199,12 @@ class Webhooks:
             f'{{"id":"{self.prefix}-{self.next_id}","type":"{kind}","topic":{quoted(topic)}'
             f'{about},"time":"{timestamp()}","seq":{seq}}}'
         ).encode()
-        event = Event(data, key if kind in STARTS else None, key if kind in ENDS else None)
+        event = Event(
+            data,
+            key if kind in STARTS else None,
+            key if kind in ENDS else None,
+            key if kind == "peer.updated" else None,
+        )
         for sender in self.senders:
             if not sender.put(event):
                 self.count("overflow", 1)
