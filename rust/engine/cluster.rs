@@ -264,14 +264,8 @@ impl<W> Engine<W> {
             return;
         }
         self.count_error(ErrorCode::Dropped);
-        let mut message = Vec::new();
-        cluster::push_direct(&mut message, &broadcast.from, |frame| {
+        bounce(broadcast.origin, &broadcast.from, out, |frame| {
             message::push_dropped_broadcast(frame, broadcast.msg_id, missed)
-        });
-        out.cluster.push(ClusterOp::Publish {
-            node: Arc::from(broadcast.origin),
-            message,
-            relay: false,
         });
     }
 
@@ -554,7 +548,7 @@ impl<W> Engine<W> {
         let Some(relay) = cluster::parse_relay(data) else {
             return;
         };
-        let bounce = match self.registry.conn_of(&relay.to) {
+        let code = match self.registry.conn_of(&relay.to) {
             Some(conn) => {
                 let held = if hold {
                     self.hold_relay(conn, relay.origin, |buf| buf.extend_from_slice(data))
@@ -582,15 +576,9 @@ impl<W> Engine<W> {
                 ErrorCode::TargetNotFound
             }
         };
-        self.count_error(bounce);
-        let mut message = Vec::new();
-        cluster::push_direct(&mut message, &relay.from, |frame| {
-            message::push_error(frame, bounce, relay.msg_id)
-        });
-        out.cluster.push(ClusterOp::Publish {
-            node: Arc::from(relay.origin),
-            message,
-            relay: false,
+        self.count_error(code);
+        bounce(relay.origin, &relay.from, out, |frame| {
+            message::push_error(frame, code, relay.msg_id)
         });
     }
 
@@ -697,4 +685,16 @@ impl<W> Engine<W> {
         }
         nodes
     }
+}
+
+/// Publishes a frame that peer `to`, on node `origin`, must receive (an
+/// error about what it sent there) to that node's inbox (`D`).
+fn bounce(origin: &str, to: &PeerId, out: &mut Outbox, frame: impl FnOnce(&mut Vec<u8>)) {
+    let mut message = Vec::new();
+    cluster::push_direct(&mut message, to, frame);
+    out.cluster.push(ClusterOp::Publish {
+        node: Arc::from(origin),
+        message,
+        relay: false,
+    });
 }

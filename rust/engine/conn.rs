@@ -345,10 +345,8 @@ impl<W> Engine<W> {
                 }
                 continue;
             }
-            reached += 1;
             if c.paused {
                 if c.queue.len() + bytes.len() > max {
-                    reached -= 1;
                     doomed.push(member);
                     continue;
                 }
@@ -360,6 +358,7 @@ impl<W> Engine<W> {
             if let Some(session) = &mut c.session {
                 session.keep(&bytes, max, false);
             }
+            reached += 1;
         }
         let missed = doomed.len();
         if over == Over::Doom {

@@ -95,6 +95,9 @@ impl SessionEvent {
     }
 }
 
+/// A peer, its topic and its metadata: a join or a metadata change.
+pub type MemberChange = (PeerId, Arc<str>, Option<Box<str>>);
+
 /// What one engine call asks of the caller, in order per connection.
 #[derive(Debug, Default)]
 pub struct Outbox {
@@ -103,9 +106,9 @@ pub struct Outbox {
     /// Peers that joined a topic during the call, with their metadata
     /// (a resumed session is no join). A peer joins in an earlier call
     /// than it leaves, or earlier in `joined` than in `left`.
-    pub joined: Vec<(PeerId, Arc<str>, Option<Box<str>>)>,
+    pub joined: Vec<MemberChange>,
     /// Peers whose metadata changed during the call, with the new one.
-    pub updated: Vec<(PeerId, Arc<str>, Option<Box<str>>)>,
+    pub updated: Vec<MemberChange>,
     /// Peers that left their topic during the call.
     pub left: Vec<(PeerId, Arc<str>, LeaveReason)>,
     /// Sessions suspended or resumed during the call.

@@ -21,7 +21,7 @@ use super::config::Settings;
 use super::metrics::MetricsTable;
 use super::now;
 use super::peer::Peer;
-use crate::engine::{Action, Engine, JoinRequest, Missing, Outbox, Refusal};
+use crate::engine::{Action, Engine, JoinRequest, MemberChange, Missing, Outbox, Refusal};
 use crate::metrics::{self as counters, cell, family, Table};
 use crate::wire::cluster::RemotePeer;
 use crate::wire::peer_id::PeerId;
@@ -109,16 +109,10 @@ impl Hub {
                 }
                 engine.metrics().add(cell(family::SENT_BYTES, 0), sent);
                 if self.on_joined.is_some() {
-                    joined.extend(outbox.joined.drain(..).map(|(peer, topic, metadata)| {
-                        let metadata = metadata.map(String::from);
-                        (peer.as_str().to_owned(), topic.to_string(), metadata)
-                    }));
+                    joined = member_events(&mut outbox.joined);
                 }
                 if self.on_updated.is_some() {
-                    updated.extend(outbox.updated.drain(..).map(|(peer, topic, metadata)| {
-                        let metadata = metadata.map(String::from);
-                        (peer.as_str().to_owned(), topic.to_string(), metadata)
-                    }));
+                    updated = member_events(&mut outbox.updated);
                 }
                 left.extend(outbox.left.drain(..).map(|(peer, topic, reason)| {
                     (peer.as_str().to_owned(), topic.to_string(), reason.as_str())
@@ -149,20 +143,8 @@ impl Hub {
                 err.write_unraisable(py, Some(&transport));
             }
         }
-        if let Some(on_joined) = &self.on_joined {
-            for (peer, topic, metadata) in joined {
-                if let Err(err) = on_joined.call1(py, (peer, topic, metadata)) {
-                    err.write_unraisable(py, Some(on_joined.bind(py)));
-                }
-            }
-        }
-        if let Some(on_updated) = &self.on_updated {
-            for (peer, topic, metadata) in updated {
-                if let Err(err) = on_updated.call1(py, (peer, topic, metadata)) {
-                    err.write_unraisable(py, Some(on_updated.bind(py)));
-                }
-            }
-        }
+        call_each(py, self.on_joined.as_ref(), joined);
+        call_each(py, self.on_updated.as_ref(), updated);
         for (peer, topic, reason) in left {
             if let Err(err) = self.on_left.call1(py, (peer, topic, reason)) {
                 err.write_unraisable(py, Some(self.on_left.bind(py)));
@@ -580,6 +562,32 @@ impl Hub {
     fn metrics_text(&self) -> String {
         let table = Arc::clone(self.lock().engine.metrics().table());
         table.render()
+    }
+}
+
+/// A join or metadata change as `on_joined` and `on_updated` get it: peer
+/// id, topic, metadata JSON.
+type MemberEvent = (String, String, Option<String>);
+
+/// The Outbox's `joined` or `updated`, taken out for Python.
+fn member_events(events: &mut Vec<MemberChange>) -> Vec<MemberEvent> {
+    let events = events.drain(..).map(|(peer, topic, metadata)| {
+        let metadata = metadata.map(String::from);
+        (peer.as_str().to_owned(), topic.to_string(), metadata)
+    });
+    events.collect()
+}
+
+/// Calls `callback` (if any) with each event; what it raises is reported
+/// as unraisable.
+fn call_each(py: Python<'_>, callback: Option<&Py<PyAny>>, events: Vec<MemberEvent>) {
+    let Some(callback) = callback else {
+        return;
+    };
+    for event in events {
+        if let Err(err) = callback.call1(py, event) {
+            err.write_unraisable(py, Some(callback.bind(py)));
+        }
     }
 }
 

@@ -463,8 +463,7 @@ class Cluster:
             elif isinstance(op, UpdateOp):
                 change = read_change(reply)[0]
                 if self.webhooks is not None and change.version:
-                    metadata = op.metadata or "null"
-                    self.webhooks.emit("peer.updated", op.topic, change.first, op.peer, metadata)
+                    self.webhooks.updated(op.peer, op.topic, op.metadata, change.first)
             elif isinstance(op, TouchOp) and reply:
                 resync = True
             elif isinstance(op, ReadyOp):

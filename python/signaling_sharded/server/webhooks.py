@@ -161,10 +161,13 @@ class Webhooks:
             self.emit("topic.opened", topic, self.seq())
         self.emit("peer.joined", topic, self.seq(), peer, metadata)
 
-    def updated(self, peer: str, topic: str, metadata: str | None) -> None:
-        """A peer of ``topic`` here changed its metadata (single-server
-        mode); ``metadata`` None: it has none now (sent as ``null``)."""
-        self.emit("peer.updated", topic, self.seq(), peer, metadata or "null")
+    def updated(self, peer: str, topic: str, metadata: str | None, seq: int | None = None) -> None:
+        """A peer of ``topic`` changed its metadata; ``metadata`` None: it
+        has none now (sent as ``null``). ``seq``: the change's (cluster
+        mode), else the next of this worker's."""
+        self.emit(
+            "peer.updated", topic, self.seq() if seq is None else seq, peer, metadata or "null"
+        )
 
     def left(self, peer: str, topic: str, reason: str) -> None:
         """A peer left ``topic`` here (single-server mode)."""
