@@ -238,3 +238,52 @@ def test_a_broadcast_crosses_a_cluster_in_order(
             await sender.sync()
 
     run(scenario())
+
+
+def test_a_cluster_broadcast_missed_on_two_servers_is_one_dropped(
+    redis_server: RedisServer,  # noqa: F811
+    start_server: StartServer,
+) -> None:
+    """A suspended session on each server, past its bound: the sender hears
+    one ``dropped`` per broadcast, counting both, once the other server has
+    answered; a live receiver there gets every broadcast, in order."""
+    flags = ("--max-queue-bytes", "32768", "--broadcast-rate", "1000")
+    flags += ("--resume-secret", "broadcast-test-resume-secret")
+    first, second = start_cluster(start_server, redis_server, 2, *flags, workers=1)
+    count, payload = 40, "x" * 2000
+    receiver, receiver_id = RawClient.join(second.port, "/ws/far")
+    suspended = {suspend(server, "far")[0] for server in (first, second)}
+    sender = RawClient.connect(first.port, "/ws/far")
+    sender_id = sender.recv_json()["selfId"]
+    # The sender's node must know every remote member before it broadcasts.
+    wanted, seen = suspended | {receiver_id}, set[str]()
+    while not wanted <= seen:
+        message = sender.recv_json()
+        seen |= {p["id"] for p in message.get("peers", [])}
+        if message["type"] == "peer-joined":
+            seen.add(message["peerId"])
+    for n in range(count):
+        message = {"type": "broadcast", "payload": payload, "msgId": f"m{n}"}
+        sender.send_frame(OP_TEXT, json.dumps(message).encode())
+    errors = []
+    while not errors or errors[-1]["msgId"] != f"m{count - 1}":
+        errors.append(sender.recv_json())
+    sender.send_frame(OP_TEXT, b'{"type":"ping","msgId":"done"}')
+    while (answer := sender.recv_json())["type"] != "pong":
+        errors.append(answer)
+    assert {e["code"] for e in errors} == {"dropped"}, errors
+    ids = [e["msgId"] for e in errors]
+    assert len(ids) == len(set(ids)), f"more than one dropped for a broadcast: {ids}"
+    assert {e["missed"] for e in errors} <= {1, 2}, errors
+    assert errors[-1]["missed"] == 2, errors  # both bounds were passed by then
+
+    marker = f'"type":"broadcast","from":"{sender_id}"'
+    got = []
+    while len(got) < count:
+        message = receiver.recv_json()
+        if message["type"] == "broadcast":
+            assert f'"type":"broadcast","from":"{message["from"]}"' == marker
+            got.append(message["msgId"])
+    assert got == [f"m{n}" for n in range(count)]
+    for client in (receiver, sender):
+        client.close()

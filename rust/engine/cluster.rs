@@ -78,7 +78,28 @@ pub(super) struct ClusterState {
     forwards: VecDeque<Forward>,
     /// Resumable sessions moving to or from this node.
     pub(super) migrations: Migrations,
+    /// Local peers' broadcasts whose other nodes have not all answered, by
+    /// the number this node gave them.
+    broadcasts: FxHashMap<u64, Awaited>,
+    next_broadcast: u64,
 }
+
+/// A local peer's broadcast published to other nodes: its sender hears
+/// once, when every node has answered or [`TALLY_WAIT`] has passed, how
+/// many members missed it (PROTOCOL section 9: one `dropped`).
+#[derive(Debug)]
+struct Awaited {
+    conn: u64,
+    msg_id: Option<Box<RawValue>>,
+    missed: usize,
+    /// The nodes yet to answer, each with its members when it was sent:
+    /// those of a node that never answers count as missed.
+    nodes: Vec<(Arc<str>, usize)>,
+    deadline: Instant,
+}
+
+/// How long a broadcast's sender waits for the other nodes' answers.
+const TALLY_WAIT: Duration = Duration::from_secs(2);
 
 impl ClusterState {
     pub(super) fn new(node: Arc<str>) -> Self {
@@ -88,6 +109,8 @@ impl ClusterState {
             joining: FxHashMap::default(),
             forwards: VecDeque::new(),
             migrations: Migrations::default(),
+            broadcasts: FxHashMap::default(),
+            next_broadcast: 0,
         }
     }
 }
@@ -212,47 +235,76 @@ impl<W> Engine<W> {
     }
 
     /// Publishes a local peer's broadcast (`frame`, ready to write) once to
-    /// every other node holding members of `topic`.
+    /// every other node holding members of `topic`, and returns the number
+    /// their answers will name ([`Self::add_missed`]); `None` if no other
+    /// node has members.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn broadcast_to_nodes(
-        &self,
+        &mut self,
         topic: &str,
         frame: &[u8],
+        conn: u64,
         from: PeerId,
         msg_id: Option<&RawValue>,
+        now: Instant,
         out: &mut Outbox,
-    ) {
-        let Some(cluster) = &self.cluster else {
-            return;
-        };
-        let Some(remote) = cluster.remote.get(topic) else {
-            return;
-        };
-        let mut nodes: Vec<&Arc<str>> = remote.members.values().map(|m| &m.node).collect();
+    ) -> Option<u64> {
+        let cluster = self.cluster.as_mut()?;
+        let remote = cluster.remote.get(topic)?;
+        let mut nodes: Vec<(Arc<str>, usize)> = Vec::new();
+        for member in remote.members.values() {
+            match nodes.iter_mut().find(|(node, _)| *node == member.node) {
+                Some((_, n)) => *n += 1,
+                None => nodes.push((Arc::clone(&member.node), 1)),
+            }
+        }
         if nodes.is_empty() {
-            return;
+            return None;
         }
         nodes.sort_unstable();
-        nodes.dedup();
-        let mut message = Vec::with_capacity(64 + topic.len() + frame.len());
+        cluster.next_broadcast += 1;
+        let seq = cluster.next_broadcast;
+        let mut message = Vec::with_capacity(72 + topic.len() + frame.len());
         let broadcast = cluster::Broadcast {
             topic,
             from,
+            seq,
             origin: &cluster.node,
             msg_id,
             frame,
         };
         cluster::push_broadcast(&mut message, &broadcast);
-        for node in nodes {
+        for (node, _) in &nodes {
             out.cluster.push(ClusterOp::Publish {
                 node: Arc::clone(node),
                 message: message.clone(),
                 relay: false,
             });
         }
+        let awaited = Awaited {
+            conn,
+            msg_id: msg_id.map(ToOwned::to_owned),
+            missed: 0,
+            nodes,
+            deadline: now + TALLY_WAIT,
+        };
+        cluster.broadcasts.insert(seq, awaited);
+        Some(seq)
+    }
+
+    /// Adds the local members that missed broadcast `seq` to its count.
+    pub(super) fn add_missed(&mut self, seq: u64, missed: usize) {
+        let awaited = self
+            .cluster
+            .as_mut()
+            .and_then(|c| c.broadcasts.get_mut(&seq));
+        if let Some(awaited) = awaited {
+            awaited.missed += missed;
+        }
     }
 
     /// Another node's broadcast: written to every local member of its
-    /// topic; the sender hears of those that missed it (`dropped`).
+    /// topic; the sender's node hears how many missed it (`T`).
     fn deliver_broadcast(&mut self, data: &[u8], out: &mut Outbox) {
         let Some(broadcast) = cluster::parse_broadcast(data) else {
             return;
@@ -260,13 +312,72 @@ impl<W> Engine<W> {
         let frame = broadcast.frame.to_vec();
         let (reached, missed) = self.broadcast_message(broadcast.topic, None, frame, out);
         self.count_broadcast(reached, missed);
-        if missed == 0 {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        let mut message = Vec::with_capacity(16 + cluster.node.len());
+        let tally = cluster::Tally {
+            seq: broadcast.seq,
+            missed: u32::try_from(missed).unwrap_or(u32::MAX),
+            node: &cluster.node,
+        };
+        cluster::push_tally(&mut message, &tally);
+        out.cluster.push(ClusterOp::Publish {
+            node: Arc::from(broadcast.origin),
+            message,
+            relay: false,
+        });
+    }
+
+    /// A node's answer to a local peer's broadcast; the last one due tells
+    /// the sender how many missed it.
+    fn tally_arrived(&mut self, data: &[u8], out: &mut Outbox) {
+        let Some(tally) = cluster::parse_tally(data) else {
+            return;
+        };
+        let Some(cluster) = &mut self.cluster else {
+            return;
+        };
+        // None: answered after the wait, its sender has already heard.
+        let Some(awaited) = cluster.broadcasts.get_mut(&tally.seq) else {
+            return;
+        };
+        let Some(i) = awaited.nodes.iter().position(|(n, _)| &**n == tally.node) else {
+            return;
+        };
+        awaited.nodes.swap_remove(i);
+        awaited.missed += tally.missed as usize;
+        if awaited.nodes.is_empty() {
+            let done = cluster.broadcasts.remove(&tally.seq).expect("found above");
+            self.report_missed(done.conn, done.msg_id.as_deref(), done.missed, out);
+        }
+    }
+
+    /// Broadcasts that some node has not answered in time: their members
+    /// there count as missed.
+    pub(super) fn expire_broadcasts(&mut self, now: Instant, out: &mut Outbox) {
+        let Some(cluster) = &mut self.cluster else {
+            return;
+        };
+        if cluster.broadcasts.is_empty() {
             return;
         }
-        self.count_error(ErrorCode::Dropped);
-        bounce(broadcast.origin, &broadcast.from, out, |frame| {
-            message::push_dropped_broadcast(frame, broadcast.msg_id, missed)
+        let mut late = Vec::new();
+        cluster.broadcasts.retain(|_, awaited| {
+            let keep = awaited.deadline > now;
+            if !keep {
+                let unanswered: usize = awaited.nodes.iter().map(|(_, n)| n).sum();
+                late.push((
+                    awaited.conn,
+                    awaited.msg_id.take(),
+                    awaited.missed + unanswered,
+                ));
+            }
+            keep
         });
+        for (conn, msg_id, missed) in late {
+            self.report_missed(conn, msg_id.as_deref(), missed, out);
+        }
     }
 
     /// The node holding peer `to` of `conn`'s topic, if another does.
@@ -446,6 +557,7 @@ impl<W> Engine<W> {
         match data.first() {
             Some(&cluster::RELAY) => self.deliver_relay_held(data, true, out),
             Some(&cluster::BROADCAST) => self.deliver_broadcast(data, out),
+            Some(&cluster::TALLY) => self.tally_arrived(data, out),
             Some(&cluster::DIRECT) => {
                 if let Some((to, frame)) = cluster::parse_direct(data) {
                     if let Some(conn) = self.registry.conn_of(&to) {

@@ -751,28 +751,109 @@ fn a_broadcast_is_published_once_per_node_and_written_to_each_member_there() {
         ("room", a_id, HERE)
     );
 
-    // At another node, every local member of the topic gets the frame; a
-    // full one misses it and the sender's node hears how many did.
+    // At another node, every local member of the topic gets the frame, and
+    // the sender's node hears how many missed it (none, then a full one).
     let mut m = Node::named("n2");
     let (c, _) = m.first("room", 10, &[(a_id, HERE, None)]);
     let (d, _) = m.join("room", None);
     m.deliver(&message);
     assert_eq!(written(&m.out, c), vec![frame.clone()]);
     assert_eq!(written(&m.out, d), vec![frame]);
-    assert!(m.out.cluster.is_empty(), "nobody missed it");
+    let answer = |m: &Node| match m.out.cluster.as_slice() {
+        [ClusterOp::Publish { node, message, .. }] => {
+            assert_eq!(&**node, HERE);
+            let tally = cluster::parse_tally(message).expect("a T message");
+            (tally.seq, tally.missed, tally.node.to_owned())
+        }
+        other => panic!("not one answer: {other:?}"),
+    };
+    assert_eq!(answer(&m), (parsed.seq, 0, "n2".to_owned()));
     let max_queue = m.engine.config().max_queue;
     m.engine.pause(d, m.now);
     for _ in 0..=max_queue / 20 {
         m.deliver(&message);
-        if !m.out.cluster.is_empty() {
+        if answer(&m).1 > 0 {
             break;
         }
     }
-    let Some(ClusterOp::Publish { node, message, .. }) = m.out.cluster.first() else {
-        panic!("no bounce: {:?}", m.out.cluster);
-    };
-    assert_eq!(&**node, HERE);
-    let (to, bounced) = cluster::parse_direct(message).expect("a D message");
-    assert_eq!(to, a_id);
-    assert!(String::from_utf8_lossy(bounced).contains(r#""missed":1"#));
+    assert_eq!(answer(&m), (parsed.seq, 1, "n2".to_owned()));
+}
+
+/// A `T` answer from node `node` to broadcast `seq`.
+fn tally(seq: u64, missed: u32, node: &str) -> Vec<u8> {
+    let mut message = Vec::new();
+    cluster::push_tally(&mut message, &cluster::Tally { seq, missed, node });
+    message
+}
+
+/// The number the sender's node gave the broadcast it just published.
+fn published_seq(out: &Outbox) -> u64 {
+    match out.cluster.first() {
+        Some(ClusterOp::Publish { message, .. }) => {
+            cluster::parse_broadcast(message).expect("a B message").seq
+        }
+        other => panic!("no broadcast published: {other:?}"),
+    }
+}
+
+#[test]
+fn a_broadcasts_sender_hears_once_how_many_missed_it_on_every_node() {
+    let mut n = Node::new();
+    let members = [
+        (rid(1), "n2", None),
+        (rid(2), "n2", None),
+        (rid(3), "n3", None),
+    ];
+    let (a, _) = n.first("room", 10, &members);
+    n.send(a, &text(r#"{"type":"broadcast","payload":1,"msgId":"m"}"#));
+    let seq = published_seq(&n.out);
+    assert!(written(&n.out, a).is_empty(), "nobody here missed it");
+    n.deliver(&tally(seq, 2, "n2"));
+    assert!(written(&n.out, a).is_empty(), "n3 has not answered");
+    n.deliver(&tally(seq, 2, "n2")); // a repeat counts once
+    assert!(written(&n.out, a).is_empty());
+    n.deliver(&tally(seq, 1, "n3"));
+    assert_eq!(
+        written(&n.out, a),
+        vec![
+            r#"{"type":"error","code":"dropped","message":"delivery failed","msgId":"m","missed":3}"#
+        ]
+    );
+    n.deliver(&tally(seq, 1, "n3")); // answered: nothing more
+    assert!(written(&n.out, a).is_empty());
+
+    // Every node answering none missed it: no error at all.
+    n.send(a, &text(r#"{"type":"broadcast","payload":2,"msgId":"q"}"#));
+    let seq = published_seq(&n.out);
+    n.deliver(&tally(seq, 0, "n3"));
+    n.deliver(&tally(seq, 0, "n2"));
+    assert!(written(&n.out, a).is_empty());
+}
+
+#[test]
+fn the_members_of_a_node_that_never_answers_count_as_missed() {
+    let mut n = Node::new();
+    let members = [
+        (rid(1), "n2", None),
+        (rid(2), "n3", None),
+        (rid(3), "n3", None),
+    ];
+    let (a, _) = n.first("room", 10, &members);
+    n.send(a, &text(r#"{"type":"broadcast","payload":1,"msgId":"m"}"#));
+    let seq = published_seq(&n.out);
+    n.deliver(&tally(seq, 0, "n2"));
+    n.out.clear();
+    n.engine
+        .tick(n.now + Duration::from_millis(1900), &mut n.out);
+    assert!(written(&n.out, a).is_empty(), "still waiting for n3");
+    n.out.clear();
+    n.engine.tick(n.now + Duration::from_secs(2), &mut n.out);
+    assert_eq!(
+        written(&n.out, a),
+        vec![
+            r#"{"type":"error","code":"dropped","message":"delivery failed","msgId":"m","missed":2}"#
+        ]
+    );
+    n.deliver(&tally(seq, 0, "n3")); // too late: already told
+    assert!(written(&n.out, a).is_empty());
 }

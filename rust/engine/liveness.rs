@@ -66,6 +66,7 @@ impl<W> Engine<W> {
             }
             out.act(conn, Action::Abort);
         }
+        self.expire_broadcasts(now, out);
         self.close_doomed(now, out);
     }
 }

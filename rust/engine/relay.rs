@@ -160,7 +160,8 @@ impl<W> Engine<W> {
     /// A peer's `broadcast`, within its bounds: encoded once, written to
     /// every other local member (and, in cluster mode, published once to
     /// each other node holding members); the sender gets one `dropped`
-    /// with the number of local members that missed it.
+    /// with the number of members that missed it (in cluster mode, once
+    /// every node has answered).
     fn broadcast_from_peer(
         &mut self,
         conn: u64,
@@ -192,15 +193,32 @@ impl<W> Engine<W> {
             payload,
             msg_id,
         );
-        self.broadcast_to_nodes(&topic, &frame, from, msg_id, out);
+        let seq = self.broadcast_to_nodes(&topic, &frame, conn, from, msg_id, now, out);
         let (reached, missed) = self.broadcast_message(&topic, Some(conn), frame, out);
         self.count_broadcast(reached, missed);
-        if missed > 0 {
-            self.count_error(ErrorCode::Dropped);
-            let mut dropped = Vec::new();
-            message::push_dropped_broadcast(&mut dropped, msg_id, missed);
-            self.send_must(conn, &dropped, out);
+        match seq {
+            // The other nodes' answers complete the count.
+            Some(seq) => self.add_missed(seq, missed),
+            None => self.report_missed(conn, msg_id, missed, out),
         }
+    }
+
+    /// Tells the sender of a broadcast, if it is still here, how many
+    /// members missed it (nothing if none did).
+    pub(super) fn report_missed(
+        &mut self,
+        conn: u64,
+        msg_id: Option<&RawValue>,
+        missed: usize,
+        out: &mut Outbox,
+    ) {
+        if missed == 0 || !self.conns.contains_key(&conn) {
+            return;
+        }
+        self.count_error(ErrorCode::Dropped);
+        let mut dropped = Vec::new();
+        message::push_dropped_broadcast(&mut dropped, msg_id, missed);
+        self.send_must(conn, &dropped, out);
     }
 
     /// A peer's `update-metadata`: its metadata is replaced, and every

@@ -9,9 +9,13 @@
 //! - `D`: a frame that a local peer must receive (an error bounced back to
 //!   a relay's sender): `to` (26), then the frame;
 //! - `B`: a broadcast for every local peer of a topic: `from` (26), the
-//!   origin node's name (u8 length, then bytes), the sender's `msgId` JSON
-//!   (u16 length, then bytes), the topic (u16 length, then bytes), then the
-//!   frame to write to each of them;
+//!   origin's number for it (u64 big-endian), the origin node's name (u8
+//!   length, then bytes), the sender's `msgId` JSON (u16 length, then
+//!   bytes), the topic (u16 length, then bytes), then the frame to write to
+//!   each of them;
+//! - `T`: a node's answer to a `B`: the origin's number for it (u64), how
+//!   many local members missed it (u32 big-endian), then the answering
+//!   node's name;
 //! - `{`: a presence event, JSON:
 //!   `{"topic":..,"v":..,"joined":[[peer,node,metadata|null],..],"left":[peer,..]}`,
 //!   with `"dead":true` when the peers left because their node died.
@@ -48,6 +52,7 @@ pub struct Presence {
 pub const RELAY: u8 = b'R';
 pub const DIRECT: u8 = b'D';
 pub const BROADCAST: u8 = b'B';
+pub const TALLY: u8 = b'T';
 const ID: usize = ulid::ULID_LEN;
 
 /// A relay on its way to another node.
@@ -111,6 +116,8 @@ pub fn parse_relay(data: &[u8]) -> Option<Relay<'_>> {
 pub struct Broadcast<'a> {
     pub topic: &'a str,
     pub from: PeerId,
+    /// The origin's number for it, which the answer (`T`) names.
+    pub seq: u64,
     pub origin: &'a str,
     pub msg_id: Option<&'a RawValue>,
     pub frame: &'a [u8],
@@ -125,6 +132,7 @@ pub fn push_broadcast(out: &mut Vec<u8>, broadcast: &Broadcast<'_>) {
     let topic = &topic[..topic.len().min(usize::from(u16::MAX))];
     out.push(BROADCAST);
     out.extend_from_slice(broadcast.from.as_str().as_bytes());
+    out.extend_from_slice(&broadcast.seq.to_be_bytes());
     out.push(origin.len() as u8);
     out.extend_from_slice(origin);
     out.extend_from_slice(&(msg_id.len() as u16).to_be_bytes());
@@ -137,6 +145,7 @@ pub fn push_broadcast(out: &mut Vec<u8>, broadcast: &Broadcast<'_>) {
 pub fn parse_broadcast(data: &[u8]) -> Option<Broadcast<'_>> {
     let rest = data.strip_prefix(&[BROADCAST])?;
     let (from, rest) = split(rest, ID)?;
+    let (seq, rest) = split(rest, 8)?;
     let (&origin_len, rest) = rest.split_first()?;
     let (origin, rest) = split(rest, usize::from(origin_len))?;
     let (msg_id, rest) = long_field(rest)?;
@@ -148,9 +157,37 @@ pub fn parse_broadcast(data: &[u8]) -> Option<Broadcast<'_>> {
     Some(Broadcast {
         topic: std::str::from_utf8(topic).ok()?,
         from: peer_id(from)?,
+        seq: u64::from_be_bytes(seq.try_into().ok()?),
         origin: std::str::from_utf8(origin).ok()?,
         msg_id,
         frame,
+    })
+}
+
+/// A node's answer to a broadcast: how many of its members missed it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Tally<'a> {
+    pub seq: u64,
+    pub missed: u32,
+    pub node: &'a str,
+}
+
+/// Writes a `T` message.
+pub fn push_tally(out: &mut Vec<u8>, tally: &Tally<'_>) {
+    out.push(TALLY);
+    out.extend_from_slice(&tally.seq.to_be_bytes());
+    out.extend_from_slice(&tally.missed.to_be_bytes());
+    out.extend_from_slice(tally.node.as_bytes());
+}
+
+pub fn parse_tally(data: &[u8]) -> Option<Tally<'_>> {
+    let rest = data.strip_prefix(&[TALLY])?;
+    let (seq, rest) = split(rest, 8)?;
+    let (missed, node) = split(rest, 4)?;
+    Some(Tally {
+        seq: u64::from_be_bytes(seq.try_into().ok()?),
+        missed: u32::from_be_bytes(missed.try_into().ok()?),
+        node: std::str::from_utf8(node).ok()?,
     })
 }
 
@@ -314,6 +351,44 @@ mod tests {
         push_direct(&mut out, &id(7), |buf| buf.extend_from_slice(b"x"));
         assert_eq!(parse_direct(&out), Some((id(7), &b"x"[..])));
         assert_eq!(parse_direct(b"D123"), None);
+    }
+
+    #[test]
+    fn broadcasts_and_their_answers_round_trip() {
+        let msg_id: Box<RawValue> = serde_json::from_str(r#""m""#).expect("json");
+        let broadcast = Broadcast {
+            topic: "room",
+            from: id(4),
+            seq: 1 << 40,
+            origin: "n1",
+            msg_id: Some(&msg_id),
+            frame: b"frame",
+        };
+        let mut out = Vec::new();
+        push_broadcast(&mut out, &broadcast);
+        let parsed = parse_broadcast(&out).expect("parses");
+        assert_eq!(
+            (
+                parsed.topic,
+                parsed.from,
+                parsed.seq,
+                parsed.origin,
+                parsed.frame
+            ),
+            ("room", id(4), 1 << 40, "n1", &b"frame"[..])
+        );
+        assert_eq!(parsed.msg_id.map(RawValue::get), Some(r#""m""#));
+        assert!(parse_broadcast(&out[..30]).is_none());
+
+        let tally = Tally {
+            seq: 7,
+            missed: 70_000,
+            node: "n2",
+        };
+        out.clear();
+        push_tally(&mut out, &tally);
+        assert_eq!(parse_tally(&out), Some(tally));
+        assert_eq!(parse_tally(b"T1234"), None);
     }
 
     #[test]
