@@ -26,6 +26,10 @@ class Params:
     churn_topics: int = 10
     fanout_peers: int = 1000
     fanout_timeout_s: float = 30.0
+    broadcast_receivers: int = 999
+    broadcast_rate: float = 20.0
+    """Rounds per second; the server's default broadcast rate."""
+    broadcast_duration_s: float = 5.0
     syscall_duration_s: float = 5.0
 
 
@@ -36,6 +40,8 @@ QUICK = Params(
     churn_duration_s=3.0,
     fanout_peers=200,
     fanout_timeout_s=10.0,
+    broadcast_receivers=200,
+    broadcast_duration_s=2.0,
     syscall_duration_s=2.0,
 )
 
@@ -49,6 +55,11 @@ class Step:
     args: tuple[str, ...]
     budget_s: float
     """Expected wall time; the run is abandoned at this plus a margin."""
+    seed_args: tuple[str, ...] | None = None
+    """Arguments for the Go design where they differ (what it cannot do is left out)."""
+
+    def args_for(self, server: str) -> tuple[str, ...]:
+        return self.seed_args if server == "seed" and self.seed_args is not None else self.args
 
 
 def relay_args(p: Params, window: int, duration: float, warmup: float) -> tuple[str, ...]:
@@ -86,4 +97,15 @@ def plan(p: Params, scenarios: Sequence[str]) -> list[Step]:
     if "fanout" in scenarios:
         args = (f"--peers={p.fanout_peers}", f"--timeout={p.fanout_timeout_s:g}")
         steps.append(Step("fanout", "fanout", args, p.fanout_timeout_s + 10.0))
+    if "broadcast" in scenarios:
+        # The Go design has no broadcast: it runs the relay phase only, the
+        # same copies sent one by one, which is what its users do instead.
+        args = (
+            f"--receivers={p.broadcast_receivers}",
+            f"--rate={p.broadcast_rate:g}",
+            f"--duration={p.broadcast_duration_s:g}",
+            f"--payload-bytes={p.payload_bytes}",
+        )
+        budget = 2 * p.broadcast_duration_s + 30.0
+        steps.append(Step("broadcast", "broadcast", args, budget, (*args, "--phases=relay")))
     return steps

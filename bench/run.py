@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark signaling-sharded against the original Go design (the seed).
 
-Every scenario of signaling-bench (relay, connect, churn, fanout) runs against
+Every scenario of signaling-bench (relay, connect, churn, fanout, broadcast) runs against
 both servers, interleaved -- seed, ours, seed, ours, ... -- for several rounds.
 Each run starts a fresh server pinned to one CPU (taskset) while the load
 generator runs pinned to another, so that the two never compete for a core.

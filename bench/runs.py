@@ -88,6 +88,14 @@ def headline(result: Result) -> str:
             f"{result['joins_per_s']:.0f} joins/s, ghosts {result['ghosts']}, "
             f"inconsistent views {result['inconsistent_views']}"
         )
+    if s == "broadcast":
+        phases = [(name, result.get(name)) for name in ("relay", "broadcast")]
+        return ", ".join(
+            f"{name} {p['copies_delivered']}/{p['copies_expected']} copies, "
+            f"server {p['server_cpu_us_per_copy']} us/copy"
+            for name, p in phases
+            if p
+        )
     return (
         f"{result['exact_views']}/{result['peers']} exact views, "
         f"full view after {result['all_complete_s']} s, {result['disconnected']} disconnected"
@@ -152,7 +160,7 @@ class Bench:
         try:
             server.wait_ready(READY_TIMEOUT_S)
             pids = process_tree(server.pid)
-            command = self.bench_command(step.scenario, port, step.args, server.pid)
+            command = self.bench_command(step.scenario, port, step.args_for(name), server.pid)
             before = Snapshot.take(self.server_cpu, self.client_cpu, pids)
             t0 = time.monotonic()
             done = subprocess.run(

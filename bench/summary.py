@@ -60,6 +60,21 @@ def problems(r: Result) -> int:
     return int(r.get("errors_total", 0)) + int(r.get("timeouts", 0)) + int(r.get("disconnects", 0))
 
 
+def phase(name: str, key: str) -> Key:
+    """A field of one phase of a broadcast run (None if the phase did not run)."""
+
+    def get(r: Result) -> Any:
+        return (r.get(name) or {}).get(key)
+
+    return get
+
+
+def lost(r: Result) -> int:
+    """Copies a broadcast run did not deliver once and in order, over its phases."""
+    phases = [r.get(name) or {} for name in ("relay", "broadcast")]
+    return sum(int(p.get("missing", 0)) + int(p.get("out_of_order", 0)) for p in phases)
+
+
 Metric = tuple[str, Key, int, str]
 """(label, key, decimals, aggregate: median, max or min)."""
 
@@ -154,6 +169,36 @@ class Summary:
                 ("join p99 (µs)", "join_p99_us", 0, "median"),
                 ("server CPU (s)", "server_cpu_s", 2, "median"),
                 ("disconnected", "disconnected", 0, "max"),
+            ],
+        )
+        self.section(
+            f"broadcast: one sender, {p.broadcast_receivers} receivers, "
+            f"{p.broadcast_rate:g} rounds/s for {p.broadcast_duration_s:g} s per phase; "
+            "relay: one offer to each receiver per round (the Go design runs this phase "
+            "only), broadcast: one broadcast per round",
+            "broadcast",
+            [
+                (
+                    "relay: server CPU per delivered copy (µs)",
+                    phase("relay", "server_cpu_us_per_copy"),
+                    3,
+                    "median",
+                ),
+                ("relay: copy latency p99 (µs)", phase("relay", "latency_p99_us"), 0, "median"),
+                (
+                    "broadcast: server CPU per delivered copy (µs)",
+                    phase("broadcast", "server_cpu_us_per_copy"),
+                    3,
+                    "median",
+                ),
+                (
+                    "broadcast: copy latency p99 (µs)",
+                    phase("broadcast", "latency_p99_us"),
+                    0,
+                    "median",
+                ),
+                ("broadcast per copy / relay per copy", "cpu_per_copy_ratio", 3, "median"),
+                ("copies missing or out of order", lost, 0, "median"),
             ],
         )
         seed, ours = self.rows("fanout")

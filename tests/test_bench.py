@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from conftest import Server
 from redis_server import RedisServer, redis_server  # noqa: F401
+from test_cluster import start_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "target" / "release" / "signaling-bench"
@@ -98,17 +99,112 @@ def test_connect(bench_binary: Path, server: Server) -> None:
     assert r["server_cpu_s"] is not None
 
 
-def test_churn(bench_binary: Path, server: Server) -> None:
-    r = bench(bench_binary, server, "churn", "--duration=2", "--clients=10", "--topics=3")
+def assert_exact_churn(r: dict[str, Any]) -> None:
+    """Churn happened, and presence stayed exact through it."""
     assert r["joins"] > 0
     assert r["leaves_close"] + r["leaves_drop"] > 0
-    assert r["errors_total"] == 0
+    assert r["errors_total"] == 0, r["errors"]
     assert r["impossible_events"] == {}
     assert r["observer_disconnects"] == 0
     assert r["ghosts"] == 0
     assert r["views_checked"] > 0
     assert r["inconsistent_views"] == 0
     assert r["missing_entries"] == r["extra_entries"] == 0
+
+
+def assert_exact_updates(r: dict[str, Any]) -> None:
+    """Every view ended with every member's last metadata, and the
+    observers heard every churn update but those sent right before a
+    dropped connection that the server never read (updates_lost_at_drop);
+    the check peers hear the check's updates on top."""
+    assert r["stale_metadata"] == r["stale_at_leave"] == 0
+    assert r["leaves_unseen"] == r["updates_unsettled"] == 0
+    assert r["check_updates_sent"] > 0
+    assert r["updates_received"] >= r["updates_sent"] - r["updates_lost_at_drop"] > 0
+
+
+def test_churn(bench_binary: Path, server: Server) -> None:
+    r = bench(bench_binary, server, "churn", "--duration=2", "--clients=10", "--topics=3")
+    assert_exact_churn(r)
+
+
+@pytest.mark.parametrize("workers", ["1", "4"])
+def test_churn_with_metadata_updates(
+    bench_binary: Path, start_server: Callable[..., Server], workers: str
+) -> None:
+    """Churn whose peers join with metadata and update it during their stays,
+    and whose final check updates it while fresh peers join: every
+    peer-updated comes in order for a peer in the view, and every view ends
+    with every member's last metadata."""
+    server = start_server("--workers", workers)
+    r = bench(
+        bench_binary,
+        server,
+        "churn",
+        "--duration=2",
+        "--clients=10",
+        "--topics=4",
+        "--updates=3",
+    )
+    assert r["updates"] == 3
+    assert_exact_churn(r)
+    assert_exact_updates(r)
+
+
+def test_churn_with_metadata_updates_across_a_cluster(
+    bench_binary: Path,
+    start_server: Callable[..., Server],
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    """The same on two cluster servers: each join picks one at random, so
+    views hold peers of both and updates cross Redis."""
+    first, second = start_cluster(start_server, redis_server, 2, workers=2)
+    r = bench(
+        bench_binary,
+        first,
+        "churn",
+        f"--url=ws://127.0.0.1:{second.port}",
+        "--duration=2",
+        "--clients=10",
+        "--topics=4",
+        "--updates=3",
+    )
+    assert_exact_churn(r)
+    assert_exact_updates(r)
+
+
+def test_broadcast(bench_binary: Path, server: Server) -> None:
+    """Both phases deliver every copy once and in order, and report the
+    server's CPU per copy."""
+    r = bench(
+        bench_binary,
+        server,
+        "broadcast",
+        "--receivers=50",
+        "--rate=20",
+        "--duration=1",
+        "--idle=0.2",
+    )
+    assert r["joined"] == r["receivers"] == 50
+    for name in ("relay", "broadcast"):
+        phase = r[name]
+        assert phase["rounds"] == 20
+        assert phase["copies_delivered"] == phase["copies_expected"] == 1000, phase
+        assert phase["missing"] == phase["out_of_order"] == 0
+        assert phase["sender_errors"] == {} and phase["missed"] == 0
+        assert 0 < phase["latency_p50_us"] <= phase["latency_p99_us"] <= phase["latency_max_us"]
+        # Tens of milliseconds of CPU, counted in clock ticks: only present.
+        assert phase["server_cpu_us_per_copy"] >= 0
+    assert r["disconnected"] == r["unexpected_messages"] == 0
+
+
+def test_broadcast_relay_phase_only(bench_binary: Path, server: Server) -> None:
+    """What the Go design runs: the relay phase alone."""
+    r = bench(
+        bench_binary, server, "broadcast", "--receivers=10", "--duration=0.5", "--phases=relay"
+    )
+    assert r["relay"]["copies_delivered"] == r["relay"]["copies_expected"] == 100
+    assert r["broadcast"] is None and r["cpu_per_copy_ratio"] is None
 
 
 def test_fanout(bench_binary: Path, server: Server) -> None:

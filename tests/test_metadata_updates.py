@@ -61,6 +61,47 @@ def test_an_update_reaches_the_others_and_later_joiners(
         client.close()
 
 
+def test_a_peer_that_cannot_take_its_updates_is_cut_and_the_others_get_all(
+    start_server: StartServer,
+) -> None:
+    """``peer-updated`` is never skipped: a peer that does not read is cut
+    as a slow consumer (4008) once its queue is full, and a reading peer
+    gets every update, in order."""
+    server = start_server("--max-queue-bytes", "16384")
+    updater, updater_id = RawClient.join(server.port, "/ws/cut")
+    reader, _ = RawClient.join(server.port, "/ws/cut")
+    stalled, stalled_id = RawClient.join(server.port, "/ws/cut", 4096)  # never read
+    with stalled:
+        for client in (updater, reader):
+            while client.recv_json() != {"type": "peer-joined", "peerId": stalled_id}:
+                pass
+        # The reader takes each update as it comes, until it sees the cut.
+        got: list[int] = []
+        left = False
+        while not left:
+            assert len(got) < 5000, "the stalled peer was never cut"
+            update(updater, {"n": len(got), "pad": "p" * 900})
+            while True:
+                message = reader.recv_json()
+                if message["type"] == "peer-left":
+                    assert message == {"type": "peer-left", "peerId": stalled_id}, message
+                    left = True
+                    continue
+                assert message["type"] == "peer-updated", message
+                assert message["peerId"] == updater_id, message
+                got.append(message["metadata"]["n"])
+                break
+        assert got == list(range(len(got)))
+        server.wait_records("peer left", peer=stalled_id, reason="slow_consumer")
+        messages, code = stalled.read_until_close(10)
+        assert code == 4008
+        assert messages[-1]["code"] == "slow_consumer", messages[-1]
+        kept = [m["metadata"]["n"] for m in messages if m["type"] == "peer-updated"]
+        assert kept == list(range(len(kept))), "what it was sent came in order"
+    for client in (updater, reader):
+        client.close()
+
+
 def test_a_token_fixes_the_metadata_unless_it_allows_updates(
     start_server: StartServer,
 ) -> None:

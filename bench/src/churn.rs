@@ -7,15 +7,25 @@
 //! must be empty of churned peers (`ghosts` counts the ids left behind).
 //! Then a fresh set of peers joins every topic at once and, once everything
 //! has been delivered, every view is compared with the true membership.
+//!
+//! With `--updates`, metadata is checked too. Every peer joins with a
+//! [`Stamp`] as its metadata and each churn client sends that many
+//! `update-metadata` during each stay, so every `peer-updated` a view gets
+//! must carry the next stamp of the one it holds. At the end, the metadata
+//! each observer held for a churn client when it left must be that client's
+//! last (for a dropped connection, one of its own stamps: what was sent
+//! right before the drop may be lost, and is counted), and while the fresh
+//! peers join, the observers and half of the fresh peers update theirs:
+//! every view must end with every member's last metadata.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -25,7 +35,7 @@ use crate::client::{self, count, format_counts, Errors, Failure, Incoming, Serve
 use crate::cpu::{own_cpu_seconds, ProcessTree};
 use crate::stats::{micros, round, seed_from_clock, spread, Rng};
 use crate::tracker::{self, Control, Tracked};
-use crate::view::{add_violations, View};
+use crate::view::{add_violations, Stamp, View};
 
 #[derive(Args, Debug, Clone)]
 pub struct ChurnArgs {
@@ -51,6 +61,13 @@ pub struct ChurnArgs {
     /// Fresh peers per topic for the final consistency check.
     #[arg(long, default_value_t = 5)]
     check_peers: usize,
+    /// Metadata updates each churn client sends during each stay, at random
+    /// moments of it; peers then join with metadata, and the final check
+    /// has the observers and half of the fresh peers send as many while
+    /// the fresh peers join. 0 (the default) sends no metadata at all, as
+    /// the seed's protocol has no `update-metadata`.
+    #[arg(long, default_value_t = 0)]
+    updates: u32,
     /// A join that takes longer than this many seconds counts as an error.
     #[arg(long, default_value_t = 10.0)]
     join_timeout: f64,
@@ -78,6 +95,7 @@ struct ClientStats {
     leaves_close: u64,
     leaves_drop: u64,
     join_us: Vec<u32>,
+    updates_sent: u64,
     errors: Errors,
 }
 
@@ -90,6 +108,19 @@ impl ClientStats {
 /// Ids of the peers connected right now, as far as the clients know.
 type Live = Arc<Mutex<HashSet<String>>>;
 
+/// A churn client's stay that ended, with `--updates`: the observer of its
+/// topic must have seen it join and leave, holding its last metadata when
+/// it left if it left with a close frame, else that or one of its earlier
+/// stamps (the updates sent right before a dropped connection may be lost).
+struct Departure {
+    topic: usize,
+    id: String,
+    metadata: String,
+    closed: bool,
+}
+
+type Departures = Arc<Mutex<Vec<Departure>>>;
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -100,46 +131,86 @@ struct Config {
     stay_max_ms: u64,
     drop_fraction: f64,
     join_timeout: Duration,
+    /// `--updates`: updates per stay (0: no metadata at all).
+    updates: u32,
 }
 
-/// One client loop: join, stay, leave, until `deadline`.
-async fn client_loop(cfg: Arc<Config>, live: Live, deadline: Instant, seed: u64) -> ClientStats {
+/// One client loop: join, stay, leave, until `deadline`. Client `index`
+/// tags its `n`-th stay's metadata `c{index}.{n}`.
+async fn client_loop(
+    cfg: Arc<Config>,
+    live: Live,
+    departures: Departures,
+    deadline: Instant,
+    index: usize,
+    seed: u64,
+) -> ClientStats {
     let mut rng = Rng::new(seed);
     let mut stats = ClientStats::default();
+    let mut stays = 0u64;
     while Instant::now() < deadline {
         let (addr, urls) = &cfg.servers[rng.below(cfg.servers.len())];
-        let url = &urls[rng.below(urls.len())];
+        let topic = rng.below(urls.len());
+        let mut stamp = (cfg.updates > 0).then(|| Stamp::new(format!("c{index}.{stays}")));
+        stays += 1;
+        let url = match &stamp {
+            Some(stamp) => client::with_metadata(&urls[topic], &stamp.text()),
+            None => urls[topic].clone(),
+        };
         let mut view = View::default();
         let start = Instant::now();
-        let mut ws =
-            match tokio::time::timeout(cfg.join_timeout, client::join(*addr, url, &mut view)).await
-            {
-                Ok(Ok(ws)) => ws,
-                Ok(Err(failure)) => {
-                    stats.error(failure);
-                    // Do not spin on a server that refuses everything.
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-                Err(_) => {
-                    stats.error(Failure::timeout("joining"));
-                    continue;
-                }
-            };
+        let mut ws = match tokio::time::timeout(
+            cfg.join_timeout,
+            client::join(*addr, &url, &mut view),
+        )
+        .await
+        {
+            Ok(Ok(ws)) => ws,
+            Ok(Err(failure)) => {
+                stats.error(failure);
+                // Do not spin on a server that refuses everything.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+            Err(_) => {
+                stats.error(Failure::timeout("joining"));
+                continue;
+            }
+        };
         stats.joins += 1;
         stats.join_us.push(micros(start.elapsed()));
         let self_id = view.self_id().unwrap_or_default().to_owned();
         lock(&live).insert(self_id.clone());
 
-        // Stay, reading (and discarding) whatever the server sends.
-        let stay = tokio::time::sleep(Duration::from_millis(
-            rng.below(cfg.stay_max_ms as usize + 1) as u64,
-        ));
-        tokio::pin!(stay);
+        // Stay, reading (and discarding) whatever the server sends, and
+        // sending the updates at their moments.
+        let stay = Duration::from_millis(rng.below(cfg.stay_max_ms as usize + 1) as u64);
+        let stay_start = tokio::time::Instant::now();
+        let mut moments: Vec<tokio::time::Instant> = (0..cfg.updates)
+            .map(|_| stay_start + stay.mul_f64(rng.unit()))
+            .collect();
+        // Latest first: the next moment is the last one.
+        moments.sort_unstable_by(|a, b| b.cmp(a));
+        let stay_end = stay_start + stay;
+        let timer = tokio::time::sleep_until(moments.last().copied().unwrap_or(stay_end));
+        tokio::pin!(timer);
         let mut open = true;
         while open {
             tokio::select! {
-                _ = &mut stay => break,
+                () = &mut timer => {
+                    let (Some(_), Some(stamp)) = (moments.pop(), stamp.as_mut()) else {
+                        break;
+                    };
+                    stamp.advance();
+                    let update = client::update_metadata(&stamp.text());
+                    if let Err(err) = ws.send(Message::text(update)).await {
+                        stats.error(Failure::new("ws_error", format!("update-metadata: {err}")));
+                        open = false;
+                    } else {
+                        stats.updates_sent += 1;
+                    }
+                    timer.as_mut().reset(moments.last().copied().unwrap_or(stay_end));
+                }
                 item = ws.next() => match item {
                     Some(Ok(Message::Text(text))) => {
                         if let Ok(msg) = serde_json::from_str::<Incoming>(&text) {
@@ -157,6 +228,7 @@ async fn client_loop(cfg: Arc<Config>, live: Live, deadline: Instant, seed: u64)
                 }
             }
         }
+        let mut closed = false;
         if open {
             if rng.unit() < cfg.drop_fraction {
                 // Abnormal disconnect: the socket goes away without a close frame.
@@ -164,11 +236,20 @@ async fn client_loop(cfg: Arc<Config>, live: Live, deadline: Instant, seed: u64)
                 stats.leaves_drop += 1;
             } else if client::close(&mut ws, Duration::from_secs(2)).await {
                 stats.leaves_close += 1;
+                closed = true;
             } else {
                 stats.error(Failure::timeout("waiting for the server's close"));
             }
         }
         lock(&live).remove(&self_id);
+        if let Some(stamp) = stamp {
+            lock(&departures).push(Departure {
+                topic,
+                id: self_id,
+                metadata: stamp.text(),
+                closed,
+            });
+        }
     }
     stats
 }
@@ -179,18 +260,40 @@ struct Member {
     state: Arc<Tracked>,
 }
 
+/// How many updates of the stamp `last` are missing from `held`, when
+/// `held` is an earlier stamp of the same peer.
+fn lost_updates(held: Option<&str>, last: &str) -> Option<u64> {
+    let held: Stamp = serde_json::from_str(held?).ok()?;
+    let last: Stamp = serde_json::from_str(last).ok()?;
+    (held.tag == last.tag && held.seq < last.seq).then(|| last.seq - held.seq)
+}
+
 /// Joins `topic` as a peer whose view is tracked, on the `n`-th server
-/// (round robin).
-async fn join_tracked(cfg: &Config, topic: usize, n: usize) -> Result<(Ws, Arc<Tracked>), Failure> {
+/// (round robin). With `--updates`, it joins with the stamp `tag`, and an
+/// observer's view keeps the metadata of every peer that leaves.
+async fn join_tracked(
+    cfg: &Config,
+    topic: usize,
+    n: usize,
+    tag: String,
+    observer: bool,
+) -> Result<(Ws, Arc<Tracked>), Failure> {
     let mut view = View::default();
     let (addr, urls) = &cfg.servers[n % cfg.servers.len()];
-    let ws = tokio::time::timeout(
-        cfg.join_timeout,
-        client::join(*addr, &urls[topic], &mut view),
-    )
-    .await
-    .map_err(|_| Failure::timeout("joining"))??;
-    Ok((ws, Arc::new(Tracked::with_view(view))))
+    let stamp = (cfg.updates > 0).then(|| Stamp::new(tag));
+    let url = match &stamp {
+        Some(stamp) => {
+            if observer {
+                view.keep_departed();
+            }
+            client::with_metadata(&urls[topic], &stamp.text())
+        }
+        None => urls[topic].clone(),
+    };
+    let ws = tokio::time::timeout(cfg.join_timeout, client::join(*addr, &url, &mut view))
+        .await
+        .map_err(|_| Failure::timeout("joining"))??;
+    Ok((ws, Arc::new(Tracked::with_stamp(view, stamp))))
 }
 
 #[derive(Serialize)]
@@ -223,6 +326,15 @@ struct Report {
     extra_entries: usize,
     sync_unanswered: usize,
     sync_answered_by_error: usize,
+    updates: u32,
+    updates_sent: u64,
+    check_updates_sent: u64,
+    updates_received: u64,
+    updates_unsettled: usize,
+    stale_metadata: usize,
+    stale_at_leave: usize,
+    updates_lost_at_drop: u64,
+    leaves_unseen: usize,
     server_pid: Option<u32>,
     server_cpu_s: Option<f64>,
     server_cpu_us_per_join: Option<f64>,
@@ -266,6 +378,7 @@ pub async fn run(args: ChurnArgs) -> Result<(), String> {
         stay_max_ms: args.stay_max_ms,
         drop_fraction: args.drop_fraction,
         join_timeout: Duration::from_secs_f64(args.join_timeout),
+        updates: args.updates,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let (sync_tx, sync_rx) = watch::channel(0u64);
@@ -278,7 +391,7 @@ pub async fn run(args: ChurnArgs) -> Result<(), String> {
     // One observer per topic, there before the churn starts.
     let mut observers = Vec::with_capacity(args.topics);
     for t in 0..args.topics {
-        let (ws, state) = join_tracked(&cfg, t, t)
+        let (ws, state) = join_tracked(&cfg, t, t, format!("o{t}"), true)
             .await
             .map_err(|f| format!("observer of topic {t} could not join: {f}"))?;
         let who = format!("observer of topic {t}");
@@ -304,12 +417,15 @@ pub async fn run(args: ChurnArgs) -> Result<(), String> {
     let t0 = Instant::now();
     let deadline = t0 + Duration::from_secs_f64(args.duration);
     let mut rng = Rng::new(seed);
+    let departures: Departures = Arc::default();
     let mut clients = JoinSet::new();
-    for _ in 0..args.clients {
+    for index in 0..args.clients {
         clients.spawn(client_loop(
             Arc::clone(&cfg),
             Arc::clone(&live),
+            Arc::clone(&departures),
             deadline,
+            index,
             rng.next_u64(),
         ));
     }
@@ -320,6 +436,7 @@ pub async fn run(args: ChurnArgs) -> Result<(), String> {
         stats.leaves_close += s.leaves_close;
         stats.leaves_drop += s.leaves_drop;
         stats.join_us.extend(s.join_us);
+        stats.updates_sent += s.updates_sent;
         stats.errors.merge(s.errors);
     }
     let elapsed = t0.elapsed().as_secs_f64();
@@ -348,7 +465,10 @@ pub async fn run(args: ChurnArgs) -> Result<(), String> {
         ghosts
     };
 
-    // Consistency: K fresh peers per topic join at once.
+    // Consistency: K fresh peers per topic join at once (while, with
+    // `--updates`, the observers and every other fresh peer update their
+    // metadata).
+    let updates = u64::from(args.updates);
     let check = Arc::new(Mutex::new(Vec::new()));
     let check_failures = Arc::new(Mutex::new(BTreeMap::new()));
     let started = Arc::new(AtomicUsize::new(0));
@@ -359,12 +479,15 @@ pub async fn run(args: ChurnArgs) -> Result<(), String> {
             let (check, fails) = (Arc::clone(&check), Arc::clone(&check_failures));
             let started = Arc::clone(&started);
             joins.spawn(async move {
-                match join_tracked(&cfg, t, t + k + 1).await {
+                match join_tracked(&cfg, t, t + k + 1, format!("k{t}.{k}"), false).await {
                     Ok((ws, state)) => {
                         let member = Member {
                             topic: t,
                             state: Arc::clone(&state),
                         };
+                        if updates > 0 && k % 2 == 0 {
+                            state.request_updates(updates);
+                        }
                         lock(&check).push(member);
                         started.fetch_add(1, Ordering::Release);
                         let who = format!("check peer {k} of topic {t}");
@@ -378,18 +501,37 @@ pub async fn run(args: ChurnArgs) -> Result<(), String> {
             });
         }
     }
+    if updates > 0 {
+        for o in &observers {
+            o.state.request_updates(updates);
+        }
+    }
     let wanted = args.topics * args.check_peers;
     while started.load(Ordering::Acquire) < wanted {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-
-    // Everything queued before the ping is delivered before its answer.
-    let _ = sync_tx.send(1);
     let members: Vec<(usize, Arc<Tracked>)> = observers
         .iter()
         .chain(lock(&check).iter())
         .map(|m| (m.topic, Arc::clone(&m.state)))
         .collect();
+    // Every update was taken by the server (the ping after it came back)
+    // before any peer sends the sync ping.
+    let settle_deadline = Instant::now() + SYNC_TIMEOUT;
+    while Instant::now() < settle_deadline
+        && members
+            .iter()
+            .any(|(_, s)| s.is_open() && !s.updates_settled())
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let updates_unsettled = members
+        .iter()
+        .filter(|(_, s)| s.is_open() && !s.updates_settled())
+        .count();
+
+    // Everything queued before the ping is delivered before its answer.
+    let _ = sync_tx.send(1);
     let sync_deadline = Instant::now() + SYNC_TIMEOUT;
     while Instant::now() < sync_deadline
         && members.iter().any(|(_, s)| s.is_open() && s.synced() < 1)
@@ -403,22 +545,72 @@ pub async fn run(args: ChurnArgs) -> Result<(), String> {
         .count();
     let sync_by_error = members.iter().filter(|(_, s)| s.sync_by_error()).count();
 
-    let mut membership: Vec<HashSet<String>> = vec![HashSet::new(); args.topics];
+    // Each open member's id and metadata, by topic.
+    let mut membership: Vec<HashMap<String, Option<String>>> = vec![HashMap::new(); args.topics];
     for (t, s) in &members {
         if let (true, Some(id)) = (s.is_open(), s.self_id()) {
-            membership[*t].insert(id);
+            membership[*t].insert(id, s.metadata());
         }
     }
     let (mut views_checked, mut inconsistent, mut missing, mut extra) = (0, 0, 0, 0);
+    let mut stale_metadata = 0;
     for (t, s) in members.iter().filter(|(_, s)| s.is_open()) {
-        let truth: HashSet<&str> = membership[*t].iter().map(String::as_str).collect();
-        let diff = s.view().compare(&truth);
+        let truth: HashSet<&str> = membership[*t].keys().map(String::as_str).collect();
+        let view = s.view();
+        let diff = view.compare(&truth);
+        // The seed's metadata is not ours to check: only with --updates.
+        let stale = if updates > 0 {
+            let metadata: HashMap<&str, Option<&str>> = membership[*t]
+                .iter()
+                .map(|(id, m)| (id.as_str(), m.as_deref()))
+                .collect();
+            view.stale_metadata(&metadata)
+        } else {
+            0
+        };
         views_checked += 1;
-        if !diff.is_exact() {
+        if !diff.is_exact() || stale > 0 {
             inconsistent += 1;
         }
         missing += diff.missing;
         extra += diff.extra;
+        stale_metadata += stale;
+    }
+
+    // Every churn client's stay, as its topic's observer saw it.
+    let (mut stale_at_leave, mut leaves_unseen, mut lost_at_drop) = (0, 0, 0);
+    let mut leave_examples = Vec::new();
+    for d in lock(&departures).iter() {
+        let observer = &observers[d.topic].state;
+        if !observer.is_open() {
+            continue;
+        }
+        let view = observer.view();
+        let problem = match view.departed(&d.id) {
+            None if view.metadata(&d.id).is_none() => {
+                leaves_unseen += 1;
+                "never seen"
+            }
+            // Still in the view: a ghost, counted as one.
+            None => continue,
+            Some(held) if held != Some(d.metadata.as_str()) => {
+                match lost_updates(held, &d.metadata) {
+                    // Dropping the connection may lose what was sent last.
+                    Some(lost) if !d.closed => {
+                        lost_at_drop += lost;
+                        continue;
+                    }
+                    _ => {
+                        stale_at_leave += 1;
+                        "stale at its leave"
+                    }
+                }
+            }
+            Some(_) => continue,
+        };
+        if leave_examples.len() < 5 {
+            leave_examples.push(format!("{} (topic {}) {problem}", d.id, d.topic));
+        }
     }
 
     let observer_ends: Vec<String> = observers.iter().filter_map(|o| o.state.ended()).collect();
@@ -444,8 +636,11 @@ pub async fn run(args: ChurnArgs) -> Result<(), String> {
     // Impossible events are counted over the whole run, closing included:
     // a peer-left for an id a peer never learned shows up when others leave.
     let mut impossible = BTreeMap::new();
+    let mut updates_received = 0;
     for (_, s) in &members {
-        add_violations(&mut impossible, &s.view());
+        let view = s.view();
+        add_violations(&mut impossible, &view);
+        updates_received += view.updates();
     }
 
     let (p50, p99, max) = spread(&mut stats.join_us);
@@ -478,6 +673,15 @@ pub async fn run(args: ChurnArgs) -> Result<(), String> {
         extra_entries: extra,
         sync_unanswered,
         sync_answered_by_error: sync_by_error,
+        updates: args.updates,
+        updates_sent: stats.updates_sent,
+        check_updates_sent: members.iter().map(|(_, s)| s.updates_sent()).sum(),
+        updates_received,
+        updates_unsettled,
+        stale_metadata,
+        stale_at_leave,
+        updates_lost_at_drop: lost_at_drop,
+        leaves_unseen,
         server_pid: args.server_pid,
         server_cpu_s: server_cpu.map(|c| round(c, 3)),
         server_cpu_us_per_join: server_cpu
@@ -491,6 +695,9 @@ pub async fn run(args: ChurnArgs) -> Result<(), String> {
     }
     if !ghost_examples.is_empty() {
         notes.push(("ghosts e.g.", ghost_examples.join(", ")));
+    }
+    if !leave_examples.is_empty() {
+        notes.push(("leaves e.g.", leave_examples.join(", ")));
     }
     if !observer_ends.is_empty() {
         notes.push(("observers", format!("ended: {}", observer_ends.join(", "))));
@@ -539,6 +746,24 @@ fn summary(r: &Report, notes: &[(&str, String)]) -> Table {
             format_counts(&r.check_join_failures)
         ),
     );
+    if r.updates > 0 {
+        t.line(
+            "metadata",
+            format!(
+                "{} updates sent (+{} in the check), {} received; stale: {} at the end, \
+                 {} at a leave; {} lost by dropped connections; {} leaves unseen, \
+                 {} peers unsettled",
+                r.updates_sent,
+                r.check_updates_sent,
+                r.updates_received,
+                r.stale_metadata,
+                r.stale_at_leave,
+                r.updates_lost_at_drop,
+                r.leaves_unseen,
+                r.updates_unsettled
+            ),
+        );
+    }
     if r.sync_unanswered > 0 || r.sync_answered_by_error > 0 {
         t.line(
             "sync",
@@ -561,7 +786,11 @@ fn summary(r: &Report, notes: &[(&str, String)]) -> Table {
         );
     }
     t.line("client cpu", format!("{:.2} s", r.client_cpu_s));
-    let bad = r.ghosts + r.inconsistent_views + r.impossible_events.values().sum::<u64>() as usize;
+    let bad = r.ghosts
+        + r.inconsistent_views
+        + r.stale_at_leave
+        + r.leaves_unseen
+        + r.impossible_events.values().sum::<u64>() as usize;
     if bad > 0 {
         t.line("FAIL", "presence is not exact on this server (see above)");
     }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -79,7 +80,8 @@ pub fn topic_name(run_id: &str, index: usize) -> String {
 
 /// What the server sends; only the fields the benchmark looks at. Strings are
 /// borrowed from the frame (the server never escapes ids, types or codes);
-/// `payload` and `metadata` are skipped without being built.
+/// `payload` is skipped without being built, and `metadata` is kept as the
+/// raw JSON text the server sent (`null` reads as none, as on the wire).
 #[derive(Deserialize)]
 pub struct Incoming<'a> {
     #[serde(rename = "type")]
@@ -96,11 +98,37 @@ pub struct Incoming<'a> {
     pub code: Option<&'a str>,
     #[serde(default, borrow)]
     pub peers: Option<Vec<PeerEntry<'a>>>,
+    #[serde(default, borrow)]
+    pub metadata: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
 pub struct PeerEntry<'a> {
     pub id: &'a str,
+    #[serde(default, borrow)]
+    pub metadata: Option<&'a RawValue>,
+}
+
+/// The `update-metadata` message that makes `metadata` (one JSON value) a
+/// peer's metadata.
+pub fn update_metadata(metadata: &str) -> String {
+    format!(r#"{{"type":"update-metadata","metadata":{metadata}}}"#)
+}
+
+/// `url` with `?metadata=`, the JSON text `metadata` percent-encoded (every
+/// byte but the unreserved ones of RFC 3986, so `+` stays a plus).
+pub fn with_metadata(url: &str, metadata: &str) -> String {
+    let mut out = String::with_capacity(url.len() + 10 + 3 * metadata.len());
+    out.push_str(url);
+    out.push_str("?metadata=");
+    for b in metadata.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// Why a connection failed or ended: a short `kind` to count by, and the
@@ -365,9 +393,37 @@ mod tests {
         let msg: Incoming =
             serde_json::from_str(r#"{"type":"peer-joined","peerId":"C","metadata":{}}"#).unwrap();
         assert_eq!(msg.peer_id, Some("C"));
+        assert_eq!(msg.metadata.map(RawValue::get), Some("{}"));
+        let text =
+            r#"{"type":"peer-list","peers":[{"id":"A","metadata":{"x":[1, 2]}},{"id":"B"}]}"#;
+        let msg: Incoming = serde_json::from_str(text).unwrap();
+        let metadata: Vec<Option<&str>> = msg
+            .peers
+            .unwrap()
+            .iter()
+            .map(|p| p.metadata.map(RawValue::get))
+            .collect();
+        assert_eq!(metadata, [Some(r#"{"x":[1, 2]}"#), None]);
+        // A peer whose metadata was updated to `null` has none.
+        let msg: Incoming =
+            serde_json::from_str(r#"{"type":"peer-updated","peerId":"C","metadata":null}"#)
+                .unwrap();
+        assert!(msg.metadata.is_none());
         // The seed leaves `peers` out when the topic is empty.
         let msg: Incoming = serde_json::from_str(r#"{"type":"peer-list"}"#).unwrap();
         assert!(msg.peers.is_none());
+    }
+
+    #[test]
+    fn metadata_messages() {
+        assert_eq!(
+            update_metadata(r#"{"seq":1}"#),
+            r#"{"type":"update-metadata","metadata":{"seq":1}}"#
+        );
+        assert_eq!(
+            with_metadata("ws://h/ws/t", r#"{"a":"x+y z"}"#),
+            "ws://h/ws/t?metadata=%7B%22a%22%3A%22x%2By%20z%22%7D"
+        );
     }
 
     #[test]

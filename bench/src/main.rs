@@ -3,6 +3,7 @@
 //! Each subcommand is one scenario. It prints a single JSON line with the
 //! results on stdout and a short human-readable summary on stderr.
 
+mod broadcast;
 mod churn;
 mod client;
 mod connect;
@@ -43,6 +44,9 @@ enum Command {
     /// Relays to sessions whose connections are cut at random and resumed:
     /// messages lost and duplicated, resume latency, a suspended session's memory.
     Resume(resume::ResumeArgs),
+    /// One sender and many receivers in one topic: server CPU per delivered
+    /// copy of a broadcast, next to the same copies sent as relays.
+    Broadcast(broadcast::BroadcastArgs),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +59,7 @@ fn main() -> ExitCode {
         Command::Churn(args) => args.threads,
         Command::Fanout(args) => args.threads,
         Command::Resume(args) => args.threads,
+        Command::Broadcast(args) => args.threads,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads.max(1))
@@ -74,6 +79,7 @@ fn main() -> ExitCode {
             Command::Churn(args) => churn::run(args).await,
             Command::Fanout(args) => fanout::run(args).await,
             Command::Resume(args) => resume::run(args).await,
+            Command::Broadcast(args) => broadcast::run(args).await,
         }
     });
     // Tasks still parked on dead sockets must not hold the exit up.

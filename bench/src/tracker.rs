@@ -1,22 +1,26 @@
 //! A long-lived peer that keeps its view of the topic up to date, for the
 //! scenarios that check presence (`churn`'s observers and checkers, every
 //! `fanout` peer). Its state is shared so the coordinator can read the view
-//! while the peer runs.
+//! while the peer runs, and ask it to update its metadata.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::client::{self, stream_end, Failure, Incoming, Ws};
-use crate::view::{self, View};
+use crate::view::{self, Stamp, View};
 
 /// The `msgId` of the application-level ping that flushes everything the
 /// server queued for a peer before it.
 pub const SYNC_ID: &str = "sync";
+/// The `msgId` of the ping a peer sends after a round of metadata updates:
+/// its answer says the server has taken every update of the round.
+pub const UPDATED_ID: &str = "updated";
 
 /// What the coordinator can see of a running peer.
 #[derive(Default)]
@@ -33,6 +37,17 @@ pub struct Tracked {
     ended: Mutex<Option<Failure>>,
     /// When the view first reached the goal size.
     reached: Mutex<Option<Duration>>,
+    /// The peer's own metadata, if it gave a stamp: the one it joined with,
+    /// advanced by every update it sent.
+    stamp: Mutex<Option<Stamp>>,
+    /// Updates asked for and not sent yet; `wake` tells the peer.
+    pending_updates: AtomicU64,
+    wake: Notify,
+    /// Rounds of updates asked for, and answered by the server (the ping
+    /// after them came back).
+    rounds_wanted: AtomicU64,
+    rounds_done: AtomicU64,
+    updates_sent: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -40,11 +55,36 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Tracked {
-    pub fn with_view(view: View) -> Self {
+    /// A peer that joined with this view and `stamp` as its metadata
+    /// (`None`: it joined without metadata).
+    pub fn with_stamp(view: View, stamp: Option<Stamp>) -> Self {
         Self {
             view: Mutex::new(view),
+            stamp: Mutex::new(stamp),
             ..Self::default()
         }
+    }
+
+    /// The peer's metadata as the others must see it (`None`: none).
+    pub fn metadata(&self) -> Option<String> {
+        lock(&self.stamp).as_ref().map(Stamp::text)
+    }
+
+    /// Asks the peer for one round of `n` metadata updates (none if it has
+    /// no stamp), followed by a ping; see [`Tracked::updates_settled`].
+    pub fn request_updates(&self, n: u64) {
+        self.rounds_wanted.fetch_add(1, Ordering::AcqRel);
+        self.pending_updates.fetch_add(n, Ordering::AcqRel);
+        self.wake.notify_one();
+    }
+
+    /// Whether the server answered the ping after every round asked for.
+    pub fn updates_settled(&self) -> bool {
+        self.rounds_done.load(Ordering::Acquire) >= self.rounds_wanted.load(Ordering::Acquire)
+    }
+
+    pub fn updates_sent(&self) -> u64 {
+        self.updates_sent.load(Ordering::Relaxed)
     }
 
     pub fn view(&self) -> MutexGuard<'_, View> {
@@ -106,6 +146,9 @@ struct Runner {
     goal: Option<Goal>,
     goal_done: bool,
     sync_round: u64,
+    /// For each ping sent after a round of updates and not answered yet,
+    /// the rounds asked for when it was sent.
+    unanswered_rounds: VecDeque<u64>,
 }
 
 impl Runner {
@@ -128,6 +171,11 @@ impl Runner {
             "pong" if msg.msg_id == Some(SYNC_ID) => {
                 self.state.synced.store(self.sync_round, Ordering::Release);
             }
+            "pong" if msg.msg_id == Some(UPDATED_ID) => {
+                if let Some(rounds) = self.unanswered_rounds.pop_front() {
+                    self.state.rounds_done.store(rounds, Ordering::Release);
+                }
+            }
             "error" if msg.msg_id == Some(SYNC_ID) => {
                 self.state.sync_by_error.store(true, Ordering::Relaxed);
                 self.state.synced.store(self.sync_round, Ordering::Release);
@@ -146,6 +194,31 @@ impl Runner {
                 self.check_goal(len);
             }
         }
+    }
+
+    /// Sends the updates asked for since the last round, each advancing
+    /// the stamp, then the ping whose answer settles the round.
+    async fn send_updates(&mut self, ws: &mut Ws) -> Result<(), Failure> {
+        let rounds = self.state.rounds_wanted.load(Ordering::Acquire);
+        let n = self.state.pending_updates.swap(0, Ordering::AcqRel);
+        for _ in 0..n {
+            let text = {
+                let mut stamp = lock(&self.state.stamp);
+                let Some(stamp) = stamp.as_mut() else { break };
+                stamp.advance();
+                stamp.text()
+            };
+            ws.send(Message::text(client::update_metadata(&text)))
+                .await
+                .map_err(|err| Failure::new("ws_error", format!("update-metadata: {err}")))?;
+            self.state.updates_sent.fetch_add(1, Ordering::Relaxed);
+        }
+        let ping = format!(r#"{{"type":"ping","msgId":"{UPDATED_ID}"}}"#);
+        ws.send(Message::text(ping))
+            .await
+            .map_err(|err| Failure::new("ws_error", format!("ping after updates: {err}")))?;
+        self.unanswered_rounds.push_back(rounds);
+        Ok(())
     }
 
     fn end(&mut self, failure: Failure) {
@@ -175,8 +248,10 @@ pub async fn track(
         goal,
         goal_done: false,
         sync_round: 0,
+        unanswered_rounds: VecDeque::new(),
     };
-    let len = runner.state.view().len();
+    let state = Arc::clone(&runner.state);
+    let len = state.view().len();
     runner.check_goal(len);
     ctl.sync.mark_unchanged();
     let mut sync_open = true;
@@ -196,6 +271,12 @@ pub async fn track(
                 let ping = format!(r#"{{"type":"ping","msgId":"{SYNC_ID}"}}"#);
                 if let Err(err) = ws.send(Message::text(ping)).await {
                     runner.end(Failure::new("ws_error", format!("sync ping: {err}")));
+                    return;
+                }
+            }
+            () = state.wake.notified() => {
+                if let Err(failure) = runner.send_updates(&mut ws).await {
+                    runner.end(failure);
                     return;
                 }
             }
