@@ -68,7 +68,7 @@ class ServerProcess:
     """A server on ``port`` that answers ``GET /healthz``: stdout goes to
     ``stdout_path``, stderr to ``stderr_path`` (or with stdout). ``cpu``
     pins it to one core; ``fd_limit`` caps its open descriptors as
-    ``ulimit -n`` would."""
+    ``ulimit -n`` would (a pair: the soft and the hard limit)."""
 
     def __init__(
         self,
@@ -79,7 +79,7 @@ class ServerProcess:
         stderr_path: Path | None = None,
         cpu: int | None = None,
         env: dict[str, str] | None = None,
-        fd_limit: int | None = None,
+        fd_limit: int | tuple[int, int] | None = None,
     ) -> None:
         self.command = list(command)
         self.port = port
@@ -88,7 +88,8 @@ class ServerProcess:
 
         def limit() -> None:
             if fd_limit is not None:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, fd_limit))
+                pair = fd_limit if isinstance(fd_limit, tuple) else (fd_limit, fd_limit)
+                resource.setrlimit(resource.RLIMIT_NOFILE, pair)
 
         with contextlib.ExitStack() as files:
             out = files.enter_context(stdout_path.open("wb"))

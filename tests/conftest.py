@@ -40,9 +40,10 @@ class Server(ServerProcess):
         *args: str,
         executable: Path = EXECUTABLE,
         port: int | None = None,
-        fd_limit: int | None = None,
+        fd_limit: int | tuple[int, int] | None = None,
     ) -> None:
-        """*fd_limit* caps the server's open descriptors (as ``ulimit -n`` would)."""
+        """*fd_limit* caps the server's open descriptors (as ``ulimit -n`` would;
+        a pair: the soft and the hard limit)."""
         if not executable.exists():
             pytest.fail(f"{executable} not found: run `make build` first")
         port = free_port() if port is None else port

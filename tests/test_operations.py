@@ -274,6 +274,36 @@ def test_out_of_descriptors_answers_503_and_recovers(
     assert "Traceback" not in srv.output(), srv.output()
 
 
+def test_the_descriptor_limit_is_raised_to_the_hard_one_and_its_cap_is_said(
+    start_server: Callable[..., Server],
+) -> None:
+    """Started with a soft limit of 256 under a hard one of 1024, the
+    server takes the hard one (and says so), holds 400 connections, and
+    warns that 1024 descriptors cap the default --max-connections."""
+    clients = 400
+    ensure_fd_limit(clients + 300)
+    srv = start_server("--workers", "1", fd_limit=(256, 1024))
+    raised = srv.records("raised the open file limit from 256 to 1024, the hard limit")
+    assert [r["level"] for r in raised] == ["INFO"], srv.output()
+    capped = [r for r in srv.log_records() if "caps each worker" in r.get("msg", "")]
+    assert [r["level"] for r in capped] == ["WARNING"], srv.output()
+    assert "about 959 connections, fewer than --max-connections 50000" in capped[0]["msg"]
+    clients_open = [RawClient.join(srv.port, f"/ws/many-{n % 10}")[0] for n in range(clients)]
+    try:
+        wanted = 'process_max_fds{worker="0"} 1024'
+        wait_for(lambda: wanted in http_get(srv.port, "/metrics").body.decode(), wanted)
+    finally:
+        for client in clients_open:
+            client.close()
+    assert "Traceback" not in srv.output(), srv.output()
+
+
+def test_no_cap_is_said_when_the_limit_leaves_room(start_server: Callable[..., Server]) -> None:
+    srv = start_server("--workers", "2", "--max-connections", "100", fd_limit=(1024, 1024))
+    said = [r["msg"] for r in srv.log_records() if "open file limit" in r.get("msg", "")]
+    assert said == [], said
+
+
 @pytest.mark.parametrize(
     ("first", "second"), [(1, 2), (2, 1), (2, 2)], ids=["1-then-2", "2-then-1", "2-then-2"]
 )

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import re
+import resource
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -689,6 +690,49 @@ def risky(config: Config) -> list[str]:
     return warnings
 
 
+#: Descriptors a worker holds besides its connections: listeners, the
+#: spare kept for refusals at the limit, links to the supervisor, to the
+#: other workers and to Redis, webhook connections, handshakes under way.
+FD_RESERVE = 64
+
+
+def raise_descriptor_limit() -> tuple[int, int]:
+    """Raises the soft limit on open descriptors to the hard one (the
+    workers inherit it). Returns the limit before and the limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        # The kernel refuses more than fs.nr_open per process.
+        try:
+            target = int(Path("/proc/sys/fs/nr_open").read_text())
+        except (OSError, ValueError):
+            target = 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        return soft, soft
+    return soft, target
+
+
+def descriptor_notes(config: Config, before: int, limit: int) -> tuple[str | None, str | None]:
+    """What to say of the descriptor limit: that it was raised (info), and
+    that it caps ``--max-connections`` (a warning)."""
+    raised = capped = None
+    if limit > before:
+        raised = f"raised the open file limit from {before} to {limit}, the hard limit"
+    room = limit - FD_RESERVE - config.workers
+    if limit != resource.RLIM_INFINITY and room < config.max_connections:
+        capped = (
+            f"the open file limit ({limit}) caps each worker at about {max(room, 0)} "
+            f"connections, fewer than --max-connections {config.max_connections}; past it "
+            "they get 503 (raise the hard limit: ulimit -Hn, systemd LimitNOFILE=, "
+            "docker run --ulimit nofile=)"
+        )
+    return raised, capped
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     arguments = sys.argv[1:] if argv is None else list(argv)
     if arguments[:1] == ["token"]:
@@ -703,6 +747,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     configure(config.log_level)
     for warning in risky(config):
         log(logging.WARNING, warning)
+    raised, capped = descriptor_notes(config, *raise_descriptor_limit())
+    if raised is not None:
+        log(logging.INFO, raised)
+    if capped is not None:
+        log(logging.WARNING, capped)
     from signaling_sharded.server.supervisor import Supervisor
 
     sys.exit(Supervisor(config).run())
