@@ -3,13 +3,10 @@
 //! After the HTTP upgrade the worker hands the socket's transport to
 //! `Hub.join`, which returns a [`Peer`]; the worker installs it with
 //! `transport.set_protocol(peer)`. Every call into the engine fills an
-//! outbox under the lock; the callbacks it asks for are made after the
-//! lock is released, and so are the writes and closes, or, once the
-//! worker has asked for it (`Hub.defer_writes`), at the end of the event
-//! loop's iteration: what the peers' messages of one iteration send a
-//! connection then goes out in one write.
+//! outbox under the lock; the writes, closes and callbacks it asks for
+//! are made after the lock is released.
 
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use pyo3::exceptions::PyValueError;
@@ -32,8 +29,6 @@ use crate::wire::peer_id::PeerId;
 pub(super) struct Core {
     pub(super) engine: Engine<Py<PyAny>>,
     outbox: Outbox,
-    /// Whether the writes waiting in `outbox` have a flush scheduled.
-    flush_due: bool,
 }
 
 /// One worker's peers and topics.
@@ -56,10 +51,6 @@ pub struct Hub {
     on_cluster: Option<Py<PyAny>>,
     /// What every node's inbox channel name starts with (cluster mode).
     channel_prefix: Vec<u8>,
-    /// The event loop's `call_soon`, and this hub's `flush` it is called
-    /// with when writes start waiting for one; unset, writes are made at
-    /// once.
-    call_soon: OnceLock<(Py<PyAny>, Py<PyAny>)>,
 }
 
 /// A socket operation decided under the lock, carried out after it.
@@ -90,28 +81,33 @@ impl Hub {
         let mut left = Vec::new();
         let mut sessions = Vec::new();
         let mut cluster_ops = None;
-        let mut writes = Vec::new();
-        let mut schedule = None;
+        let mut ops: Vec<(Bound<'_, PyAny>, Op<'_>)> = Vec::new();
         let result = {
             let mut guard = self.lock();
-            let Core {
-                engine,
-                outbox,
-                flush_due,
-            } = &mut *guard;
+            let Core { engine, outbox } = &mut *guard;
             let result = step(engine, outbox);
             engine.record_gauges();
-            if !outbox.actions.is_empty() {
-                match self.call_soon.get() {
-                    Some(scheduler) if !*flush_due => {
-                        *flush_due = true;
-                        schedule = Some(scheduler);
-                    }
-                    Some(_) => {}
-                    None => writes = take_writes(py, engine, outbox),
-                }
-            }
             if !outbox.is_empty() {
+                let mut bytes: Vec<Option<Bound<'_, PyBytes>>> = vec![None; outbox.bufs.len()];
+                let mut sent = 0;
+                for &(conn, action) in &outbox.actions {
+                    let Some(transport) = engine.transport(conn) else {
+                        continue;
+                    };
+                    let op = match action {
+                        Action::Write(index) => Op::Write({
+                            sent += outbox.bufs[index].len() as u64;
+                            bytes[index]
+                                .get_or_insert_with(|| PyBytes::new(py, &outbox.bufs[index]))
+                                .clone()
+                        }),
+                        Action::Finish => Op::Finish,
+                        Action::Close => Op::Close,
+                        Action::Abort => Op::Abort,
+                    };
+                    ops.push((transport.bind(py).clone(), op));
+                }
+                engine.metrics().add(cell(family::SENT_BYTES, 0), sent);
                 if self.on_joined.is_some() {
                     joined = member_events(&mut outbox.joined);
                 }
@@ -132,18 +128,21 @@ impl Hub {
                         .map(|op| cluster::to_python(py, prefix, op));
                     cluster_ops = Some(list.collect::<PyResult<Vec<_>>>());
                 }
-                outbox.clear_events();
+                outbox.clear();
             }
             result
         };
-        if let Some((call_soon, flush)) = schedule {
-            if let Err(err) = call_soon.call1(py, (flush,)) {
-                // Not scheduled (the loop is closed): write now.
-                err.write_unraisable(py, Some(call_soon.bind(py)));
-                self.flush(py);
+        for (transport, op) in ops {
+            let called = match op {
+                Op::Write(data) => transport.call_method1(intern!(py, "write"), (data,)),
+                Op::Finish => transport.call_method0(intern!(py, "write_eof")),
+                Op::Close => transport.call_method0(intern!(py, "close")),
+                Op::Abort => transport.call_method0(intern!(py, "abort")),
+            };
+            if let Err(err) = called {
+                err.write_unraisable(py, Some(&transport));
             }
         }
-        perform(py, writes);
         call_each(py, self.on_joined.as_ref(), joined);
         call_each(py, self.on_updated.as_ref(), updated);
         for (peer, topic, reason) in left {
@@ -228,7 +227,6 @@ impl Hub {
             core: Mutex::new(Core {
                 engine: Engine::with_metrics(engine_config, table.recorder(worker)),
                 outbox: Outbox::default(),
-                flush_due: false,
             }),
             on_left,
             on_joined,
@@ -236,7 +234,6 @@ impl Hub {
             on_session,
             on_cluster,
             channel_prefix: format!("{}node:", config.redis_prefix).into_bytes(),
-            call_soon: OnceLock::new(),
         })
     }
 
@@ -314,27 +311,6 @@ impl Hub {
         })
     }
 
-    /// From now on, writes wait for the end of the event loop's iteration:
-    /// `call_soon(hub.flush)` is called when the first one waits.
-    fn defer_writes(slf: &Bound<'_, Self>, call_soon: Py<PyAny>) -> PyResult<()> {
-        let flush = slf.getattr(intern!(slf.py(), "flush"))?.unbind();
-        slf.get()
-            .call_soon
-            .set((call_soon, flush))
-            .map_err(|_| PyValueError::new_err("writes are already deferred"))
-    }
-
-    /// Makes the writes and closes waiting since the last flush.
-    fn flush(&self, py: Python<'_>) {
-        let writes = {
-            let mut guard = self.lock();
-            let core = &mut *guard;
-            core.flush_due = false;
-            take_writes(py, &core.engine, &mut core.outbox)
-        };
-        perform(py, writes);
-    }
-
     /// Sends due pings, and closes peers whose ping or close timed out.
     fn tick(&self, py: Python<'_>) {
         self.run(py, |engine, out| {
@@ -350,13 +326,11 @@ impl Hub {
         self.run(py, |engine, out| {
             engine.close_all(code, reason, Instant::now(), out)
         });
-        self.flush(py);
     }
 
     /// Resets every connection still open.
     fn abort_all(&self, py: Python<'_>) {
         self.run(py, |engine, out| engine.abort_all(out));
-        self.flush(py);
     }
 
     /// Connections held, closing ones included.
@@ -588,92 +562,6 @@ impl Hub {
     fn metrics_text(&self) -> String {
         let table = Arc::clone(self.lock().engine.metrics().table());
         table.render()
-    }
-}
-
-/// The socket work waiting in `outbox`, with each connection's transport
-/// (that of a connection gone since is skipped), in order per connection:
-/// the writes in a row to one connection become one (a buffer written to
-/// one connection alone is passed as it is, once for all of them if
-/// shared). The outbox forgets it.
-fn take_writes<'py>(
-    py: Python<'py>,
-    engine: &Engine<Py<PyAny>>,
-    outbox: &mut Outbox,
-) -> Vec<(Bound<'py, PyAny>, Op<'py>)> {
-    // Each connection's actions, connections in the order they come.
-    let mut slots: FxHashMap<u64, usize> = FxHashMap::default();
-    let mut per_conn: Vec<(u64, Vec<Action>)> = Vec::new();
-    for &(conn, action) in &outbox.actions {
-        let slot = *slots.entry(conn).or_insert_with(|| {
-            per_conn.push((conn, Vec::new()));
-            per_conn.len() - 1
-        });
-        per_conn[slot].1.push(action);
-    }
-    let mut ops = Vec::with_capacity(per_conn.len());
-    let mut shared: Vec<Option<Bound<'_, PyBytes>>> = vec![None; outbox.bufs.len()];
-    let mut sent = 0;
-    for (conn, actions) in per_conn {
-        let Some(transport) = engine.transport(conn) else {
-            continue;
-        };
-        let transport = transport.bind(py);
-        let mut rest = actions.as_slice();
-        while let Some((first, after)) = rest.split_first() {
-            let Action::Write(index) = *first else {
-                let op = match first {
-                    Action::Finish => Op::Finish,
-                    Action::Close => Op::Close,
-                    _ => Op::Abort,
-                };
-                ops.push((transport.clone(), op));
-                rest = after;
-                continue;
-            };
-            let run = rest
-                .iter()
-                .take_while(|a| matches!(a, Action::Write(_)))
-                .count();
-            let data = if run == 1 {
-                sent += outbox.bufs[index].len() as u64;
-                shared[index]
-                    .get_or_insert_with(|| PyBytes::new(py, &outbox.bufs[index]))
-                    .clone()
-            } else {
-                let bufs: Vec<&[u8]> = rest[..run]
-                    .iter()
-                    .filter_map(|a| match a {
-                        Action::Write(i) => Some(outbox.bufs[*i].as_slice()),
-                        _ => None,
-                    })
-                    .collect();
-                let joined = bufs.concat();
-                sent += joined.len() as u64;
-                PyBytes::new(py, &joined)
-            };
-            ops.push((transport.clone(), Op::Write(data)));
-            rest = &rest[run..];
-        }
-    }
-    engine.metrics().add(cell(family::SENT_BYTES, 0), sent);
-    outbox.clear_writes();
-    ops
-}
-
-/// Carries out socket work; what a transport raises is reported as
-/// unraisable.
-fn perform(py: Python<'_>, ops: Vec<(Bound<'_, PyAny>, Op<'_>)>) {
-    for (transport, op) in ops {
-        let called = match op {
-            Op::Write(data) => transport.call_method1(intern!(py, "write"), (data,)),
-            Op::Finish => transport.call_method0(intern!(py, "write_eof")),
-            Op::Close => transport.call_method0(intern!(py, "close")),
-            Op::Abort => transport.call_method0(intern!(py, "abort")),
-        };
-        if let Err(err) = called {
-            err.write_unraisable(py, Some(&transport));
-        }
     }
 }
 

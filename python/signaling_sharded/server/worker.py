@@ -240,9 +240,6 @@ class Worker:
         """Serve ``listener`` (and ``admin``, the admin API's own listener
         with ``--admin-port``) until drained."""
         loop = asyncio.get_running_loop()
-        # What the peers' messages of one loop iteration send a connection
-        # goes out in one write, at its end.
-        self.hub.defer_writes(loop.call_soon)
         self.done = loop.create_future()
         acceptor = Acceptor(self, [listener] if admin is None else [listener, admin], self.group)
         self.acceptor = acceptor
