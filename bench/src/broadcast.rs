@@ -23,7 +23,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::client::{self, count, format_counts, Failure, Incoming, Server, Table};
+use crate::client::{self, count, format_counts, lock, Failure, Incoming, Server, Table};
 use crate::cpu::{own_cpu_seconds, ProcessTree};
 use crate::stats::{micros, round, seed_from_clock, spread};
 use crate::view::View;
@@ -99,10 +99,6 @@ impl Phase {
         let n = msg_id.strip_prefix(&phase.name()[..1])?.parse().ok()?;
         Some((phase, n))
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// What the sender and the receivers share about one phase.

@@ -31,7 +31,9 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::client::{self, count, format_counts, Errors, Failure, Incoming, Server, Table, Ws};
+use crate::client::{
+    self, count, format_counts, lock, Errors, Failure, Incoming, Server, Table, Ws,
+};
 use crate::cpu::{own_cpu_seconds, ProcessTree};
 use crate::stats::{micros, round, seed_from_clock, spread, Rng};
 use crate::tracker::{self, Control, Tracked};
@@ -120,10 +122,6 @@ struct Departure {
 }
 
 type Departures = Arc<Mutex<Vec<Departure>>>;
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 struct Config {
     /// Each server's address and its url of every topic.

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -26,6 +27,12 @@ pub type Ws = WebSocketStream<TcpStream>;
 /// tungstenite zero-fills the free part of its read buffer before every
 /// read, so the 128 KiB default costs more than the small frames here.
 const READ_BUFFER_SIZE: usize = 8 * 1024;
+
+/// Locks `m`; a lock poisoned by a panicking task still holds what the
+/// report needs.
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// The server under test, from `--url`.
 pub struct Server {

@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::client::{self, count, format_counts, Failure, Incoming, Server, Table};
+use crate::client::{self, count, format_counts, lock, Failure, Incoming, Server, Table};
 use crate::cpu::{own_cpu_seconds, own_rss_kib, ProcessTree};
 use crate::rawws::{self, Event, FrameError, FrameReader, OP_CLOSE, OP_PONG};
 use crate::stats::{micros, round, seed_from_clock, spread, Rng};
@@ -91,10 +91,6 @@ impl Shared {
     fn hold_end(&self, kind: &str) {
         count(&mut lock(&self.hold_ends), kind);
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 struct Plan {

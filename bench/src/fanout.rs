@@ -16,7 +16,7 @@ use serde::Serialize;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::client::{self, count, format_counts, Failure, Server, Table};
+use crate::client::{self, count, format_counts, lock, Failure, Server, Table};
 use crate::cpu::{own_cpu_seconds, ProcessTree};
 use crate::stats::{micros, round, seed_from_clock, spread};
 use crate::tracker::{self, Control, Goal, Tracked};
@@ -46,10 +46,6 @@ pub struct FanoutArgs {
     /// Runtime worker threads of the load generator.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[derive(Default)]

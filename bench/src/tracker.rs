@@ -12,7 +12,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{watch, Notify};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::client::{self, stream_end, Failure, Incoming, Ws};
+use crate::client::{self, lock, stream_end, Failure, Incoming, Ws};
 use crate::view::{self, Stamp, View};
 
 /// The `msgId` of the application-level ping that flushes everything the
@@ -48,10 +48,6 @@ pub struct Tracked {
     rounds_wanted: AtomicU64,
     rounds_done: AtomicU64,
     updates_sent: AtomicU64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Tracked {
