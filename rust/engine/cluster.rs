@@ -238,13 +238,11 @@ impl<W> Engine<W> {
     /// every other node holding members of `topic`, and returns the number
     /// their answers will name ([`Self::add_missed`]); `None` if no other
     /// node has members.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn broadcast_to_nodes(
         &mut self,
         topic: &str,
         frame: &[u8],
         conn: u64,
-        from: PeerId,
         msg_id: Option<&RawValue>,
         now: Instant,
         out: &mut Outbox,
@@ -264,13 +262,11 @@ impl<W> Engine<W> {
         nodes.sort_unstable();
         cluster.next_broadcast += 1;
         let seq = cluster.next_broadcast;
-        let mut message = Vec::with_capacity(72 + topic.len() + frame.len());
+        let mut message = Vec::with_capacity(16 + cluster.node.len() + topic.len() + frame.len());
         let broadcast = cluster::Broadcast {
             topic,
-            from,
             seq,
             origin: &cluster.node,
-            msg_id,
             frame,
         };
         cluster::push_broadcast(&mut message, &broadcast);

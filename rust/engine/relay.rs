@@ -193,7 +193,7 @@ impl<W> Engine<W> {
             payload,
             msg_id,
         );
-        let seq = self.broadcast_to_nodes(&topic, &frame, conn, from, msg_id, now, out);
+        let seq = self.broadcast_to_nodes(&topic, &frame, conn, msg_id, now, out);
         let (reached, missed) = self.broadcast_message(&topic, Some(conn), frame, out);
         self.count_broadcast(reached, missed);
         match seq {

@@ -8,11 +8,11 @@
 //!   write to `to`, ready to send;
 //! - `D`: a frame that a local peer must receive (an error bounced back to
 //!   a relay's sender): `to` (26), then the frame;
-//! - `B`: a broadcast for every local peer of a topic: `from` (26), the
-//!   origin's number for it (u64 big-endian), the origin node's name (u8
-//!   length, then bytes), the sender's `msgId` JSON (u16 length, then
+//! - `B`: a broadcast for every local peer of a topic: the origin's number
+//!   for it (u64 big-endian), the origin node's name (u8 length, then
 //!   bytes), the topic (u16 length, then bytes), then the frame to write to
-//!   each of them;
+//!   each of them (the sender's id is in it; its `msgId` stays with the
+//!   origin, which tells the sender what missed it);
 //! - `T`: a node's answer to a `B`: the origin's number for it (u64), how
 //!   many local members missed it (u32 big-endian), then the answering
 //!   node's name;
@@ -115,28 +115,21 @@ pub fn parse_relay(data: &[u8]) -> Option<Relay<'_>> {
 #[derive(Debug)]
 pub struct Broadcast<'a> {
     pub topic: &'a str,
-    pub from: PeerId,
     /// The origin's number for it, which the answer (`T`) names.
     pub seq: u64,
     pub origin: &'a str,
-    pub msg_id: Option<&'a RawValue>,
     pub frame: &'a [u8],
 }
 
 /// Writes a `B` message.
 pub fn push_broadcast(out: &mut Vec<u8>, broadcast: &Broadcast<'_>) {
     let origin = &broadcast.origin.as_bytes()[..broadcast.origin.len().min(255)];
-    let msg_id = broadcast.msg_id.map_or("", |id| id.get()).as_bytes();
-    let msg_id = &msg_id[..msg_id.len().min(usize::from(u16::MAX))];
     let topic = broadcast.topic.as_bytes();
     let topic = &topic[..topic.len().min(usize::from(u16::MAX))];
     out.push(BROADCAST);
-    out.extend_from_slice(broadcast.from.as_str().as_bytes());
     out.extend_from_slice(&broadcast.seq.to_be_bytes());
     out.push(origin.len() as u8);
     out.extend_from_slice(origin);
-    out.extend_from_slice(&(msg_id.len() as u16).to_be_bytes());
-    out.extend_from_slice(msg_id);
     out.extend_from_slice(&(topic.len() as u16).to_be_bytes());
     out.extend_from_slice(topic);
     out.extend_from_slice(broadcast.frame);
@@ -144,22 +137,14 @@ pub fn push_broadcast(out: &mut Vec<u8>, broadcast: &Broadcast<'_>) {
 
 pub fn parse_broadcast(data: &[u8]) -> Option<Broadcast<'_>> {
     let rest = data.strip_prefix(&[BROADCAST])?;
-    let (from, rest) = split(rest, ID)?;
     let (seq, rest) = split(rest, 8)?;
     let (&origin_len, rest) = rest.split_first()?;
     let (origin, rest) = split(rest, usize::from(origin_len))?;
-    let (msg_id, rest) = long_field(rest)?;
     let (topic, frame) = long_field(rest)?;
-    let msg_id = match msg_id {
-        [] => None,
-        text => Some(serde_json::from_slice::<&RawValue>(text).ok()?),
-    };
     Some(Broadcast {
         topic: std::str::from_utf8(topic).ok()?,
-        from: peer_id(from)?,
         seq: u64::from_be_bytes(seq.try_into().ok()?),
         origin: std::str::from_utf8(origin).ok()?,
-        msg_id,
         frame,
     })
 }
@@ -355,30 +340,20 @@ mod tests {
 
     #[test]
     fn broadcasts_and_their_answers_round_trip() {
-        let msg_id: Box<RawValue> = serde_json::from_str(r#""m""#).expect("json");
         let broadcast = Broadcast {
             topic: "room",
-            from: id(4),
             seq: 1 << 40,
             origin: "n1",
-            msg_id: Some(&msg_id),
             frame: b"frame",
         };
         let mut out = Vec::new();
         push_broadcast(&mut out, &broadcast);
         let parsed = parse_broadcast(&out).expect("parses");
         assert_eq!(
-            (
-                parsed.topic,
-                parsed.from,
-                parsed.seq,
-                parsed.origin,
-                parsed.frame
-            ),
-            ("room", id(4), 1 << 40, "n1", &b"frame"[..])
+            (parsed.topic, parsed.seq, parsed.origin, parsed.frame),
+            ("room", 1 << 40, "n1", &b"frame"[..])
         );
-        assert_eq!(parsed.msg_id.map(RawValue::get), Some(r#""m""#));
-        assert!(parse_broadcast(&out[..30]).is_none());
+        assert!(parse_broadcast(&out[..12]).is_none());
 
         let tally = Tally {
             seq: 7,
