@@ -210,6 +210,18 @@ class Hub:
         (``"unauthorized"``, ``"invalid_topic"``, ``"invalid_metadata"``,
         ``"topic_full"``, ``"server_full"``): the ``error``, then the close
         code. An unknown reason raises ValueError."""
+    def defer_writes(
+        self, call_soon: Callable[[Callable[[], object]], object], high_water: int
+    ) -> None:
+        """From now on, writes and closes wait for ``flush``, which
+        ``call_soon(hub.flush)`` schedules when the first one waits: what
+        one event loop iteration sends a connection goes out in one write.
+        Once a connection has been sent more than ``high_water`` bytes (the
+        transports' high-water mark) since the last flush, the call that
+        did it flushes before it returns, so that the transport can pause.
+        A second call raises ValueError."""
+    def flush(self) -> None:
+        """Make the writes and closes waiting since the last flush."""
     def tick(self) -> None:
         """Send due pings; close peers whose ping or close timed out."""
     def close_all(self, code: int, reason: str) -> None:

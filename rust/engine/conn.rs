@@ -40,6 +40,9 @@ pub(super) struct Conn<W> {
     /// Bytes waiting for the transport to accept more (`paused`).
     pub(super) queue: Vec<u8>,
     pub(super) paused: bool,
+    /// Bytes put in the outbox for it since the caller's last flush
+    /// (`flush.rs`).
+    pub(super) unflushed: usize,
     pub(super) ping_sent: Instant,
     pub(super) awaiting_pong: bool,
     pub(super) bucket: Bucket,
@@ -68,6 +71,7 @@ impl<W> Conn<W> {
             reader: FrameReader::default(),
             queue: Vec::new(),
             paused: false,
+            unflushed: 0,
             ping_sent: now,
             awaiting_pong: false,
             bucket: Bucket::full(0.0, now),
@@ -183,6 +187,7 @@ impl<W> Engine<W> {
             if let Some(session) = &mut c.session {
                 session.keep(&buf[mark..], max, false);
             }
+            self.flush.count(conn, c, buf.len() - mark);
             return Queued::Yes;
         }
         let mark = c.queue.len();
@@ -218,6 +223,7 @@ impl<W> Engine<W> {
         }
         if !c.paused {
             out.private(conn).extend_from_slice(frame);
+            self.flush.count(conn, c, frame.len());
         } else if c.queue.len() + frame.len() > self.config.max_queue {
             self.doom(conn);
         } else {
@@ -354,6 +360,7 @@ impl<W> Engine<W> {
             } else {
                 let index = *shared.get_or_insert_with(|| out.shared(bytes.clone()));
                 out.act(member, Action::Write(index));
+                self.flush.count(member, c, bytes.len());
             }
             if let Some(session) = &mut c.session {
                 session.keep(&bytes, max, false);

@@ -386,9 +386,9 @@ impl<W> Engine<W> {
         session.restart();
         session.held = old.held.take();
         c.session = Some(session);
-        let waited = now.instant.saturating_duration_since(resuming.accepted);
+        let times = (resuming.accepted, now.instant);
         let replay = frames.into_iter().chain(kept.iter().map(|f| &f[..]));
-        self.greet_resumed(conn, resuming.topic, resuming.peer, waited, replay, out);
+        self.greet_resumed(conn, resuming.topic, resuming.peer, times, replay, out);
         self.metrics.add(cell(family::RESUMES, result::RESUMED), 1);
         if !resuming.input.is_empty() {
             self.feed(conn, &resuming.input, now.instant, out);

@@ -21,7 +21,7 @@
 //! (remote members, in cluster mode only).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use rustc_hash::FxHashMap;
 
@@ -29,6 +29,7 @@ mod admin;
 pub mod cluster;
 mod config;
 mod conn;
+mod flush;
 mod limits;
 mod liveness;
 mod migrate;
@@ -83,6 +84,8 @@ pub struct Engine<W> {
     /// Connections whose transport refused more bytes, and since when
     /// (their queue's wait is measured from there).
     paused_at: FxHashMap<u64, Instant>,
+    /// What waits for the caller's flush, if it defers writes.
+    flush: flush::Flush,
 }
 
 /// What a connection asks of its join: the query's `metadata`,
@@ -140,6 +143,7 @@ impl<W> Engine<W> {
             cluster,
             suspended: 0,
             paused_at: FxHashMap::default(),
+            flush: flush::Flush::default(),
         }
     }
 
@@ -281,8 +285,7 @@ impl<W> Engine<W> {
             .map_or(0, |d| d.as_secs());
         let ice = self.config.ice.welcome_field(peer.as_str(), unix);
         let extra = ice + &self.resume_field(conn, &topic, peer, None);
-        let waited = now.instant.saturating_duration_since(accepted);
-        self.push_welcome(conn, peer, &extra, waited, out);
+        self.push_welcome(conn, peer, &extra, accepted, now.instant, out);
         let others = self.registry.members(&topic);
         let others = &others[..others.len() - 1];
         let local = others.iter().map(|other| {
@@ -307,18 +310,23 @@ impl<W> Engine<W> {
     }
 
     /// Writes `welcome` for `peer` (with `extra`, more fields) to `conn`,
-    /// and counts its join, `waited` since the connection was accepted.
+    /// and counts its join from `accepted`, when the connection was, to
+    /// the welcome's write: `now`, or the flush.
     fn push_welcome(
         &mut self,
         conn: u64,
         peer: PeerId,
         extra: &str,
-        waited: Duration,
+        accepted: Instant,
+        now: Instant,
         out: &mut Outbox,
     ) {
         let greeting = out.private(conn);
         message::push_welcome(greeting, peer.as_str(), &self.ping_interval_text, extra);
-        self.metrics.observe_join(waited);
+        if !self.flush.defers_join(accepted) {
+            self.metrics
+                .observe_join(now.saturating_duration_since(accepted));
+        }
     }
 
     /// Takes an upgraded connection that may not join (e.g. its token was

@@ -122,14 +122,27 @@ pub struct Outbox {
 
 impl Outbox {
     pub fn clear(&mut self) {
+        self.clear_writes();
+        self.clear_events();
+    }
+
+    /// Forgets the socket work (`bufs` and `actions`), once carried out.
+    /// Until then later calls add to it, and bytes to a connection join
+    /// its open buffer, even once its actions are taken out: what several
+    /// calls send one connection can be written at once.
+    pub fn clear_writes(&mut self) {
         self.bufs.clear();
         self.actions.clear();
+        self.open.clear();
+    }
+
+    /// Forgets everything but the socket work.
+    pub fn clear_events(&mut self) {
         self.joined.clear();
         self.updated.clear();
         self.left.clear();
         self.sessions.clear();
         self.cluster.clear();
-        self.open.clear();
     }
 
     pub fn is_empty(&self) -> bool {

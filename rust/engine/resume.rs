@@ -4,7 +4,7 @@
 //! received.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::conn::{Closing, LeaveReason, State};
 use super::outbox::{Outbox, SessionEvent};
@@ -106,27 +106,27 @@ impl<W> Engine<W> {
         self.conns.get_mut(&conn).expect("just added").session = Some(session);
         let topic: Arc<str> = Arc::clone(&self.registry.member(conn).expect("rebound").topic);
         let accepted = request.accepted.unwrap_or(now.instant);
-        let waited = now.instant.saturating_duration_since(accepted);
         let replay = replay.iter().map(|frame| &frame[..]);
-        self.greet_resumed(conn, topic, peer, waited, replay, out);
+        self.greet_resumed(conn, topic, peer, (accepted, now.instant), replay, out);
         self.close_doomed(now.instant, out);
         Ok(Resume::Done(peer))
     }
 
     /// Greets `conn`, which took `peer`'s session over: `welcome` with
     /// `"resumed":true` and a new token, then `replay`, what its client had
-    /// not received; the caller logs it as resumed.
+    /// not received; the caller logs it as resumed. `times`: when the
+    /// connection was accepted, and now.
     pub(super) fn greet_resumed<'a>(
         &mut self,
         conn: u64,
         topic: Arc<str>,
         peer: PeerId,
-        waited: Duration,
+        (accepted, now): (Instant, Instant),
         replay: impl IntoIterator<Item = &'a [u8]>,
         out: &mut Outbox,
     ) {
         let extra = self.resume_field(conn, &topic, peer, Some(true));
-        self.push_welcome(conn, peer, &extra, waited, out);
+        self.push_welcome(conn, peer, &extra, accepted, now, out);
         for frame in replay {
             self.send_must(conn, frame, out);
         }

@@ -606,3 +606,34 @@ fn a_locked_metadata_cannot_be_updated() {
     assert!(written(&h.out, a)[0].contains(r#""code":"forbidden""#));
     assert!(written(&h.out, b).is_empty());
 }
+
+#[test]
+fn bytes_past_the_mark_ask_for_a_flush_and_joins_are_timed_to_it() {
+    let mut h = Harness::new(Config::default());
+    h.engine.defer_writes(300);
+    let (a, _) = h.join("room");
+    let (b, b_id) = h.join("room");
+    let joins = |engine: &Engine<()>| {
+        let text = engine.metrics().table().render();
+        text.contains("signaling_join_seconds_count 2\n")
+    };
+    assert!(
+        !joins(&h.engine),
+        "a join is counted when its welcome is written"
+    );
+    h.engine.written(h.now);
+    assert!(joins(&h.engine));
+    let offer = text(&format!(
+        r#"{{"type":"offer","to":"{b_id}","payload":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}}"#
+    ));
+    let mut sent = 0;
+    while !h.engine.flush_now() {
+        h.send(a, &offer);
+        sent += written(&h.out, b).len();
+    }
+    assert_eq!(sent, 3, "three relays of 109 bytes pass 300");
+    h.engine.written(h.now);
+    assert!(!h.engine.flush_now());
+    h.send(a, &offer);
+    assert!(!h.engine.flush_now(), "the mark counts afresh");
+}

@@ -3,10 +3,13 @@
 //! After the HTTP upgrade the worker hands the socket's transport to
 //! `Hub.join`, which returns a [`Peer`]; the worker installs it with
 //! `transport.set_protocol(peer)`. Every call into the engine fills an
-//! outbox under the lock; the writes, closes and callbacks it asks for
-//! are made after the lock is released.
+//! outbox under the lock; the callbacks it asks for are made after the
+//! lock is released, and so are the writes and closes ([`writes`]), or,
+//! once the worker has asked for it (`Hub.defer_writes`), at the end of
+//! the event loop's iteration: what the peers' messages of one iteration
+//! send a connection then goes out in one write.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use pyo3::exceptions::PyValueError;
@@ -21,7 +24,8 @@ use super::config::Settings;
 use super::metrics::MetricsTable;
 use super::now;
 use super::peer::Peer;
-use crate::engine::{Action, Engine, JoinRequest, MemberChange, Missing, Outbox, Refusal};
+use super::writes::{perform, Op, Pending};
+use crate::engine::{Engine, JoinRequest, MemberChange, Missing, Outbox, Refusal};
 use crate::metrics::{self as counters, cell, family, Table};
 use crate::wire::cluster::RemotePeer;
 use crate::wire::peer_id::PeerId;
@@ -29,6 +33,10 @@ use crate::wire::peer_id::PeerId;
 pub(super) struct Core {
     pub(super) engine: Engine<Py<PyAny>>,
     outbox: Outbox,
+    /// The socket work decided and not yet carried out.
+    pending: Pending,
+    /// Whether `pending` has a flush scheduled.
+    flush_due: bool,
 }
 
 /// One worker's peers and topics.
@@ -51,14 +59,10 @@ pub struct Hub {
     on_cluster: Option<Py<PyAny>>,
     /// What every node's inbox channel name starts with (cluster mode).
     channel_prefix: Vec<u8>,
-}
-
-/// A socket operation decided under the lock, carried out after it.
-enum Op<'py> {
-    Write(Bound<'py, PyBytes>),
-    Finish,
-    Close,
-    Abort,
+    /// The event loop's `call_soon`, and this hub's `flush` it is called
+    /// with when socket work starts waiting; unset, it is done after each
+    /// call.
+    call_soon: OnceLock<(Py<PyAny>, Py<PyAny>)>,
 }
 
 impl Hub {
@@ -81,33 +85,35 @@ impl Hub {
         let mut left = Vec::new();
         let mut sessions = Vec::new();
         let mut cluster_ops = None;
-        let mut ops: Vec<(Bound<'_, PyAny>, Op<'_>)> = Vec::new();
+        let mut ops = Vec::new();
+        let mut schedule = None;
         let result = {
             let mut guard = self.lock();
-            let Core { engine, outbox } = &mut *guard;
+            let Core {
+                engine,
+                outbox,
+                pending,
+                flush_due,
+            } = &mut *guard;
             let result = step(engine, outbox);
             engine.record_gauges();
-            if !outbox.is_empty() {
-                let mut bytes: Vec<Option<Bound<'_, PyBytes>>> = vec![None; outbox.bufs.len()];
-                let mut sent = 0;
-                for &(conn, action) in &outbox.actions {
-                    let Some(transport) = engine.transport(conn) else {
-                        continue;
-                    };
-                    let op = match action {
-                        Action::Write(index) => Op::Write({
-                            sent += outbox.bufs[index].len() as u64;
-                            bytes[index]
-                                .get_or_insert_with(|| PyBytes::new(py, &outbox.bufs[index]))
-                                .clone()
-                        }),
-                        Action::Finish => Op::Finish,
-                        Action::Close => Op::Close,
-                        Action::Abort => Op::Abort,
-                    };
-                    ops.push((transport.bind(py).clone(), op));
+            if !outbox.actions.is_empty() {
+                pending.gather(py, engine, outbox);
+            }
+            // (Bytes may have joined a buffer gathered by an earlier call.)
+            match self.call_soon.get() {
+                _ if pending.is_empty() => {}
+                // A connection sent more than its transport's mark is
+                // written now, so that the transport can pause it.
+                Some(_) if engine.flush_now() => ops = pending.take(py, engine, outbox),
+                Some(scheduler) if !*flush_due => {
+                    *flush_due = true;
+                    schedule = Some(scheduler);
                 }
-                engine.metrics().add(cell(family::SENT_BYTES, 0), sent);
+                Some(_) => {}
+                None => ops = pending.take(py, engine, outbox),
+            }
+            if !outbox.is_empty() {
                 if self.on_joined.is_some() {
                     joined = member_events(&mut outbox.joined);
                 }
@@ -128,21 +134,18 @@ impl Hub {
                         .map(|op| cluster::to_python(py, prefix, op));
                     cluster_ops = Some(list.collect::<PyResult<Vec<_>>>());
                 }
-                outbox.clear();
+                outbox.clear_events();
             }
             result
         };
-        for (transport, op) in ops {
-            let called = match op {
-                Op::Write(data) => transport.call_method1(intern!(py, "write"), (data,)),
-                Op::Finish => transport.call_method0(intern!(py, "write_eof")),
-                Op::Close => transport.call_method0(intern!(py, "close")),
-                Op::Abort => transport.call_method0(intern!(py, "abort")),
-            };
-            if let Err(err) = called {
-                err.write_unraisable(py, Some(&transport));
+        if let Some((call_soon, flush)) = schedule {
+            if let Err(err) = call_soon.call1(py, (flush,)) {
+                // Not scheduled (the loop is closed): flush now.
+                err.write_unraisable(py, Some(call_soon.bind(py)));
+                self.flush(py);
             }
         }
+        self.perform(py, ops);
         call_each(py, self.on_joined.as_ref(), joined);
         call_each(py, self.on_updated.as_ref(), updated);
         for (peer, topic, reason) in left {
@@ -166,6 +169,18 @@ impl Hub {
             }
         }
         result
+    }
+
+    /// Carries out socket work taken from `pending`; with deferred writes,
+    /// tells the engine it is done.
+    fn perform(&self, py: Python<'_>, ops: Vec<(Bound<'_, PyAny>, Op<'_>)>) {
+        if ops.is_empty() {
+            return;
+        }
+        perform(py, ops);
+        if self.call_soon.get().is_some() {
+            self.lock().engine.written(Instant::now());
+        }
     }
 
     fn count(&self, family: usize, values: &[&str], label: &str) -> PyResult<()> {
@@ -227,6 +242,8 @@ impl Hub {
             core: Mutex::new(Core {
                 engine: Engine::with_metrics(engine_config, table.recorder(worker)),
                 outbox: Outbox::default(),
+                pending: Pending::default(),
+                flush_due: false,
             }),
             on_left,
             on_joined,
@@ -234,6 +251,7 @@ impl Hub {
             on_session,
             on_cluster,
             channel_prefix: format!("{}node:", config.redis_prefix).into_bytes(),
+            call_soon: OnceLock::new(),
         })
     }
 
@@ -311,6 +329,40 @@ impl Hub {
         })
     }
 
+    /// From now on, socket work waits for the end of the event loop's
+    /// iteration: `call_soon(hub.flush)` is called when the first waits.
+    /// `high_water`: the transports' high-water mark in bytes, which a
+    /// connection's waiting bytes count against.
+    fn defer_writes(
+        slf: &Bound<'_, Self>,
+        call_soon: Py<PyAny>,
+        high_water: usize,
+    ) -> PyResult<()> {
+        let flush = slf.getattr(intern!(slf.py(), "flush"))?.unbind();
+        let hub = slf.get();
+        hub.call_soon
+            .set((call_soon, flush))
+            .map_err(|_| PyValueError::new_err("writes are already deferred"))?;
+        hub.lock().engine.defer_writes(high_water);
+        Ok(())
+    }
+
+    /// Carries out the socket work waiting since the last flush.
+    fn flush(&self, py: Python<'_>) {
+        let ops = {
+            let mut guard = self.lock();
+            let Core {
+                engine,
+                outbox,
+                pending,
+                flush_due,
+            } = &mut *guard;
+            *flush_due = false;
+            pending.take(py, engine, outbox)
+        };
+        self.perform(py, ops);
+    }
+
     /// Sends due pings, and closes peers whose ping or close timed out.
     fn tick(&self, py: Python<'_>) {
         self.run(py, |engine, out| {
@@ -326,11 +378,13 @@ impl Hub {
         self.run(py, |engine, out| {
             engine.close_all(code, reason, Instant::now(), out)
         });
+        self.flush(py);
     }
 
     /// Resets every connection still open.
     fn abort_all(&self, py: Python<'_>) {
         self.run(py, |engine, out| engine.abort_all(out));
+        self.flush(py);
     }
 
     /// Connections held, closing ones included.

@@ -30,6 +30,7 @@ mod peer;
 mod request;
 #[cfg(feature = "test-hooks")]
 mod testing;
+mod writes;
 
 /// The clocks, read once per call into the engine (which reads none).
 fn now() -> Now {

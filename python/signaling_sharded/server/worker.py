@@ -32,7 +32,7 @@ from signaling_sharded.server import admin
 from signaling_sharded.server.acceptor import Acceptor
 from signaling_sharded.server.cluster import Cluster
 from signaling_sharded.server.config import Config
-from signaling_sharded.server.handshake import Handshake
+from signaling_sharded.server.handshake import WRITE_HIGH_WATER, Handshake
 from signaling_sharded.server.logs import configure, flush, log
 from signaling_sharded.server.webhooks import Webhooks
 
@@ -240,6 +240,9 @@ class Worker:
         """Serve ``listener`` (and ``admin``, the admin API's own listener
         with ``--admin-port``) until drained."""
         loop = asyncio.get_running_loop()
+        # What the peers' messages of one loop iteration send a connection
+        # goes out in one write, at its end.
+        self.hub.defer_writes(loop.call_soon, WRITE_HIGH_WATER)
         self.done = loop.create_future()
         acceptor = Acceptor(self, [listener] if admin is None else [listener, admin], self.group)
         self.acceptor = acceptor
