@@ -710,6 +710,35 @@ impl Recorder {
 /// `/proc/self` as they read them.
 mod process {
     use std::fs;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    /// How long a count of open descriptors made by listing them stands.
+    const LISTING_KEPT: Duration = Duration::from_secs(15);
+
+    /// The last count made by listing, and when.
+    static LISTED: Mutex<Option<(Instant, u64)>> = Mutex::new(None);
+
+    /// The descriptors open: the size Linux 6.2 and later gives
+    /// `/proc/self/fd`, or else the number of its entries. Listing them
+    /// costs about 3 µs each (55 ms for a worker's 17,000), so a listed
+    /// count is kept for `LISTING_KEPT`.
+    pub fn open_fds() -> Option<u64> {
+        let size = fs::metadata("/proc/self/fd").ok()?.len();
+        if size > 0 {
+            return Some(size);
+        }
+        let mut listed = LISTED.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, count)) = *listed {
+            if at.elapsed() < LISTING_KEPT {
+                return Some(count);
+            }
+        }
+        // The listing's own descriptor is among the entries.
+        let count = (fs::read_dir("/proc/self/fd").ok()?.count() as u64).saturating_sub(1);
+        *listed = Some((Instant::now(), count));
+        Some(count)
+    }
 
     pub struct Sample {
         pub cpu_micros: u64,
@@ -735,7 +764,7 @@ mod process {
         let stime: u64 = fields.get(12)?.parse().ok()?;
         let statm = fs::read_to_string("/proc/self/statm").ok()?;
         let resident: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-        let open_fds = fs::read_dir("/proc/self/fd").ok()?.count() as u64;
+        let open_fds = open_fds()?;
         let mut limit = libc::rlimit {
             rlim_cur: 0,
             rlim_max: 0,
@@ -768,6 +797,23 @@ mod tests {
             assert_eq!(code as usize, index);
             assert_eq!(ERROR_CODES[index], code.code());
         }
+    }
+
+    #[test]
+    fn open_descriptors_are_counted() {
+        let listed = || std::fs::read_dir("/proc/self/fd").unwrap().count() as u64 - 1;
+        let files: Vec<_> = (0..50)
+            .map(|_| std::fs::File::open("/dev/null").unwrap())
+            .collect();
+        let during = process::open_fds().unwrap();
+        // Other test threads open and close files too.
+        assert!(during >= 50);
+        assert!(
+            during.abs_diff(listed()) <= 8,
+            "{during} against {}",
+            listed()
+        );
+        drop(files);
     }
 
     #[test]
