@@ -7,8 +7,10 @@ generator and its report working. The binary is built once per test run if missi
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import pytest
 from conftest import Server
 from redis_server import RedisServer, redis_server  # noqa: F401
 from test_cluster import start_cluster
+from test_metrics import scrape
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "target" / "release" / "signaling-bench"
@@ -85,6 +88,24 @@ def test_relay(bench_binary: Path, server: Server) -> None:
     assert r["server_cpu_s"] > 0
     assert r["server_cpu_us_per_relay"] > 0
     assert r["client_cpu_s"] > 0
+
+
+def test_relay_at_a_rate(bench_binary: Path, server: Server) -> None:
+    r = bench(
+        bench_binary,
+        server,
+        "relay",
+        "--topics=2",
+        "--peers=2",
+        "--rate=50",
+        "--duration=2",
+        "--warmup=1",
+    )
+    # 4 peers, 50 offers/s each, each answered: 400 round trips in 2 s,
+    # where a closed loop makes thousands.
+    assert 300 <= r["round_trips"] <= 500, r["round_trips"]
+    assert r["rate_per_peer"] == 50
+    assert r["skipped"] == r["errors_total"] == r["timeouts"] == 0
 
 
 def test_connect(bench_binary: Path, server: Server) -> None:
@@ -282,3 +303,54 @@ def test_resume_across_a_cluster(
     assert r["presence_seen_by_senders"] == r["presence_seen_by_receivers"] == 0
     assert r["unfinished"] == 0
     assert r["errors_total"] == 0, r["first_error"]
+
+
+def test_connect_holds_until_its_input_ends(bench_binary: Path, server: Server) -> None:
+    command = [str(bench_binary), "connect", f"--url=ws://127.0.0.1:{server.port}"]
+    command += ["--connections=40", "--topics=4", "--hold-until-eof"]
+    proc = subprocess.Popen(
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stderr is not None
+        said = proc.stderr.readline()
+        assert said == "holding 40 connections until the input ends\n", said
+        # Held: every peer is still there until the input ends.
+        assert scrape(server)["signaling_peers"] == 40
+        assert proc.poll() is None
+        out, err = proc.communicate(input="", timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["joined"] == 40
+    assert report["closed_while_held"] == {}
+    assert scrape(server)["signaling_peers"] == 0
+
+
+def test_the_scale_bench(bench_binary: Path) -> None:
+    """`make bench-scale`, small: every peer held to the end, relays and joins served meanwhile."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.update(PEERS="300", WORKERS="2", PROCESSES="2", PAIRS="5", DURATION="1", SOURCE_IPS="2")
+    env.update(RATE="20")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "scale.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["joined"] == 300
+    assert result["join_failed"] == 0
+    assert result["ended_while_held"] == {}
+    assert result["held_at_the_end"] == 300
+    assert result["rss_held_bytes"] > result["rss_before_bytes"] > 0
+    for phase in ("before", "held"):
+        assert result[phase]["errors_total"] == result[phase]["skipped"] == 0
+        # 10 peers, 20 offers/s each, for about 1 s: each answered.
+        assert 100 <= result[phase]["round_trips"] <= 300
+        assert 0 < result[phase]["rtt_p50_us"] <= result[phase]["rtt_p99_us"]
+    assert result["joins"]["joined"] == 1000
+    assert "idle peers held on --workers 2" in done.stdout

@@ -43,6 +43,10 @@ pub struct ConnectArgs {
     /// Seconds to keep every connection open after the measurement.
     #[arg(long, default_value_t = 0.0)]
     hold: f64,
+    /// Hold every connection until standard input ends instead, for a
+    /// caller that measures while they are held.
+    #[arg(long)]
+    hold_until_eof: bool,
     /// Local addresses to connect from, cycling 127.0.0.1 ..= 127.0.0.K
     /// (each gives about 28k ports towards one server port).
     #[arg(long, default_value_t = 1)]
@@ -508,7 +512,19 @@ pub async fn run(args: ConnectArgs) -> Result<(), String> {
     let rss_total = tree.as_ref().map(ProcessTree::rss_kib);
     let client_rss = own_rss_kib();
 
-    tokio::time::sleep(Duration::from_secs_f64(args.hold)).await;
+    let held = Instant::now();
+    if args.hold_until_eof {
+        eprintln!("holding {joined} connections until the input ends");
+        let (ended, end) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+            let _ = ended.send(());
+        });
+        let _ = end.await;
+    } else {
+        tokio::time::sleep(Duration::from_secs_f64(args.hold)).await;
+    }
+    let hold_s = held.elapsed().as_secs_f64();
     shared.stopping.store(true, Ordering::SeqCst);
     let _ = stop_tx.send(true);
     let closing = async { while tasks.join_next().await.is_some() {} };
@@ -551,7 +567,7 @@ pub async fn run(args: ConnectArgs) -> Result<(), String> {
         join_p50_us: p50,
         join_p99_us: p99,
         join_max_us: max,
-        hold_s: args.hold,
+        hold_s: round(hold_s, 3),
         closed_while_held: lock(&shared.hold_ends).clone(),
         messages_while_held: lock(&shared.hold_messages).clone(),
         pongs_sent: shared.pongs.load(Ordering::Relaxed),

@@ -4,7 +4,10 @@
 //! Every peer keeps `window` offers in flight, each to a random other peer of
 //! its topic. The target answers with the same `msgId`; when the answer comes
 //! back the round trip is complete and the offerer sends its next offer. One
-//! round trip is two relayed messages.
+//! round trip is two relayed messages. With `--rate`, each peer instead
+//! sends an offer at that pace (when one of its `window` slots is free, else
+//! the offer is skipped and counted): a load that leaves the server idle most
+//! of the time, whose round trips show its latency rather than its queues.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
@@ -39,6 +42,10 @@ pub struct RelayArgs {
     /// Offers each peer keeps in flight.
     #[arg(long, default_value_t = 4)]
     window: usize,
+    /// Offers per second each peer sends, at most `window` in flight;
+    /// 0: each answer is followed at once by the next offer.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
     /// Measured duration, in seconds.
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
@@ -89,6 +96,8 @@ struct PeerStats {
     errors_measured: HashMap<String, u64>,
     errors_total: u64,
     timeouts_measured: u64,
+    /// Paced offers not sent because every slot was busy.
+    skipped_measured: u64,
     stale_answers: u64,
     bad_messages: u64,
     disconnect: Option<String>,
@@ -117,6 +126,9 @@ struct Peer {
     started: bool,
     ready_reported: bool,
     offer_timeout: Duration,
+    /// With `--rate`: the time between two offers, and when the next is due.
+    pace: Option<Duration>,
+    next_due: Instant,
     out: Vec<Message>,
     stats: PeerStats,
 }
@@ -182,7 +194,10 @@ impl Peer {
     }
 
     fn fill_idle(&mut self, now: Instant) {
-        if !self.started || self.shared.phase.load(Ordering::Relaxed) >= PHASE_DRAIN {
+        if !self.started
+            || self.pace.is_some()
+            || self.shared.phase.load(Ordering::Relaxed) >= PHASE_DRAIN
+        {
             return;
         }
         for slot in 0..self.slots.len() {
@@ -202,7 +217,7 @@ impl Peer {
                 if phase == PHASE_MEASURE {
                     self.stats.timeouts_measured += 1;
                 }
-                if phase < PHASE_DRAIN {
+                if phase < PHASE_DRAIN && self.pace.is_none() {
                     self.send_offer(slot, now);
                 }
             }
@@ -219,10 +234,30 @@ impl Peer {
         }
         s.busy = false;
         let rtt = now.saturating_duration_since(s.sent);
-        if self.shared.phase.load(Ordering::Relaxed) < PHASE_DRAIN {
+        if self.shared.phase.load(Ordering::Relaxed) < PHASE_DRAIN && self.pace.is_none() {
             self.send_offer(slot, now);
         }
         Some(rtt)
+    }
+
+    /// With `--rate`: the offer due now, from a free slot, and when the
+    /// next is due (never more than one interval behind, so a late wake-up
+    /// sends no burst).
+    fn paced_offer(&mut self, now: Instant) {
+        let Some(pace) = self.pace else {
+            return;
+        };
+        self.next_due = (self.next_due + pace).max(now);
+        if self.shared.phase.load(Ordering::Relaxed) >= PHASE_DRAIN {
+            return;
+        }
+        match self.slots.iter().position(|s| !s.busy) {
+            Some(slot) => self.send_offer(slot, now),
+            None if self.shared.phase.load(Ordering::Relaxed) == PHASE_MEASURE => {
+                self.stats.skipped_measured += 1;
+            }
+            None => {}
+        }
     }
 
     fn handle(&mut self, msg: Message, now: Instant) {
@@ -370,6 +405,11 @@ async fn peer_task(
     }
 
     peer.started = true;
+    if let Some(pace) = peer.pace {
+        // Peers start spread over one interval.
+        let offset = pace.mul_f64(peer.rng.below(1000) as f64 / 1000.0);
+        peer.next_due = Instant::now() + offset;
+    }
     peer.fill_idle(Instant::now());
     if let Err(err) = send_pending(&mut ws, &mut peer.out).await {
         peer.stats.disconnect = Some(err.to_string());
@@ -380,6 +420,8 @@ async fn peer_task(
         (peer.offer_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
     let tick = tokio::time::sleep(tick_period);
     tokio::pin!(tick);
+    let paced = tokio::time::sleep_until(peer.next_due.into());
+    tokio::pin!(paced);
     let mut open = true;
     'conn: loop {
         tokio::select! {
@@ -404,6 +446,10 @@ async fn peer_task(
                 let now = Instant::now();
                 peer.check_timeouts(now);
                 tick.as_mut().reset((now + tick_period).into());
+            }
+            () = &mut paced, if peer.pace.is_some() => {
+                peer.paced_offer(Instant::now());
+                paced.as_mut().reset(peer.next_due.into());
             }
             _ = &mut close => break 'conn,
         }
@@ -432,6 +478,7 @@ struct Report {
     peers: usize,
     connections: usize,
     window: usize,
+    rate_per_peer: f64,
     payload_bytes: usize,
     threads: usize,
     warmup_s: f64,
@@ -448,6 +495,7 @@ struct Report {
     errors: BTreeMap<String, u64>,
     errors_total: u64,
     timeouts: u64,
+    skipped: u64,
     stale_answers: u64,
     bad_messages: u64,
     disconnects: usize,
@@ -471,6 +519,9 @@ fn validate(args: &RelayArgs) -> Result<(), String> {
     }
     if args.window == 0 {
         return Err("--window must be at least 1".into());
+    }
+    if !(args.rate >= 0.0 && args.rate.is_finite()) {
+        return Err("--rate must not be negative".into());
     }
     if !(args.duration > 0.0 && args.duration.is_finite()) {
         return Err("--duration must be positive".into());
@@ -533,9 +584,10 @@ pub async fn run(args: RelayArgs) -> Result<(), String> {
         let shared = Arc::clone(&shared);
         let filler = Arc::clone(&filler);
         let start_rx = start_rx.clone();
-        let (peers, window, offer_timeout) = (
+        let (peers, window, rate, offer_timeout) = (
             args.peers,
             args.window,
+            args.rate,
             Duration::from_millis(args.offer_timeout_ms),
         );
         topic_tasks.spawn(async move {
@@ -570,6 +622,8 @@ pub async fn run(args: RelayArgs) -> Result<(), String> {
                     started: false,
                     ready_reported: false,
                     offer_timeout,
+                    pace: (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate)),
+                    next_due: now,
                     out: Vec::with_capacity(window * 2),
                     stats: PeerStats::default(),
                 };
@@ -652,6 +706,7 @@ pub async fn run(args: RelayArgs) -> Result<(), String> {
     let mut rtts: Vec<u32> = Vec::with_capacity(all.iter().map(|s| s.rtts_us.len()).sum());
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     let (mut errors_total, mut timeouts, mut stale, mut bad, mut disconnects) = (0, 0, 0, 0, lost);
+    let mut skipped = 0;
     let mut first_disconnect = None;
     for s in &mut all {
         rtts.append(&mut s.rtts_us);
@@ -660,6 +715,7 @@ pub async fn run(args: RelayArgs) -> Result<(), String> {
         }
         errors_total += s.errors_total;
         timeouts += s.timeouts_measured;
+        skipped += s.skipped_measured;
         stale += s.stale_answers;
         bad += s.bad_messages;
         if let Some(reason) = s.disconnect.take() {
@@ -689,6 +745,7 @@ pub async fn run(args: RelayArgs) -> Result<(), String> {
         peers: args.peers,
         connections: total,
         window: args.window,
+        rate_per_peer: args.rate,
         payload_bytes: args.payload_bytes,
         threads: args.threads,
         warmup_s: args.warmup,
@@ -705,6 +762,7 @@ pub async fn run(args: RelayArgs) -> Result<(), String> {
         errors,
         errors_total,
         timeouts,
+        skipped,
         stale_answers: stale,
         bad_messages: bad,
         disconnects,
@@ -731,8 +789,8 @@ fn summary(r: &Report, first_disconnect: Option<&str>) -> Table {
     line(
         "scenario",
         format!(
-            "relay {}  topics={} peers={} window={} payload={}B threads={}",
-            r.url, r.topics, r.peers, r.window, r.payload_bytes, r.threads
+            "relay {}  topics={} peers={} window={} rate={}/s payload={}B threads={}",
+            r.url, r.topics, r.peers, r.window, r.rate_per_peer, r.payload_bytes, r.threads
         ),
     );
     line(
