@@ -45,7 +45,8 @@ pub(super) struct Conn<W> {
     pub(super) unflushed: usize,
     pub(super) ping_sent: Instant,
     pub(super) awaiting_pong: bool,
-    pub(super) bucket: Bucket,
+    /// The rate limit's bucket (`--rate-limit` only).
+    pub(super) bucket: Option<Box<Bucket>>,
     /// The broadcast rate's bucket, from the first broadcast on.
     pub(super) broadcasts: Option<Box<Bucket>>,
     /// Its token fixed its metadata: `update-metadata` is `forbidden`.
@@ -55,10 +56,10 @@ pub(super) struct Conn<W> {
 }
 
 impl<W> Conn<W> {
-    pub(super) fn new(transport: W, burst: f64, now: Instant) -> Self {
+    pub(super) fn new(transport: W, burst: Option<f64>, now: Instant) -> Self {
         Self {
             transport: Some(transport),
-            bucket: Bucket::full(burst, now),
+            bucket: burst.map(|burst| Box::new(Bucket::full(burst, now))),
             ..Self::empty(now)
         }
     }
@@ -74,7 +75,7 @@ impl<W> Conn<W> {
             unflushed: 0,
             ping_sent: now,
             awaiting_pong: false,
-            bucket: Bucket::full(0.0, now),
+            bucket: None,
             broadcasts: None,
             metadata_locked: false,
             session: None,
@@ -403,7 +404,7 @@ impl<W> Engine<W> {
 
     /// Ends a suspended session: it leaves its topic and is forgotten.
     pub(super) fn end_suspended(&mut self, conn: u64, why: LeaveReason, out: &mut Outbox) {
-        if self.conns.get(&conn).is_some_and(Conn::suspended) {
+        if self.conns.get(&conn).is_some_and(|c| c.suspended()) {
             self.suspended -= 1;
             self.leave(conn, why, out);
             self.conns.remove(&conn);
@@ -458,7 +459,7 @@ impl<W> Engine<W> {
     /// on its way out: nothing more is read from or queued for it. Returns
     /// whether the connection was not already ending so.
     pub(super) fn end(&mut self, conn: u64, reason: LeaveReason, out: &mut Outbox) -> bool {
-        if self.conns.get(&conn).is_some_and(Conn::suspended) {
+        if self.conns.get(&conn).is_some_and(|c| c.suspended()) {
             self.end_suspended(conn, reason, out);
             return false; // its socket is gone already
         }

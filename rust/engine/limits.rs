@@ -103,10 +103,13 @@ impl<W> Engine<W> {
         let Some(limit) = self.config.rate_limit else {
             return Admission::Yes;
         };
-        let Some(c) = self.conns.get_mut(&conn) else {
+        let Some(bucket) = self
+            .conns
+            .get_mut(&conn)
+            .and_then(|c| c.bucket.as_deref_mut())
+        else {
             return Admission::Yes;
         };
-        let bucket = &mut c.bucket;
         if bucket.take(limit, now) {
             return Admission::Yes;
         }

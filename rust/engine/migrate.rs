@@ -544,7 +544,7 @@ impl<W> Engine<W> {
             self.next_conn += 1;
             let mut detached = Conn::detached(now);
             detached.session = self.conns.get_mut(&old).and_then(|c| c.session.take());
-            self.conns.insert(conn, detached);
+            self.conns.insert(conn, Box::new(detached));
             self.registry.rebind(old, conn);
             self.suspended += 1;
             self.close(old, Closing::REPLACED, now, out);

@@ -69,7 +69,9 @@ pub struct Engine<W> {
     /// `pingInterval` as written in `welcome`.
     ping_interval_text: String,
     registry: Registry,
-    conns: FxHashMap<u64, Conn<W>>,
+    /// Boxed: the table is twice the entries right after it grows, and an
+    /// empty slot then costs the size of a pointer, not of a connection.
+    conns: FxHashMap<u64, Box<Conn<W>>>,
     next_conn: u64,
     /// Unmasking buffer lent to every connection's reader in turn.
     scratch: Vec<u8>,
@@ -196,8 +198,9 @@ impl<W> Engine<W> {
     fn add_conn(&mut self, transport: W, now: Instant) -> u64 {
         let conn = self.next_conn;
         self.next_conn += 1;
-        let burst = self.config.rate_limit.map_or(0.0, |limit| limit.burst);
-        self.conns.insert(conn, Conn::new(transport, burst, now));
+        let burst = self.config.rate_limit.map(|limit| limit.burst);
+        self.conns
+            .insert(conn, Box::new(Conn::new(transport, burst, now)));
         conn
     }
 
