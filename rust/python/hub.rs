@@ -87,6 +87,8 @@ impl Hub {
         let mut cluster_ops = None;
         let mut ops = Vec::new();
         let mut schedule = None;
+        // Whether the pending work was taken for an early flush.
+        let mut flushed = false;
         let result = {
             let mut guard = self.lock();
             let Core {
@@ -105,7 +107,10 @@ impl Hub {
                 _ if pending.is_empty() => {}
                 // A connection sent more than its transport's mark is
                 // written now, so that the transport can pause it.
-                Some(_) if engine.flush_now() => ops = pending.take(py, engine, outbox),
+                Some(_) if engine.flush_now() => {
+                    ops = pending.take(py, engine, outbox);
+                    flushed = true;
+                }
                 Some(scheduler) if !*flush_due => {
                     *flush_due = true;
                     schedule = Some(scheduler);
@@ -145,7 +150,7 @@ impl Hub {
                 self.flush(py);
             }
         }
-        self.perform(py, ops);
+        self.perform(py, ops, flushed);
         call_each(py, self.on_joined.as_ref(), joined);
         call_each(py, self.on_updated.as_ref(), updated);
         for (peer, topic, reason) in left {
@@ -172,13 +177,13 @@ impl Hub {
     }
 
     /// Carries out socket work taken from `pending`; with deferred writes,
-    /// tells the engine it is done.
-    fn perform(&self, py: Python<'_>, ops: Vec<(Bound<'_, PyAny>, Op<'_>)>) {
-        if ops.is_empty() {
-            return;
-        }
+    /// tells the engine it is done when some was, or when all of it was
+    /// taken (`flushed`: even if nothing was left to do, the connections
+    /// it was for being gone).
+    fn perform(&self, py: Python<'_>, ops: Vec<(Bound<'_, PyAny>, Op<'_>)>, flushed: bool) {
+        let done = flushed || !ops.is_empty();
         perform(py, ops);
-        if self.call_soon.get().is_some() {
+        if done && self.call_soon.get().is_some() {
             self.lock().engine.written(Instant::now());
         }
     }
@@ -360,7 +365,7 @@ impl Hub {
             *flush_due = false;
             pending.take(py, engine, outbox)
         };
-        self.perform(py, ops);
+        self.perform(py, ops, true);
     }
 
     /// Sends due pings, and closes peers whose ping or close timed out.

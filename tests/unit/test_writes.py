@@ -18,7 +18,7 @@ from typing import Any
 
 from signaling_sharded._native import Hub
 from signaling_sharded.server.config import Config
-from wsclient import OP_TEXT, encode_frame
+from wsclient import OP_CLOSE, OP_TEXT, encode_frame
 
 HIGH_WATER = 64 * 1024
 
@@ -253,3 +253,23 @@ def test_a_connection_lost_in_the_same_iteration_is_not_written_to() -> None:
     assert b.calls == []
     assert "m2" in [m.get("msgId") for m in c.messages()]
     assert {"type": "peer-left", "peerId": b_id} in a.messages()
+
+
+def test_writes_then_a_close_in_one_iteration_go_out_in_order() -> None:
+    setup = Setup()
+    a, b = Transport(), Transport()
+    sender = setup.join(a)
+    closer = setup.join(b)
+    _, b_id = welcomed(setup, a, b)
+    b.calls.clear()
+    b.writes.clear()
+    sender.data_received(relay(b_id, "p", "m1"))
+    closer.data_received(encode_frame(OP_CLOSE, struct.pack("!H", 1000)))
+    sender.data_received(relay(b_id, "p", "m2"))
+    setup.loop.end()
+    # The relay, then the close frame's echo, in one write, then the close;
+    # the relay after the close is not written.
+    assert b.calls == ["write", "close"]
+    data = b.writes[0]
+    assert [m["msgId"] for m in b.messages()] == ["m1"]
+    assert data[-4] == 0x80 | OP_CLOSE and data[-2:] == struct.pack("!H", 1000)
