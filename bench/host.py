@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,6 +42,19 @@ def tree_cpu_s(pids: Sequence[int]) -> float:
         if fields is not None:
             ticks += int(fields[11]) + int(fields[12])
     return ticks / TICKS_PER_S
+
+
+def tree_rss_bytes(root: int) -> int:
+    """The resident memory of *root* and its descendants."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    total = 0
+    for pid in process_tree(root):
+        try:
+            resident = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        total += resident * page
+    return total
 
 
 def tree_io_syscalls(pids: Sequence[int]) -> int:

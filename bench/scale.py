@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from common import BENCH_BIN, ROOT, log
-from host import process_tree
+from host import tree_rss_bytes
 
 from testkit.processes import ServerProcess, free_port, pinned
 
@@ -47,7 +47,6 @@ SERVER = ROOT / ".venv" / "bin" / "signaling-sharded"
 SERVER_CPU, LOAD_CPU = 0, 1
 PEERS_PER_TOPIC = 10
 EXTRA_JOINS = 1000
-PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def setting(name: str, default: int) -> int:
@@ -55,18 +54,6 @@ def setting(name: str, default: int) -> int:
     if not value.isdigit() or int(value) < 1:
         raise SystemExit(f"{name} must be a positive whole number, not {value!r}")
     return int(value)
-
-
-def tree_rss_bytes(root: int) -> int:
-    """The resident memory of ``root`` and its descendants."""
-    total = 0
-    for pid in process_tree(root):
-        try:
-            resident = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        total += resident * PAGE
-    return total
 
 
 def peers_held(port: int) -> int:

@@ -99,9 +99,7 @@ impl Hub {
             } = &mut *guard;
             let result = step(engine, outbox);
             engine.record_gauges();
-            if !outbox.actions.is_empty() {
-                pending.gather(py, engine, outbox);
-            }
+            pending.gather(py, engine, outbox);
             // (Bytes may have joined a buffer gathered by an earlier call.)
             match self.call_soon.get() {
                 _ if pending.is_empty() => {}
@@ -356,14 +354,9 @@ impl Hub {
     fn flush(&self, py: Python<'_>) {
         let ops = {
             let mut guard = self.lock();
-            let Core {
-                engine,
-                outbox,
-                pending,
-                flush_due,
-            } = &mut *guard;
-            *flush_due = false;
-            pending.take(py, engine, outbox)
+            let core = &mut *guard;
+            core.flush_due = false;
+            core.pending.take(py, &core.engine, &mut core.outbox)
         };
         self.perform(py, ops, true);
     }

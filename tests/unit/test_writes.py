@@ -132,18 +132,22 @@ def relay(to: str, payload: str, msg_id: str) -> bytes:
     return encode_frame(OP_TEXT, json.dumps(message).encode())
 
 
-def welcomed(setup: Setup, *transports: Transport) -> list[str]:
+def welcomed(setup: Setup, *transports: Transport) -> list[tuple[Any, str]]:
+    """Joins a peer on each transport and ends the iteration: the peers and
+    their ids, with what the transports recorded so far forgotten."""
+    peers = [setup.join(t) for t in transports]
     setup.loop.end()
-    return [t.messages()[0]["selfId"] for t in transports]
+    ids = [t.messages()[0]["selfId"] for t in transports]
+    for t in transports:
+        t.writes.clear()
+        t.calls.clear()
+    return list(zip(peers, ids, strict=True))
 
 
 def test_writes_wait_for_the_end_of_the_iteration_and_go_out_as_one() -> None:
     setup = Setup()
     a, b = Transport(), Transport()
-    sender = setup.join(a)
-    setup.join(b)
-    _, b_id = welcomed(setup, a, b)
-    b.writes.clear()
+    (sender, _), (_, b_id) = welcomed(setup, a, b)
     sender.data_received(b"".join(relay(b_id, f"p{i}", f"m{i}") for i in range(5)))
     assert b.writes == [], "written before the iteration ended"
     setup.loop.end()
@@ -169,10 +173,7 @@ def test_bytes_waiting_for_the_flush_count_against_the_queue_bound() -> None:
     queue = 64 * 1024
     setup = Setup(max_queue_bytes=queue)
     a, b = Transport(), Transport(stalled=True)
-    sender = setup.join(a)
-    setup.join(b)
-    _, b_id = welcomed(setup, a, b)
-    b.writes.clear()
+    (sender, _), (_, b_id) = welcomed(setup, a, b)
     # 300 KB to one peer in one iteration, read by read: past the
     # transport's mark they are written, the transport pauses, the rest
     # waits in the bounded queue, and what it cannot hold is dropped.
@@ -200,10 +201,7 @@ def test_bytes_waiting_for_the_flush_count_against_the_queue_bound() -> None:
 def test_a_peer_sent_more_than_the_mark_is_written_before_the_iteration_ends() -> None:
     setup = Setup()
     a, b = Transport(), Transport()
-    sender = setup.join(a)
-    setup.join(b)
-    _, b_id = welcomed(setup, a, b)
-    b.writes.clear()
+    (sender, _), (_, b_id) = welcomed(setup, a, b)
     count = 200
     for i in range(count):
         sender.data_received(relay(b_id, "x" * 1000, f"m{i}"))
@@ -242,11 +240,7 @@ def test_an_abort_due_to_a_session_taken_over_in_the_same_iteration_is_made() ->
 def test_a_connection_lost_in_the_same_iteration_is_not_written_to() -> None:
     setup = Setup()
     a, b, c = Transport(), Transport(), Transport()
-    sender = setup.join(a)
-    setup.join(b)
-    setup.join(c)
-    _, b_id, c_id = welcomed(setup, a, b, c)
-    b.calls.clear()
+    (sender, _), (_, b_id), (_, c_id) = welcomed(setup, a, b, c)
     sender.data_received(relay(b_id, "p", "m1") + relay(c_id, "p", "m2"))
     b.lose()
     setup.loop.end()
@@ -258,11 +252,7 @@ def test_a_connection_lost_in_the_same_iteration_is_not_written_to() -> None:
 def test_writes_then_a_close_in_one_iteration_go_out_in_order() -> None:
     setup = Setup()
     a, b = Transport(), Transport()
-    sender = setup.join(a)
-    closer = setup.join(b)
-    _, b_id = welcomed(setup, a, b)
-    b.calls.clear()
-    b.writes.clear()
+    (sender, _), (closer, b_id) = welcomed(setup, a, b)
     sender.data_received(relay(b_id, "p", "m1"))
     closer.data_received(encode_frame(OP_CLOSE, struct.pack("!H", 1000)))
     sender.data_received(relay(b_id, "p", "m2"))
