@@ -162,11 +162,15 @@ class RedisProcess:
         password: str | None = None,
         db: int = 0,
         cpu: int | None = None,
+        replica_of: int | None = None,
     ) -> None:
         self.executable = executable
         self.directory = directory
-        #: With a password, clients must AUTH (``--requirepass``).
+        #: With a password, clients must AUTH (``--requirepass``), and so
+        #: must it to its master (``--masterauth``: replicas share it).
         self.password = password
+        #: The port of the master this one starts as a replica of.
+        self.replica_of = replica_of
         self.db = db
         self.cpu = cpu
         self.port = free_port()
@@ -203,7 +207,9 @@ class RedisProcess:
         command += ["--save", "", "--appendonly", "no", "--dir", str(self.directory)]
         command += ["--daemonize", "no", "--logfile", ""]
         if self.password:
-            command += ["--requirepass", self.password]
+            command += ["--requirepass", self.password, "--masterauth", self.password]
+        if self.replica_of is not None:
+            command += ["--replicaof", "127.0.0.1", str(self.replica_of)]
         with log.open("wb") as out:
             self.proc = subprocess.Popen(
                 pinned(self.cpu, command),

@@ -8,13 +8,17 @@ fixture gives each test its own server; import it into the test module:
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import subprocess
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
 
-from testkit.processes import RedisProcess
+from testkit.processes import RedisProcess, free_port
 
 
 class RedisServer(RedisProcess):
@@ -47,3 +51,114 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.start_on_free_port()
     yield server
     server.stop()
+
+
+class SentinelServer:
+    """One Redis Sentinel watching `master` as service `SERVICE`: it deems the
+    master down after a second without an answer and fails over alone
+    (quorum 1). With a password, clients of the Sentinel must AUTH too."""
+
+    SERVICE = "signaling"
+
+    def __init__(
+        self, executable: str, directory: Path, master: RedisServer, password: str | None = None
+    ) -> None:
+        self.executable = executable
+        self.directory = directory
+        self.master = master
+        self.password = password
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """The servers' ``--redis``: the service's master through this Sentinel,
+        with the master's password and database."""
+        credentials = f":{self.master.password}@" if self.master.password else ""
+        query = f"?sentinel_password={self.password}" if self.password else ""
+        return (
+            f"redis+sentinel://{credentials}127.0.0.1:{self.port}/{self.SERVICE}/"
+            f"{self.master.db}{query}"
+        )
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(
+            host="127.0.0.1",
+            port=self.port,
+            password=self.password,
+            decode_responses=True,
+            socket_timeout=5,
+            socket_connect_timeout=5,
+        )
+
+    def start(self, replicas: int, timeout: float = 20.0) -> None:
+        """Start it and wait until it knows ``replicas`` replicas in sync."""
+        service = self.SERVICE
+        lines = [
+            f"port {self.port}",
+            "bind 127.0.0.1",
+            f"dir {self.directory}",
+            f"sentinel monitor {service} 127.0.0.1 {self.master.port} 1",
+            f"sentinel down-after-milliseconds {service} 1000",
+            f"sentinel failover-timeout {service} 10000",
+        ]
+        if self.master.password:
+            lines.append(f"sentinel auth-pass {service} {self.master.password}")
+        if self.password:
+            lines.append(f"requirepass {self.password}")
+        config = self.directory / f"sentinel-{self.port}.conf"
+        config.write_text("\n".join(lines) + "\n")
+        log = self.directory / f"sentinel-{self.port}.log"
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [self.executable, str(config), "--sentinel"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            with contextlib.suppress(redis.RedisError), self.client() as client:
+                known = client.sentinel_slaves(service)
+                synced = [r for r in known if not r["is_sdown"]]
+                if len(synced) >= replicas and all(r["master-link-status"] == "ok" for r in synced):
+                    return
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(
+            f"the Sentinel did not see {replicas} replicas within {timeout:g} s:\n"
+            + log.read_text(errors="replace")
+        )
+
+    def master_port(self) -> int:
+        """The port of the master the Sentinel names now."""
+        with self.client() as client:
+            _, port = client.sentinel_get_master_addr_by_name(self.SERVICE)
+            return int(port)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def sentinel_set(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[RedisServer, RedisServer, SentinelServer]]:
+    """A master, its replica and a Sentinel watching them, all with
+    passwords; killed at the test's end."""
+    executable = find_redis_server()
+    directory = tmp_path_factory.mktemp("sentinel")
+    master = RedisServer(executable, directory, password="master-pw")
+    master.start_on_free_port()
+    replica = RedisServer(executable, directory, password="master-pw", replica_of=master.port)
+    watcher = SentinelServer(executable, directory, master, password="sentinel-pw")
+    try:
+        replica.start_on_free_port()
+        watcher.start(replicas=1)
+        yield master, replica, watcher
+    finally:
+        watcher.stop()
+        replica.stop()
+        master.stop()

@@ -21,7 +21,7 @@ import pytest
 from conftest import Server, topics_owned
 from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
-from redis_server import RedisServer, find_redis_server, redis_server  # noqa: F401
+from redis_server import RedisServer, SentinelServer, find_redis_server, redis_server  # noqa: F401
 from wsclient import Peer, Peers, http_get, run
 
 pytestmark = pytest.mark.timeout(180)
@@ -44,7 +44,7 @@ StartServer = Callable[..., Server]
 
 def start_cluster(
     start_server: StartServer,
-    redis: RedisServer,
+    redis: RedisServer | SentinelServer,
     count: int = 2,
     *flags: str,
     workers: int = WORKERS,
@@ -84,6 +84,14 @@ async def converge(members: list[Peer], timeout: float) -> None:
             ) from None
 
     await asyncio.gather(*(one(peer) for peer in members))
+
+
+async def across(peers: Peers, first: Server, second: Server, topic: str) -> tuple[Peer, Peer]:
+    """A peer of `topic` on each server, once each sees the other."""
+    one = await peers.join(first.url(topic))
+    other = await peers.join(second.url(topic))
+    await converge([one, other], CONVERGE)
+    return one, other
 
 
 async def expect_relay(
@@ -167,9 +175,7 @@ def test_offer_and_200_ice_candidates_cross_servers_complete_and_in_order(
 
     async def scenario() -> None:
         async with Peers() as peers:
-            caller = await peers.join(first.url(topic))
-            callee = await peers.join(second.url(topic))
-            await converge([caller, callee], CONVERGE)
+            caller, callee = await across(peers, first, second, topic)
 
             # The payload crosses Redis byte for byte, spacing and escapes included.
             payload = '{ "sdp" : "v=0\\r\\no=- 1 2 IN IP4 127.0.0.1", "n": [1, 2.50, "\\u00e9"] }'
@@ -451,6 +457,48 @@ def test_a_hung_redis_delays_joins_by_a_second_and_relays_fail_loudly(
             await converge([a1, b1, b2], CONVERGE)
             await expect_relay(a1, b2, "offer", {"sdp": "after"}, "after-1")
             await expect_relay(b1, a1, "answer", {"sdp": "after"}, "after-2")
+
+    run(scenario())
+
+
+def test_a_redis_restarted_empty_makes_nobody_leave_who_did_not(
+    redis_server: RedisServer,  # noqa: F811
+    start_server: StartServer,
+) -> None:
+    """Redis comes back empty, and one server rewrites its presence before
+    the other (frozen meanwhile) has: the first one's snapshot lacks the
+    other's peers, which are still there. Its peers must not be told they
+    left (and joined again); a peer that did leave while Redis was away is
+    told, within the grace the nodes give each other to come back."""
+    first, second = start_cluster(start_server, redis_server)
+    topic = "restart"
+
+    async def scenario() -> None:
+        async with Peers() as peers:
+            a = await peers.join(first.url(topic))
+            b1, b2 = await peers.join_all(second.url(topic), second.url(topic))
+            await converge([a, b1, b2], CONVERGE)
+            redis_server.stop()
+            await asyncio.gather(
+                wait_records(first, "cluster lost", WORKERS, OUTAGE),
+                wait_records(second, "cluster lost", WORKERS, OUTAGE),
+            )
+            await b2.close()
+            await b1.wait_left(b2.id)
+            os.killpg(second.pid, signal.SIGSTOP)
+            try:
+                redis_server.start()
+                await wait_records(first, "cluster ready", 2 * WORKERS, CONVERGE)
+                # Long enough for the snapshot to reach the peers (a relay
+                # behind it is answered after it).
+                await expect_error(a, "01ARZ3NDEKTSV4RRFFQ69G5FAV", "target_not_found", "probe")
+            finally:
+                os.killpg(second.pid, signal.SIGCONT)
+            back = time.monotonic()
+            await converge([a, b1], CONVERGE)
+            print(f"views exact {time.monotonic() - back:.2f} s after the frozen server resumed")
+            assert a.departed == {b2.id}, f"{a.id} was told {sorted(a.departed)} left"
+            await expect_relay(a, b1, "offer", {"sdp": "after"}, "restart-1")
 
     run(scenario())
 

@@ -57,6 +57,17 @@ BAD_SETTINGS = [
     pytest.param([], {"SIGNALING_RESUME_SECRET": ""}, "SIGNALING_RESUME_SECRET", id="empty-resume"),
     pytest.param(["--redis", "localhost:6379"], {}, "--redis", id="redis-without-scheme"),
     pytest.param(["--redis", "http://127.0.0.1:6379"], {}, "--redis", id="redis-other-scheme"),
+    pytest.param(
+        ["--redis", "redis+sentinel://127.0.0.1:26379"], {}, "--redis", id="sentinel-no-service"
+    ),
+    pytest.param(
+        [],
+        {"SIGNALING_REDIS_URL": "redis+sentinel://s:7/m?tls=1"},
+        "SIGNALING_REDIS_URL",
+        id="sentinel-unknown-option",
+    ),
+    pytest.param(["--redis", "redis+sentinel://s:0/m"], {}, "--redis", id="sentinel-port-zero"),
+    pytest.param(["--redis", "unix:///run/redis.sock"], {}, "--redis", id="redis-unix-socket"),
     pytest.param(["--auth-secret", ""], {}, "--auth-secret", id="empty-auth-secret"),
     pytest.param([], {"SIGNALING_AUTH_SECRET": ""}, "SIGNALING_AUTH_SECRET", id="empty-secret-env"),
     pytest.param(["--allowed-origin", "*"], {}, "--allowed-origin", id="origin-star"),

@@ -288,8 +288,10 @@ class Hub:
         (``unreachable``), or was not sent."""
     def local_members(self) -> list[tuple[str, list[tuple[str, str | None]]]]:
         """Cluster mode: each followed topic with its local peers."""
-    def begin_resync(self) -> None:
-        """Cluster mode: hold presence events until each topic's snapshot."""
+    def begin_resync(self, forgot: bool = False) -> None:
+        """Cluster mode: hold presence events until each topic's snapshot;
+        ``forgot``: Redis lost its data (members missing from the snapshots
+        are doubted for a while before they are told as left)."""
     def remote_nodes(self) -> list[str]:
         """Cluster mode: the other nodes holding members of this node's topics."""
 

@@ -82,6 +82,9 @@ pub(super) struct ClusterState {
     /// the number this node gave them.
     broadcasts: FxHashMap<u64, Awaited>,
     next_broadcast: u64,
+    /// Topics with doubted members (see `remote`), in the order of their
+    /// deadlines.
+    doubts: VecDeque<(Instant, Box<str>)>,
 }
 
 /// A local peer's broadcast published to other nodes: its sender hears
@@ -101,6 +104,13 @@ struct Awaited {
 /// How long a broadcast's sender waits for the other nodes' answers.
 const TALLY_WAIT: Duration = Duration::from_secs(2);
 
+/// How long members missing from the resync snapshot of a Redis that lost
+/// its data stay doubted: their nodes try to reconnect at least every 2 s
+/// (the backoff's longest wait) and rewrite them at once. A node slower
+/// than that (a Sentinel that does not answer) has its members told as
+/// left, then joined again when it is back.
+pub const DOUBT_GRACE: Duration = Duration::from_secs(5);
+
 impl ClusterState {
     pub(super) fn new(node: Arc<str>) -> Self {
         Self {
@@ -111,6 +121,7 @@ impl ClusterState {
             migrations: Migrations::default(),
             broadcasts: FxHashMap::default(),
             next_broadcast: 0,
+            doubts: VecDeque::new(),
         }
     }
 }
@@ -490,13 +501,13 @@ impl<W> Engine<W> {
         now: Now,
         out: &mut Outbox,
     ) {
-        let Some(remote) = self
-            .cluster
-            .as_mut()
-            .and_then(|cluster| cluster.remote.get_mut(topic))
-        else {
+        let Some(cluster) = self.cluster.as_mut() else {
+            return;
+        };
+        let Some(remote) = cluster.remote.get_mut(topic) else {
             return; // nobody here follows the topic any more
         };
+        let forgetful = snapshot.is_some() && remote.forgetful;
         let changes = match snapshot {
             Some((version, _)) if remote.pending.is_none() && version <= remote.version => {
                 return; // older than what was applied since
@@ -504,12 +515,54 @@ impl<W> Engine<W> {
             Some((version, members)) => remote.replace(version, members),
             None if remote.pending.is_none() => return,
             None => {
+                // Not asked: what was known stands, doubts and all (the
+                // next resync says again whether Redis forgot).
+                remote.forgetful = false;
+                let doubted = mem::take(&mut remote.doubted);
                 let members = mem::take(&mut remote.members);
-                remote.replace(remote.version, members)
+                let changes = remote.replace(remote.version, members);
+                remote.doubted = doubted;
+                changes
             }
         };
+        if remote.doubted.is_empty() {
+            remote.doubted_until = None;
+        } else if forgetful {
+            // New doubts: the grace starts again for all of them.
+            let deadline = now.instant + DOUBT_GRACE;
+            remote.doubted_until = Some(deadline);
+            cluster.doubts.push_back((deadline, topic.into()));
+        }
         self.announce(topic, changes, out);
         self.greet_waiting(topic, now, out);
+    }
+
+    /// Gives up the doubted members whose grace is over (see `remote`):
+    /// local peers hear they left. Not while the topic awaits a snapshot
+    /// (Redis is away again): its grace starts again.
+    pub fn tick_doubts(&mut self, now: Instant, out: &mut Outbox) {
+        let mut over = Vec::new();
+        if let Some(cluster) = &mut self.cluster {
+            while cluster.doubts.front().is_some_and(|(at, _)| *at <= now) {
+                let (at, topic) = cluster.doubts.pop_front().expect("checked");
+                let Some(remote) = cluster.remote.get_mut(&*topic) else {
+                    continue;
+                };
+                if remote.doubted_until != Some(at) {
+                    continue; // cleared, or given a later deadline
+                }
+                if remote.pending.is_some() {
+                    let deadline = now + DOUBT_GRACE;
+                    remote.doubted_until = Some(deadline);
+                    cluster.doubts.push_back((deadline, topic));
+                } else {
+                    over.push((topic, remote.give_up_doubts()));
+                }
+            }
+        }
+        for (topic, changes) in over {
+            self.announce(&topic, changes, out);
+        }
     }
 
     /// Greets the connections waiting to join `topic` with what is known of
@@ -766,11 +819,13 @@ impl<W> Engine<W> {
     }
 
     /// Starts resynchronising every topic (after Redis came back): presence
-    /// events wait until the topic's snapshot is here.
-    pub fn begin_resync(&mut self) {
+    /// events wait until the topic's snapshot is here. `forgot`: Redis lost
+    /// its data, so members missing from the snapshots are doubted first.
+    pub fn begin_resync(&mut self, forgot: bool) {
         if let Some(cluster) = &mut self.cluster {
             for remote in cluster.remote.values_mut() {
                 remote.pending.get_or_insert_with(Vec::new);
+                remote.forgetful |= forgot;
             }
         }
     }
@@ -782,7 +837,12 @@ impl<W> Engine<W> {
             return nodes;
         };
         for remote in cluster.remote.values() {
-            for peer in remote.members.values() {
+            // A doubted member's node may not be back yet: not dead.
+            let known = remote
+                .members
+                .iter()
+                .filter(|(peer, _)| !remote.doubted.contains(*peer));
+            for (_, peer) in known {
                 if !nodes
                     .iter()
                     .any(|node| Arc::ptr_eq(node, &peer.node) || *node == peer.node)

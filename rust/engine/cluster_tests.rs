@@ -1,7 +1,7 @@
 //! The engine in cluster mode, sans-I/O: what it asks of Redis, and what
 //! it does with what comes back.
 
-use super::cluster::ClusterOp;
+use super::cluster::{ClusterOp, DOUBT_GRACE};
 use super::tests::{at, masked, request, text, written};
 use super::*;
 use crate::wire::cluster;
@@ -353,7 +353,7 @@ fn events_during_a_resync_wait_for_the_snapshot() {
     let (r1, r2, r3, r4) = (rid(1), rid(2), rid(3), rid(4));
     let (a, _) = n.first("room", 10, &[(r1, "n2", None)]);
 
-    n.engine.begin_resync();
+    n.engine.begin_resync(false);
     // Older than the snapshot to come (r1 is back in it).
     n.deliver(&presence("room", 14, &[], &[r1], false));
     assert!(n.out.is_empty(), "{:?}", n.out);
@@ -383,7 +383,7 @@ fn a_resync_snapshot_tells_what_changed() {
     let mut n = Node::new();
     let (r1, r2) = (rid(1), rid(2));
     let (a, _) = n.first("room", 10, &[(r1, "n2", None)]);
-    n.engine.begin_resync();
+    n.engine.begin_resync(false);
     n.snapshot("room", 30, &[(r2, "n3", None)]);
     assert_eq!(
         written(&n.out, a),
@@ -393,6 +393,118 @@ fn a_resync_snapshot_tells_what_changed() {
     n.snapshot("room", 29, &[(r1, "n2", None)]);
     assert!(n.out.is_empty());
     assert_eq!(n.remote_members("room"), vec![r2]);
+}
+
+#[test]
+fn members_missing_after_redis_forgot_are_doubted_until_the_grace_ends() {
+    let mut n = Node::new();
+    let (r1, r2, r3, r4) = (rid(1), rid(2), rid(3), rid(4));
+    let (a, _) = n.first(
+        "room",
+        10,
+        &[(r1, "n2", None), (r2, "n2", None), (r3, "n3", None)],
+    );
+
+    // Redis came back empty: only n3 has rewritten its member so far, and
+    // r4 joined there meanwhile.
+    n.engine.begin_resync(true);
+    n.snapshot("room", 30, &[(r3, "n3", None), (r4, "n3", None)]);
+    assert_eq!(written(&n.out, a), vec![peer_joined(&r4, None)]);
+    assert_eq!(n.remote_members("room"), vec![r1, r2, r3, r4]);
+
+    // n2 is back and rewrites r1 (r2 left while Redis was away): no news.
+    n.deliver(&presence("room", 31, &[(r1, "n2", None)], &[], false));
+    assert!(n.out.is_empty(), "{:?}", n.out);
+
+    // Within the grace, r2 stays; once it is over, r2 left.
+    n.now += DOUBT_GRACE - Duration::from_millis(1);
+    n.out.clear();
+    n.engine.tick_doubts(n.now, &mut n.out);
+    assert!(n.out.is_empty(), "{:?}", n.out);
+    n.now += Duration::from_millis(1);
+    n.engine.tick_doubts(n.now, &mut n.out);
+    assert_eq!(written(&n.out, a), vec![peer_left(&r2)]);
+    assert_eq!(n.remote_members("room"), vec![r1, r3, r4]);
+
+    // An ordinary resync after: a missing member left at once.
+    n.engine.begin_resync(false);
+    n.snapshot("room", 40, &[(r1, "n2", None), (r4, "n3", None)]);
+    assert_eq!(written(&n.out, a), vec![peer_left(&r3)]);
+    n.now += DOUBT_GRACE;
+    n.out.clear();
+    n.engine.tick_doubts(n.now, &mut n.out);
+    assert!(n.out.is_empty(), "{:?}", n.out);
+}
+
+#[test]
+fn a_later_snapshot_confirms_doubts_and_an_outage_holds_them() {
+    let mut n = Node::new();
+    let (r1, r2) = (rid(1), rid(2));
+    let (a, _) = n.first("room", 10, &[(r1, "n2", None), (r2, "n2", None)]);
+    n.engine.begin_resync(true);
+    n.snapshot("room", 30, &[]);
+    assert!(written(&n.out, a).is_empty());
+
+    // Another forgetful resync within the grace lists r1: confirmed; r2
+    // gets a grace of its own from now.
+    n.now += DOUBT_GRACE / 2;
+    n.engine.begin_resync(true);
+    n.snapshot("room", 31, &[(r1, "n2", None)]);
+    assert!(written(&n.out, a).is_empty());
+    n.now += DOUBT_GRACE / 2;
+    n.out.clear();
+    n.engine.tick_doubts(n.now, &mut n.out);
+    assert!(
+        n.out.is_empty(),
+        "the first deadline still counted: {:?}",
+        n.out
+    );
+    assert_eq!(n.remote_members("room"), vec![r1, r2]);
+    assert_eq!(n.engine.remote_nodes(), vec![Arc::from("n2")]);
+
+    // Redis is away when the grace ends: it starts again.
+    n.engine.begin_resync(false);
+    n.now += DOUBT_GRACE / 2;
+    n.engine.tick_doubts(n.now, &mut n.out);
+    assert!(n.out.is_empty(), "{:?}", n.out);
+    // An exact snapshot settles it: r2 left.
+    n.snapshot("room", 40, &[(r1, "n2", None)]);
+    assert_eq!(written(&n.out, a), vec![peer_left(&r2)]);
+    n.now += DOUBT_GRACE * 2;
+    n.out.clear();
+    n.engine.tick_doubts(n.now, &mut n.out);
+    assert!(n.out.is_empty(), "{:?}", n.out);
+    assert_eq!(n.remote_members("room"), vec![r1]);
+}
+
+#[test]
+fn the_node_of_doubted_members_alone_is_not_checked_for_death() {
+    let mut n = Node::new();
+    let (r1, r2) = (rid(1), rid(2));
+    n.first("room", 10, &[(r1, "n2", None), (r2, "n3", None)]);
+    n.engine.begin_resync(true);
+    n.snapshot("room", 30, &[(r2, "n3", None)]);
+    assert_eq!(n.engine.remote_nodes(), vec![Arc::from("n3")]);
+    n.deliver(&presence("room", 31, &[(r1, "n2", None)], &[], false));
+    let mut nodes = n.engine.remote_nodes();
+    nodes.sort();
+    assert_eq!(nodes, vec![Arc::from("n2"), Arc::from("n3")]);
+}
+
+#[test]
+fn a_doubted_member_that_leaves_is_told_at_once() {
+    let mut n = Node::new();
+    let r1 = rid(1);
+    let (a, _) = n.first("room", 10, &[(r1, "n2", None)]);
+    n.engine.begin_resync(true);
+    n.snapshot("room", 30, &[]);
+    assert!(written(&n.out, a).is_empty());
+    n.deliver(&presence("room", 31, &[], &[r1], false));
+    assert_eq!(written(&n.out, a), vec![peer_left(&r1)]);
+    n.now += DOUBT_GRACE;
+    n.out.clear();
+    n.engine.tick_doubts(n.now, &mut n.out);
+    assert!(n.out.is_empty(), "{:?}", n.out);
 }
 
 #[test]

@@ -6,8 +6,17 @@
 //! that starts following a topic takes a snapshot (version `v`) and applies
 //! only later events; events that arrive while the snapshot is on its way
 //! wait for it.
+//!
+//! A Redis that lost what it held (restarted empty) answers a resync with
+//! only the members already rewritten by their nodes: the others' nodes may
+//! not be back yet. Members missing from such a snapshot are *doubted*
+//! rather than gone: kept, and told as left only if no event about them
+//! comes within the grace their nodes have to rewrite them.
 
-use rustc_hash::FxHashMap;
+use std::mem;
+use std::time::Instant;
+
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::wire::cluster::{Presence, RemotePeer};
 use crate::wire::peer_id::PeerId;
@@ -32,6 +41,14 @@ pub struct RemoteTopic {
     pub pending: Option<Vec<Presence>>,
     /// Connections to greet once the snapshot is here, in arrival order.
     pub waiting: Vec<u64>,
+    /// Whether the awaited snapshot comes from a Redis that lost its data
+    /// (members missing from it are doubted, not gone).
+    pub forgetful: bool,
+    /// Members missing from such a snapshot and not heard of since (still
+    /// in `members`).
+    pub doubted: FxHashSet<PeerId>,
+    /// When they are given up.
+    pub doubted_until: Option<Instant>,
 }
 
 impl RemoteTopic {
@@ -44,6 +61,14 @@ impl RemoteTopic {
             return changes;
         }
         self.version = event.version;
+        if !self.doubted.is_empty() {
+            for peer in event.left.iter().chain(event.joined.iter().map(|(p, _)| p)) {
+                self.doubted.remove(peer);
+            }
+            if self.doubted.is_empty() {
+                self.doubted_until = None;
+            }
+        }
         changes.left = event
             .left
             .into_iter()
@@ -89,6 +114,19 @@ impl RemoteTopic {
             .filter(|(peer, _)| !self.members.contains_key(peer))
             .map(|(peer, remote)| (*peer, remote.clone()))
             .collect();
+        let mut members = members;
+        if mem::take(&mut self.forgetful) {
+            // Those it lists are confirmed; those it lacks are doubted.
+            self.doubted.retain(|peer| !members.contains_key(peer));
+            for peer in left.drain(..) {
+                let remote = self.members.remove(&peer).expect("listed");
+                members.insert(peer, remote);
+                self.doubted.insert(peer);
+            }
+        } else {
+            // An exact snapshot: the doubted it lacks are in `left`.
+            self.doubted.clear();
+        }
         self.members = members;
         self.version = version;
         for event in self.pending.take().unwrap_or_default() {
@@ -127,6 +165,19 @@ impl RemoteTopic {
             left,
             joined,
             updated,
+        }
+    }
+
+    /// The grace is over: the doubted members are gone.
+    pub fn give_up_doubts(&mut self) -> Changes {
+        self.doubted_until = None;
+        let left = mem::take(&mut self.doubted)
+            .into_iter()
+            .filter(|peer| self.members.remove(peer).is_some())
+            .collect();
+        Changes {
+            left,
+            ..Changes::default()
         }
     }
 }

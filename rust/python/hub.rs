@@ -367,6 +367,7 @@ impl Hub {
             let now = now();
             engine.tick(now.instant, out);
             engine.tick_migrations(now, out);
+            engine.tick_doubts(now.instant, out);
             engine.metrics().sample_process();
         });
     }
@@ -525,9 +526,12 @@ impl Hub {
             .collect()
     }
 
-    /// Cluster mode: hold presence events until each topic's snapshot.
-    fn begin_resync(&self) {
-        self.lock().engine.begin_resync();
+    /// Cluster mode: hold presence events until each topic's snapshot;
+    /// `forgot`: Redis lost its data (members missing from the snapshots
+    /// are doubted for a while before they are told as left).
+    #[pyo3(signature = (forgot = false))]
+    fn begin_resync(&self, forgot: bool) {
+        self.lock().engine.begin_resync(forgot);
     }
 
     /// Cluster mode: the other nodes holding members of this node's topics.

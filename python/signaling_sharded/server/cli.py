@@ -91,13 +91,32 @@ def nonempty(text: str) -> str:
 
 
 def redis_url(text: str) -> str:
-    """A URL that redis-py accepts: redis://, rediss:// or unix://."""
+    """A redis://, rediss:// or redis+sentinel:// URL. Not unix://: the
+    cluster's connections are TCP (and a cluster is several machines).
+    The URL is not repeated in the error: it may hold a password."""
+    from urllib.parse import urlsplit
+
     from redis.connection import parse_url
 
+    from signaling_sharded.server import sentinel
+
     try:
-        parse_url(nonempty(text))  # type: ignore[no-untyped-call]
+        if sentinel.is_sentinel_url(nonempty(text)):
+            sentinel.parse(text)
+            return text
+        scheme = urlsplit(text).scheme.lower()
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if scheme == "unix":
+        raise argparse.ArgumentTypeError("unix:// is not supported: use redis:// or rediss://")
+    try:
+        parse_url(text)  # type: ignore[no-untyped-call]
+    except ValueError:
+        # redis-py's message may quote the password (urllib's on a bad port).
+        raise argparse.ArgumentTypeError(
+            "not a Redis URL: redis://[[user]:password@]host[:port][/db], rediss://..., or "
+            "redis+sentinel://host[:port][,host[:port]...]/service[/db]"
+        ) from None
     return text
 
 
@@ -566,7 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help=(
             "cluster mode: share topics with every server on this Redis "
-            "(redis://host:port/db, rediss:// for TLS); default: this machine alone"
+            "(redis://host:port/db, rediss:// for TLS, or the master of a Sentinel service: "
+            "redis+sentinel://host:26379,host:26379/service/db); default: this machine alone"
         ),
     )
     parser.add_argument(

@@ -22,8 +22,8 @@ the nodes that hold them, over the same inboxes (a message starting with
 ``?``), each answering after what it did reached Redis (``!``): after a
 kick is answered 204, the peer is gone from every listing.
 
-The writer and the inbox are raw connections (:class:`Link`, replies
-parsed by hiredis); redis-py serves the rest.
+The writer and the inbox are raw connections (:class:`~.resp.Link`);
+redis-py serves the rest.
 
 Failure handling:
 
@@ -35,7 +35,12 @@ Failure handling:
   are answered ``dropped``; joins are served with what is known; the admin
   API answers 503. The node
   reconnects with backoff, resubscribes, rewrites its presence (``sync``)
-  and applies the differences, so views are exact again.
+  and applies the differences, so views are exact again. A Redis that lost
+  its data has a new mark (``{prefix}epoch``): the members missing from the
+  snapshots are then doubted for a while, as their nodes may not be back
+  yet (see the Rust core's ``remote.rs``).
+- Sentinel (``redis+sentinel://``): see :mod:`.sentinel`. A master turned
+  replica answers writes READONLY: the node reconnects.
 """
 
 from __future__ import annotations
@@ -48,7 +53,6 @@ import logging
 import os
 import random
 import socket
-import ssl
 import time
 import traceback
 from collections import deque
@@ -73,8 +77,9 @@ from signaling_sharded._native import (
     Request,
     UpdateOp,
 )
-from signaling_sharded.server import admin
+from signaling_sharded.server import admin, sentinel
 from signaling_sharded.server.logs import log
+from signaling_sharded.server.resp import COMMAND_TIMEOUT, Link, command, text
 from signaling_sharded.server.webhooks import Webhooks
 
 #: Seconds the ``alive`` key lives, and between its refreshes.
@@ -88,8 +93,6 @@ TOUCH_EVERY = 20.0
 #: the checks in a row without a subscriber that make a node dead.
 CHECK_EVERY = 1.0
 DEAD_CHECKS = 2
-#: Seconds a Redis command may take before the connection is deemed lost.
-COMMAND_TIMEOUT = 5.0
 #: Seconds a joiner waits for its topic's snapshot before it is greeted
 #: with what is known (the snapshot then completes its view).
 JOIN_WAIT = 1.0
@@ -176,104 +179,24 @@ def node_name() -> str:
     return f"{host}-{os.getpid()}-{os.urandom(3).hex()}"
 
 
-class Link(asyncio.Protocol):
-    """A raw Redis connection: commands written as encoded, replies parsed
-    by hiredis and handed over in batches. The two hot connections (the
-    writer and the inbox) use it: redis-py's per-command machinery cost more
-    than everything else a relay between nodes does."""
-
-    def __init__(self, on_replies: Callable[[list[Any]], None]) -> None:
-        self.on_replies = on_replies
-        self.reader = hiredis.Reader()
-        self.transport: asyncio.Transport | None = None
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    @classmethod
-    async def open(
-        cls, url: str, on_replies: Callable[[list[Any]], None], *, db: bool = True
-    ) -> Link:
-        """Connects to the Redis of ``url``, with its password and (``db``)
-        database; ``rediss://`` uses TLS."""
-        options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
-        loop = asyncio.get_running_loop()
-        tls = ssl.create_default_context() if "connection_class" in options else None
-        host, port = options.get("host", "localhost"), options.get("port", 6379)
-        _, link = await asyncio.wait_for(
-            loop.create_connection(lambda: cls(on_replies), host, port, ssl=tls),
-            COMMAND_TIMEOUT,
-        )
-        setup = []
-        if options.get("password") is not None:
-            credentials = [options.get("username"), options["password"]]
-            setup.append(command("AUTH", *[c for c in credentials if c is not None]))
-        if db and options.get("db"):
-            setup.append(command("SELECT", options["db"]))
-        if setup:
-            await link.call(setup)
-        return link
-
-    async def call(self, commands: list[bytes]) -> list[Any]:
-        """Sends ``commands`` and waits for their replies (setup only:
-        nothing else may be in flight)."""
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[list[Any]] = loop.create_future()
-        replies: list[Any] = []
-
-        def collect(batch: list[Any]) -> None:
-            replies.extend(batch)
-            if len(replies) >= len(commands) and not done.done():
-                done.set_result(replies)
-
-        self.on_replies, keep = collect, self.on_replies
-        try:
-            self.write(b"".join(commands))
-            result = await asyncio.wait_for(done, COMMAND_TIMEOUT)
-        finally:
-            self.on_replies = keep
-        for reply in result:
-            if isinstance(reply, hiredis.ReplyError):
-                raise RedisError(str(reply))
-        return result
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        self.reader.feed(data)
-        replies = []
-        while (reply := self.reader.gets()) is not False:
-            replies.append(reply)
-        if replies:
-            self.on_replies(replies)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.lost.done():
-            self.lost.set_result(None)
-
-    def write(self, data: bytes) -> None:
-        if self.transport is None or self.transport.is_closing():
-            raise RedisConnectionError("the connection to Redis is closed")
-        self.transport.write(data)
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
-
-
-def command(*parts: str | bytes | int) -> bytes:
-    """A Redis command, RESP-encoded."""
-    out = [b"*%d\r\n" % len(parts)]
-    for part in parts:
-        data = part if isinstance(part, bytes) else str(part).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
-
-
 class Cluster:
     """One worker's link to the cluster."""
 
     def __init__(self, url: str, prefix: str, worker: int) -> None:
         self.url = url
+        #: With a ``redis+sentinel://`` URL: where to ask for the master.
+        self.sentinels = sentinel.parse(url) if sentinel.is_sentinel_url(url) else None
+        #: The address of the Redis this node is connected to, or None.
+        self.redis: str | None = None
+        #: With Sentinel: the master it named last, as (host, port), and the
+        #: one this node last connected to.
+        self.named: tuple[str, int] | None = None
+        self.master: tuple[str, int] | None = None
+        #: The Redis data set's mark (``{prefix}epoch``) last seen, and
+        #: whether it changed since (Redis lost its data) with no resync
+        #: completed since.
+        self.epoch: bytes | None = None
+        self.forgot = False
         self.prefix = prefix
         self.worker = worker
         self.node = node_name()
@@ -433,11 +356,15 @@ class Cluster:
         hub = self.hub
         assert hub is not None
         self.progress = asyncio.get_running_loop().time()
-        resync = False
+        resync = demoted = False
         for reply in replies:
             op = self.waiting.popleft()
             topic = wants_snapshot(op)
             if isinstance(reply, hiredis.ReplyError):
+                # A master turned replica (a failover behind a fixed address,
+                # or one Sentinel has not told this node of) answers writes
+                # READONLY: reconnect, and wait for a master there.
+                demoted = demoted or str(reply).startswith("READONLY")
                 log(logging.ERROR, "cluster command failed", op=type(op).__name__, error=str(reply))
                 if topic is not None:
                     hub.snapshot(topic)
@@ -466,20 +393,18 @@ class Cluster:
                     self.webhooks.updated(op.peer, op.topic, op.metadata, change.first)
             elif isinstance(op, TouchOp) and reply:
                 resync = True
-            elif isinstance(op, ReadyOp):
+            elif isinstance(op, ReadyOp) and not demoted:
+                self.forgot = False
+                where = {"worker": self.worker, "node": self.node, "redis": self.redis}
                 if self.down_since is None:
-                    log(logging.INFO, "cluster ready", worker=self.worker, node=self.node)
+                    log(logging.INFO, "cluster ready", **where)
                 else:
                     after = round(time.monotonic() - self.down_since, 1)
-                    log(
-                        logging.INFO,
-                        "cluster ready",
-                        worker=self.worker,
-                        node=self.node,
-                        after_s=after,
-                    )
+                    log(logging.INFO, "cluster ready", **where, after_s=after)
                     self.down_since = None
-        if resync:
+        if demoted and self.writer is not None:
+            self.writer.close()
+        elif resync:
             log(logging.WARNING, "cluster lost some of this node's presence; resyncing")
             self.resync()
 
@@ -702,22 +627,52 @@ class Cluster:
                 await self.disconnect()
             if self.closing:
                 return
-            await asyncio.sleep(random.uniform(delay / 2, delay))
+            await self.pause(random.uniform(delay / 2, delay))
             delay = min(delay * 2, BACKOFF[1])
 
     async def connect(self) -> None:
+        url = self.url
+        if self.sentinels is not None:
+            self.named = await self.sentinels.master()
+            url = self.sentinels.master_url(*self.named)
         self.control = aioredis.Redis.from_url(
-            self.url,
+            url,
             single_connection_client=True,
             socket_timeout=COMMAND_TIMEOUT,
             socket_connect_timeout=COMMAND_TIMEOUT,
             health_check_interval=0,
         )
+        self.redis = address_of(url)
+        self.writer = await Link.open(url, self.on_replies)
+        # HELLO, not ROLE: ROLE is @dangerous, which managed Redis users lack.
+        (hello,) = await self.writer.call([command("HELLO")])
+        fields = dict(zip(hello[::2], hello[1::2], strict=False))
+        role = text(fields.get(b"role", b"master"))
+        if role != "master":
+            # After a failover, or a URL that names a replica: writes would
+            # fail (READONLY). Wait for this one's promotion, or for the
+            # Sentinels to name another.
+            raise RedisConnectionError(f"Redis at {self.redis} is a {role}, not a master")
         await self.control.function_load(self.library, replace=True)
+        # A mark of this data set, kept by whoever comes first: a Redis that
+        # restarted empty (or a new master that never had the data) has
+        # another, and the resync knows its snapshots may lack members whose
+        # nodes are not back yet.
+        fresh = os.urandom(8).hex().encode()
+        found = await self.control.set(f"{self.prefix}epoch", fresh, nx=True, get=True)
+        epoch = found if isinstance(found, bytes) else fresh
+        if self.epoch is not None and epoch != self.epoch:
+            log(logging.WARNING, "cluster: Redis lost its data; every node rewrites its presence")
+            self.forgot = True
+        elif self.master is not None and self.master != self.named:
+            # A failover: the new master may lack the old one's last writes
+            # (replication is asynchronous), whose nodes rewrite them.
+            self.forgot = True
+        self.epoch = epoch
+        self.master = self.named
         await self.control.set(self.key("alive", self.node), b"1", px=ms(ALIVE_TTL))
-        self.writer = await Link.open(self.url, self.on_replies)
         self.subscribed = asyncio.get_running_loop().create_future()
-        self.subscriber = await Link.open(self.url, self.on_inbox, db=False)
+        self.subscriber = await Link.open(url, self.on_inbox, db=False)
         self.subscriber.write(command("SUBSCRIBE", self.inbox))
         await asyncio.wait_for(self.subscribed, COMMAND_TIMEOUT)
 
@@ -734,6 +689,8 @@ class Cluster:
             asyncio.ensure_future(self.every(STALL / 4, self.watch)),
             asyncio.ensure_future(self.every(TOUCH_EVERY, self.touch)),
         ]
+        if self.sentinels is not None:
+            tasks.append(asyncio.ensure_future(self.follow(self.sentinels)))
         try:
             done, _ = await asyncio.wait([*tasks, *lost], return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -743,6 +700,20 @@ class Cluster:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def follow(self, sentinels: sentinel.Sentinels) -> None:
+        """Ends (a reconnect) when the Sentinels move the master."""
+        assert self.named is not None
+        where = await sentinels.moved(self.named)
+        raise RedisConnectionError(f"Sentinel moved the master to {where}")
+
+    async def pause(self, seconds: float) -> None:
+        """The wait between attempts to connect; with Sentinel, over as
+        soon as the master moves (a failover ends the outage at once)."""
+        if self.sentinels is None or self.named is None:
+            return await asyncio.sleep(seconds)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.sentinels.moved(self.named), seconds)
 
     def go_down(self) -> None:
         if not self.up:
@@ -770,7 +741,7 @@ class Cluster:
         again (after a reconnect, or when Redis lost some of it)."""
         hub = self.hub
         assert hub is not None
-        hub.begin_resync()
+        hub.begin_resync(self.forgot)
         ops: list[Op] = [SyncOp(topic, members) for topic, members in hub.local_members()]
         if announce:
             ops.append(ReadyOp())
@@ -855,6 +826,12 @@ def wants_snapshot(op: Op) -> str | None:
     return None
 
 
+def address_of(url: str) -> str:
+    """``host:port`` of a ``redis://`` URL, for the logs."""
+    options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+    return sentinel.address(options.get("host", "localhost"), options.get("port", 6379))
+
+
 def ms(seconds: float) -> int:
     return int(seconds * 1000)
 
@@ -866,7 +843,3 @@ def snapshot(result: list[Any], at: int) -> list[tuple[str, str, str | None]]:
         peer, node, metadata = result[index : index + 3]
         members.append((text(peer), text(node), text(metadata) or None))
     return members
-
-
-def text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
