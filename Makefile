@@ -133,7 +133,7 @@ bench: build $(BIN)/.group-bench ## Every bench scenario, ours vs the Go design 
 	PYTHONPATH=$(CURDIR) $(PY) bench/run.py $(BENCH_ARGS)
 
 .PHONY: bench-cluster
-bench-cluster: build system-deps ## Cluster mode: relays/s of topics split over two servers vs one (Redis)
+bench-cluster: build system-deps ## Cluster mode: CPU of a relay across Redis vs a local one (paced and flat out), of a join; ROUNDS, DURATION, RATE, JOINS
 	cargo build --release --quiet -p signaling-bench
 	PYTHONPATH=$(CURDIR) $(PY) bench/cluster.py
 

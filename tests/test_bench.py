@@ -328,19 +328,32 @@ def test_connect_holds_until_its_input_ends(bench_binary: Path, server: Server) 
     assert scrape(server)["signaling_peers"] == 0
 
 
-def test_the_scale_bench(bench_binary: Path) -> None:
-    """`make bench-scale`, small: every peer held to the end, relays and joins served meanwhile."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.update(PEERS="300", WORKERS="2", PROCESSES="2", PAIRS="5", DURATION="1", SOURCE_IPS="2")
-    env.update(RATE="20")
+def bench_script(name: str, **settings: str) -> subprocess.CompletedProcess[str]:
+    """Runs bench/*name*.py with these environment settings; it must succeed."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **settings}
     done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "scale.py")],
+        [sys.executable, str(ROOT / "bench" / f"{name}.py")],
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_the_scale_bench(bench_binary: Path) -> None:
+    """`make bench-scale`, small: every peer held to the end, relays and joins served meanwhile."""
+    done = bench_script(
+        "scale",
+        PEERS="300",
+        WORKERS="2",
+        PROCESSES="2",
+        PAIRS="5",
+        DURATION="1",
+        SOURCE_IPS="2",
+        RATE="20",
+    )
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["joined"] == 300
     assert result["join_failed"] == 0
@@ -354,3 +367,26 @@ def test_the_scale_bench(bench_binary: Path) -> None:
         assert 0 < result[phase]["rtt_p50_us"] <= result[phase]["rtt_p99_us"]
     assert result["joins"]["joined"] == 1000
     assert "idle peers held on --workers 2" in done.stdout
+
+
+def test_the_cluster_bench(bench_binary: Path) -> None:
+    """`make bench-cluster`, small: every setup runs, and the CPU of the
+    servers and of Redis per relay and per join is reported."""
+    done = bench_script("cluster", ROUNDS="1", DURATION="1", WARMUP="0.5", RATE="20", JOINS="200")
+    folder = max((ROOT / "bench" / "results").glob("cluster-*"))
+    runs = [json.loads(line) for line in (folder / "runs.jsonl").read_text().splitlines()]
+    assert len(runs) == 8, runs
+    for run in runs:
+        through_redis = run["setup"] != "alone"
+        if run["mode"] == "joins":
+            assert run["joined"] == 200 and run["failed"] == 0, run
+            assert run["server_cpu_us_per_connection"] > 0, run
+            assert (run["redis_cpu_us_per_connection"] is not None) == through_redis, run
+        else:
+            assert run["errors_total"] == 0 and run["relays"] > 0, run
+            assert run["server_cpu_us_per_relay"] > 0, run
+            assert (run["redis_cpu_us_per_relay"] is not None) == through_redis, run
+    split = [r for r in runs if r["setup"] == "split" and r["mode"] == "paced"]
+    assert split[0]["redis_cpu_us_per_relay"] > 0, split
+    assert "cross-node relay costs" in done.stdout
+    assert "One Redis core carries about" in done.stdout

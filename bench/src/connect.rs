@@ -40,6 +40,10 @@ pub struct ConnectArgs {
     /// Server process whose memory and CPU (with its descendants) are measured.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// A Redis server whose CPU time while connecting is measured apart
+    /// (cluster mode: every join is a Redis call).
+    #[arg(long)]
+    redis_pid: Option<u32>,
     /// Seconds to keep every connection open after the measurement.
     #[arg(long, default_value_t = 0.0)]
     hold: f64,
@@ -400,6 +404,8 @@ struct Report {
     rss_per_connection_bytes: Option<f64>,
     server_cpu_s: Option<f64>,
     server_cpu_us_per_connection: Option<f64>,
+    redis_cpu_s: Option<f64>,
+    redis_cpu_us_per_connection: Option<f64>,
     client_cpu_s: f64,
     client_rss_kib: u64,
     client_nofile_limit: u64,
@@ -459,6 +465,11 @@ pub async fn run(args: ConnectArgs) -> Result<(), String> {
     };
     let rss_baseline = tree.as_ref().map(ProcessTree::rss_kib);
     let server_cpu0 = tree.as_ref().map(ProcessTree::cpu_seconds);
+    let redis = match args.redis_pid {
+        Some(pid) => Some(ProcessTree::discover(pid)?),
+        None => None,
+    };
+    let redis_cpu0 = redis.as_ref().map(ProcessTree::cpu_seconds);
     let client_cpu0 = own_cpu_seconds();
 
     let shared = Arc::new(Shared {
@@ -498,6 +509,9 @@ pub async fn run(args: ConnectArgs) -> Result<(), String> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let server_cpu1 = tree.as_ref().map(ProcessTree::cpu_seconds);
+    let redis_cpu = redis_cpu0
+        .zip(redis.as_ref().map(ProcessTree::cpu_seconds))
+        .map(|(a, b)| b - a);
     let client_cpu = own_cpu_seconds() - client_cpu0;
     let joined = shared.joined.load(Ordering::Acquire);
     let failed = shared.failed.load(Ordering::Acquire);
@@ -580,6 +594,10 @@ pub async fn run(args: ConnectArgs) -> Result<(), String> {
         server_cpu_us_per_connection: server_cpu
             .filter(|_| joined > 0)
             .map(|c| round(c * 1e6 / joined as f64, 1)),
+        redis_cpu_s: redis_cpu.map(|c| round(c, 3)),
+        redis_cpu_us_per_connection: redis_cpu
+            .filter(|_| joined > 0)
+            .map(|c| round(c * 1e6 / joined as f64, 1)),
         client_cpu_s: round(client_cpu, 3),
         client_rss_kib: client_rss,
         client_nofile_limit: nofile,
@@ -640,14 +658,18 @@ fn summary(r: &Report, first_failure: Option<&str>) -> Table {
              measure memory on a freshly started server",
         );
     }
-    if let Some(cpu) = r.server_cpu_s {
-        t.line(
-            "server cpu",
-            format!(
-                "{cpu:.2} s while connecting, {:.1} us/connection",
-                r.server_cpu_us_per_connection.unwrap_or(0.0)
-            ),
-        );
+    let cpus = [
+        ("server cpu", r.server_cpu_s, r.server_cpu_us_per_connection),
+        ("redis cpu", r.redis_cpu_s, r.redis_cpu_us_per_connection),
+    ];
+    for (label, cpu, per) in cpus {
+        if let Some(cpu) = cpu {
+            let per = per.unwrap_or(0.0);
+            t.line(
+                label,
+                format!("{cpu:.2} s while connecting, {per:.1} us/connection"),
+            );
+        }
     }
     t.line(
         "client",

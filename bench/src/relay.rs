@@ -505,6 +505,7 @@ struct Report {
     server_cpu_share: Option<f64>,
     server_cpu_us_per_relay: Option<f64>,
     redis_cpu_share: Option<f64>,
+    redis_cpu_us_per_relay: Option<f64>,
     client_cpu_s: f64,
     client_cpu_share: f64,
     client_cpu_us_per_relay: Option<f64>,
@@ -737,6 +738,7 @@ pub async fn run(args: RelayArgs) -> Result<(), String> {
         _ => None,
     };
     let client_cpu = client_cpu1 - client_cpu0;
+    let redis_cpu = redis_cpu0.zip(redis_cpu1).map(|(a, b)| b - a);
 
     let report = Report {
         scenario: "relay",
@@ -773,9 +775,8 @@ pub async fn run(args: RelayArgs) -> Result<(), String> {
         server_cpu_s: server_cpu.map(|c| round(c, 3)),
         server_cpu_share: server_cpu.map(|c| round(c / elapsed, 3)),
         server_cpu_us_per_relay: server_cpu.and_then(per_relay),
-        redis_cpu_share: redis_cpu0
-            .zip(redis_cpu1)
-            .map(|(a, b)| round((b - a) / elapsed, 3)),
+        redis_cpu_share: redis_cpu.map(|c| round(c / elapsed, 3)),
+        redis_cpu_us_per_relay: redis_cpu.and_then(per_relay),
         client_cpu_s: round(client_cpu, 3),
         client_cpu_share: round(client_cpu / elapsed, 3),
         client_cpu_us_per_relay: per_relay(client_cpu),
@@ -834,7 +835,14 @@ fn summary(r: &Report, first_disconnect: Option<&str>) -> Table {
         );
     }
     if let Some(share) = r.redis_cpu_share {
-        line("redis cpu", format!("{:.1}% of a core", share * 100.0));
+        line(
+            "redis cpu",
+            format!(
+                "{:.1}% of a core, {} us/relay",
+                share * 100.0,
+                fmt_us(r.redis_cpu_us_per_relay)
+            ),
+        );
     }
     line(
         "client cpu",

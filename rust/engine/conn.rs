@@ -41,8 +41,8 @@ pub(super) struct Conn<W> {
     pub(super) queue: Vec<u8>,
     pub(super) paused: bool,
     /// Bytes put in the outbox for it since the caller's last flush
-    /// (`flush.rs`).
-    pub(super) unflushed: usize,
+    /// (`flush.rs`); 32 bits keep the record in a smaller heap block.
+    pub(super) unflushed: u32,
     pub(super) ping_sent: Instant,
     pub(super) awaiting_pong: bool,
     /// The rate limit's bucket (`--rate-limit` only).

@@ -40,8 +40,10 @@ impl Flush {
         if c.unflushed == 0 && len > 0 {
             self.conns.push(conn);
         }
-        c.unflushed += len;
-        self.over |= c.unflushed > mark;
+        // Saturating: the count only has to tell that the mark is passed.
+        let len = u32::try_from(len).unwrap_or(u32::MAX);
+        c.unflushed = c.unflushed.saturating_add(len);
+        self.over |= c.unflushed as usize > mark;
     }
 
     /// Whether a join accepted at `accepted` is counted at the flush

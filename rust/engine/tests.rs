@@ -641,3 +641,12 @@ fn bytes_past_the_mark_ask_for_a_flush_and_joins_are_timed_to_it() {
     h.send(a, &offer);
     assert!(!h.engine.flush_now(), "the mark counts afresh");
 }
+
+/// Every idle peer has one record, boxed: 136 bytes fill a 144-byte heap
+/// block (glibc's chunks are the size plus 8, in steps of 16). A field more
+/// costs every peer 16 bytes (docs/performance.md, RSS per idle peer).
+#[test]
+fn a_connection_record_fits_its_heap_block() {
+    assert!(std::mem::size_of::<Conn<Box<u8>>>() <= 136);
+    assert_eq!(std::mem::size_of::<crate::wire::frame::FrameReader>(), 32);
+}

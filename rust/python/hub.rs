@@ -294,21 +294,18 @@ impl Hub {
         };
         let (conn, joined) = slf.get().run(py, |engine, out| {
             let (conn, joined) = engine.join(transport, request, now(), out);
-            (
-                conn,
-                joined.map(|j| (j.peer.as_str().to_owned(), j.resumed)),
-            )
+            (conn, joined.map(|j| (j.peer, j.resumed)))
         });
-        let (peer_id, resumed, refused) = match joined {
+        let (id, resumed, refusal) = match joined {
             Ok((peer, resumed)) => (Some(peer), resumed, None),
-            Err(refusal) => (None, false, Some(refusal.as_str())),
+            Err(refusal) => (None, false, Some(refusal)),
         };
         Peer {
             hub: slf.clone().unbind(),
             conn,
-            peer_id,
+            id,
             resumed,
-            refused,
+            refusal,
         }
     }
 
@@ -326,9 +323,9 @@ impl Hub {
         Ok(Peer {
             hub: slf.clone().unbind(),
             conn,
-            peer_id: None,
+            id: None,
             resumed: false,
-            refused: Some(refusal.as_str()),
+            refusal: Some(refusal),
         })
     }
 

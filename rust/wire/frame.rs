@@ -79,14 +79,6 @@ impl Fault {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-enum Assembling {
-    #[default]
-    Nothing,
-    Text,
-    Binary,
-}
-
 /// Buffers above this capacity are released once empty, so that an idle
 /// connection costs no more than its struct.
 const KEEP_CAPACITY: usize = 4096;
@@ -94,17 +86,26 @@ const KEEP_CAPACITY: usize = 4096;
 /// The receiving half of one connection's frame layer.
 ///
 /// Holds only what must survive between reads: the bytes of an incomplete
-/// frame and the payload of a fragmented message. Both are empty (and
-/// unallocated) for a connection whose frames arrive whole.
+/// frame and the fragmented message being assembled. Both are empty (and
+/// unallocated) for a connection whose frames arrive whole, and the reader
+/// is then 32 bytes: every idle peer has one.
 #[derive(Debug, Default)]
 pub struct FrameReader {
     partial: Vec<u8>,
+    fragments: Option<Box<Fragments>>,
+}
+
+/// A fragmented message so far (browsers do not fragment what they send;
+/// other clients seldom do).
+#[derive(Debug)]
+struct Fragments {
+    /// Binary messages are refused whole: their bytes are not kept.
+    binary: bool,
+    /// The text message's bytes.
     message: Vec<u8>,
-    /// Bytes of the fragmented message so far (binary ones are not kept).
+    /// Its bytes, kept or not.
     assembled: usize,
-    /// Frames of the fragmented message so far.
     frames: usize,
-    assembling: Assembling,
 }
 
 impl FrameReader {
@@ -207,15 +208,19 @@ impl FrameReader {
             }
             OpCode::Data(data) => {
                 let continuation = matches!(data, Data::Continue);
-                if continuation == (self.assembling == Assembling::Nothing) {
+                let (assembled, frames) = self
+                    .fragments
+                    .as_ref()
+                    .map_or((0, 0), |f| (f.assembled, f.frames));
+                if continuation != self.fragments.is_some() {
                     // A continuation with nothing to continue, or a new
                     // message while one is still being assembled.
                     return Err(Fault::Protocol);
                 }
-                if length.saturating_add(self.assembled as u64) > max_message as u64 {
+                if length.saturating_add(assembled as u64) > max_message as u64 {
                     return Err(Fault::TooBig);
                 }
-                if continuation && self.frames >= MAX_FRAMES_PER_MESSAGE {
+                if continuation && frames >= MAX_FRAMES_PER_MESSAGE {
                     return Err(Fault::TooManyFrames);
                 }
             }
@@ -248,44 +253,36 @@ impl FrameReader {
                 Ok(on_event(Event::Text(text)))
             }
             OpCode::Data(Data::Binary) if header.is_final => Ok(on_event(Event::Binary)),
-            OpCode::Data(Data::Text) => {
-                self.assembling = Assembling::Text;
-                self.assembled = payload.len();
-                self.frames = 1;
-                self.message.extend_from_slice(payload);
-                Ok(Flow::Continue)
-            }
-            OpCode::Data(Data::Binary) => {
-                // Binary messages are refused whole; their bytes are not kept.
-                self.assembling = Assembling::Binary;
-                self.assembled = payload.len();
-                self.frames = 1;
+            OpCode::Data(kind @ (Data::Text | Data::Binary)) => {
+                let binary = matches!(kind, Data::Binary);
+                self.fragments = Some(Box::new(Fragments {
+                    binary,
+                    message: if binary { Vec::new() } else { payload.to_vec() },
+                    assembled: payload.len(),
+                    frames: 1,
+                }));
                 Ok(Flow::Continue)
             }
             OpCode::Data(Data::Continue) => {
-                self.assembled += payload.len();
-                self.frames += 1;
-                if self.assembling == Assembling::Text {
-                    self.message.extend_from_slice(payload);
+                // check_header saw that a message is being assembled.
+                let Some(mut fragments) = self.fragments.take() else {
+                    return Err(Fault::Protocol);
+                };
+                fragments.assembled += payload.len();
+                fragments.frames += 1;
+                if !fragments.binary {
+                    fragments.message.extend_from_slice(payload);
                 }
                 if !header.is_final {
+                    self.fragments = Some(fragments);
                     return Ok(Flow::Continue);
                 }
-                self.assembled = 0;
-                let kind = mem::take(&mut self.assembling);
-                let message = mem::take(&mut self.message);
-                let flow = match kind {
-                    Assembling::Text => {
-                        let text = std::str::from_utf8(&message).map_err(|_| Fault::InvalidUtf8)?;
-                        on_event(Event::Text(text))
-                    }
-                    _ => on_event(Event::Binary),
-                };
-                if message.capacity() <= KEEP_CAPACITY {
-                    self.message = message;
-                    self.message.clear();
+                if fragments.binary {
+                    return Ok(on_event(Event::Binary));
                 }
-                Ok(flow)
+                let text =
+                    std::str::from_utf8(&fragments.message).map_err(|_| Fault::InvalidUtf8)?;
+                Ok(on_event(Event::Text(text)))
             }
         }
     }
