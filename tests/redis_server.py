@@ -11,14 +11,13 @@ from __future__ import annotations
 import contextlib
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-from testkit.processes import RedisProcess, free_port
+from testkit.processes import RedisProcess, wait_until
 
 
 class RedisServer(RedisProcess):
@@ -53,22 +52,19 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.stop()
 
 
-class SentinelServer:
+class SentinelServer(RedisServer):
     """One Redis Sentinel watching `master` as service `SERVICE`: it deems the
     master down after a second without an answer and fails over alone
-    (quorum 1). With a password, clients of the Sentinel must AUTH too."""
+    (quorum 1). With a password, clients of the Sentinel must AUTH too.
+    `client`, `running` and `stop` are a Redis server's."""
 
     SERVICE = "signaling"
 
     def __init__(
         self, executable: str, directory: Path, master: RedisServer, password: str | None = None
     ) -> None:
-        self.executable = executable
-        self.directory = directory
+        super().__init__(executable, directory, password=password)
         self.master = master
-        self.password = password
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -81,17 +77,7 @@ class SentinelServer:
             f"{self.master.db}{query}"
         )
 
-    def client(self) -> redis.Redis:
-        return redis.Redis(
-            host="127.0.0.1",
-            port=self.port,
-            password=self.password,
-            decode_responses=True,
-            socket_timeout=5,
-            socket_connect_timeout=5,
-        )
-
-    def start(self, replicas: int, timeout: float = 20.0) -> None:
+    def start(self, timeout: float = 20.0, replicas: int = 1) -> None:
         """Start it and wait until it knows ``replicas`` replicas in sync."""
         service = self.SERVICE
         lines = [
@@ -116,30 +102,27 @@ class SentinelServer:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.proc.poll() is None:
+
+        def synced() -> bool:
             with contextlib.suppress(redis.RedisError), self.client() as client:
-                known = client.sentinel_slaves(service)
-                synced = [r for r in known if not r["is_sdown"]]
-                if len(synced) >= replicas and all(r["master-link-status"] == "ok" for r in synced):
-                    return
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(
-            f"the Sentinel did not see {replicas} replicas within {timeout:g} s:\n"
-            + log.read_text(errors="replace")
-        )
+                known = [r for r in client.sentinel_slaves(service) if not r["is_sdown"]]
+                return len(known) >= replicas and all(
+                    r["master-link-status"] == "ok" for r in known
+                )
+            return False
+
+        if not wait_until(synced, self.running, timeout):
+            self.stop()
+            raise RuntimeError(
+                f"the Sentinel did not see {replicas} replicas within {timeout:g} s:\n"
+                + log.read_text(errors="replace")
+            )
 
     def master_port(self) -> int:
         """The port of the master the Sentinel names now."""
         with self.client() as client:
             _, port = client.sentinel_get_master_addr_by_name(self.SERVICE)
             return int(port)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @pytest.fixture
@@ -156,7 +139,7 @@ def sentinel_set(
     watcher = SentinelServer(executable, directory, master, password="sentinel-pw")
     try:
         replica.start_on_free_port()
-        watcher.start(replicas=1)
+        watcher.start()
         yield master, replica, watcher
     finally:
         watcher.stop()

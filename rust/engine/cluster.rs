@@ -105,7 +105,7 @@ struct Awaited {
 const TALLY_WAIT: Duration = Duration::from_secs(2);
 
 /// How long members missing from the resync snapshot of a Redis that lost
-/// its data stay doubted: their nodes try to reconnect at least every 2 s
+/// its data (or of a new master) stay doubted: their nodes try to reconnect at least every 2 s
 /// (the backoff's longest wait) and rewrite them at once. A node slower
 /// than that (a Sentinel that does not answer) has its members told as
 /// left, then joined again when it is back.

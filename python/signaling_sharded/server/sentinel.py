@@ -10,8 +10,9 @@ query: ``?sentinel_password=...`` (and ``sentinel_username=...``).
 A node asks the Sentinels in turn for the master's address; the first that
 answers goes to the front of the list, as the Sentinel client guidelines
 advise (https://redis.io/docs/latest/develop/reference/sentinel-clients/).
-It then connects there, and the cluster checks with ``ROLE`` that it found a
-master: a Sentinel's answer can lag a failover by a moment. While connected,
+It then connects there, and the cluster checks with ``HELLO`` (its
+``role``) that it found a master: a Sentinel's answer can lag a failover by
+a moment. While connected,
 the node listens to a Sentinel's ``+switch-master`` and moves at once when
 the master does. Without that, a node would stay on a demoted master until
 Sentinel reconfigures it, which it does only once the old master has said it
