@@ -1,7 +1,8 @@
 """A TCP proxy between a test's client and the server, for real network
-faults: reset every connection (RST both ways), or blackhole them (stop
+faults: reset every connection (RST both ways), blackhole them (stop
 forwarding but keep the sockets open, as a dead route does), both ways or
-in one direction only. It runs in a
+in one direction only, or inject bytes towards the clients (a server gone
+mad). It runs in a
 thread of its own, so blocking and asyncio tests alike can use it; the
 faults are carried out by that thread, between two reads.
 """
@@ -52,6 +53,10 @@ class Proxy:
                         sock.close()
                     peers.clear()
                     clients.clear()
+                elif command.startswith("inject:"):
+                    for sock in clients:
+                        with contextlib.suppress(OSError):
+                            sock.sendall(command[len("inject:") :].encode("latin-1"))
                 done.set()
             # A blackholed direction is not read: its bytes wait in the
             # kernel's buffers, and the sender's TCP sees a live connection.
@@ -96,6 +101,11 @@ class Proxy:
     def reset(self) -> None:
         """Reset every connection, both ways (SO_LINGER 0, then close)."""
         self._do("reset")
+
+    def inject(self, data: bytes) -> None:
+        """Send ``data`` to every client, between two forwarded reads, as if
+        the server had sent it."""
+        self._do("inject:" + data.decode("latin-1"))
 
     def blackhole(self, direction: str = "both") -> None:
         """Stop forwarding, keeping every socket open: "both" ways (both

@@ -22,7 +22,9 @@ from conftest import Server, topics_owned
 from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 from redis_server import RedisServer, SentinelServer, find_redis_server, redis_server  # noqa: F401
-from wsclient import Peer, Peers, http_get, run
+from wsclient import OP_TEXT, Peer, Peers, RawClient, encode_frame, http_get, run
+
+from testkit.proxy import Proxy
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -65,6 +67,18 @@ def start_cluster(
         nodes += list({record["node"] for record in records})
     assert len(nodes) == len(set(nodes)) == count * workers, f"node names not unique: {nodes}"
     return servers
+
+
+def behind_proxy(
+    start_server: StartServer, redis: RedisServer, proxy: Proxy
+) -> tuple[Server, Server]:
+    """Two servers of one worker on *redis*, the first reaching it through
+    *proxy*; each with its node ready."""
+    via_proxy = redis.url.replace(f":{redis.port}", f":{proxy.port}")
+    first = start_server("--workers", "1", "--redis", via_proxy)
+    first.wait_records("cluster ready", 1)
+    (second,) = start_cluster(start_server, redis, 1, workers=1)
+    return first, second
 
 
 async def converge(members: list[Peer], timeout: float) -> None:
@@ -280,6 +294,75 @@ def test_ten_senders_thousand_relays_each_to_a_remote_target_in_order(
             print(f"{senders_count * messages} relays across servers in {elapsed:.2f} s")
 
     run(scenario(), timeout=120)
+
+
+def test_a_burst_of_relays_to_one_node_is_one_publish(
+    redis_server: RedisServer,  # noqa: F811
+    start_server: StartServer,
+) -> None:
+    """What one read brings a node for another node goes through Redis as
+    one PUBLISH (an envelope), and arrives whole and in order."""
+    first, second = start_cluster(start_server, redis_server)
+    topic = "burst"
+    burst = 100
+    redis = redis_server.client()
+
+    def publishes() -> int:
+        stats = redis.info("commandstats").get("cmdstat_publish", {})
+        return int(stats.get("calls", 0)) if isinstance(stats, dict) else 0
+
+    async def scenario() -> None:
+        async with Peers() as peers:
+            target = await peers.join(second.url(topic))
+            sender, sender_id = RawClient.join(first.port, f"/ws/{topic}")
+            try:
+                await target.wait_until(lambda: sender_id in target.view, CONVERGE)
+                before = publishes()
+                frames = b"".join(
+                    encode_frame(
+                        OP_TEXT,
+                        json.dumps(
+                            {"type": "ice-candidate", "to": target.id, "payload": {"seq": n}}
+                        ).encode(),
+                    )
+                    for n in range(burst)
+                )
+                sender.send(frames)  # one write: the server reads it at once
+                received = [await target.recv(CONVERGE) for _ in range(burst)]
+                assert [m["payload"]["seq"] for m in received] == list(range(burst))
+                assert {m["from"] for m in received} == {sender_id}
+                made = publishes() - before
+                # One, unless the kernel split the write over several reads.
+                assert 1 <= made <= 10, f"{made} PUBLISH for {burst} relays"
+                await target.sync()
+            finally:
+                sender.sock.close()
+
+    run(scenario())
+
+
+def test_a_redis_that_answers_garbage_is_reconnected_to(
+    redis_server: RedisServer,  # noqa: F811
+    start_server: StartServer,
+) -> None:
+    """Bytes that are not RESP on the links to Redis (here from a proxy in
+    between) reset them; the node reconnects and relays cross again, and
+    nothing is logged as a bug."""
+    with Proxy(redis_server.port) as proxy:
+        first, second = behind_proxy(start_server, redis_server, proxy)
+
+        async def scenario() -> None:
+            async with Peers() as peers:
+                one, other = await across(peers, first, second, "garbage")
+                await expect_relay(one, other, "offer", {"sdp": "before"}, "before")
+                proxy.inject(b"%not resp\r\n")
+                await asyncio.to_thread(first.wait_records, "cluster lost", 1, CONVERGE)
+                await asyncio.to_thread(first.wait_records, "cluster ready", 2, CONVERGE)
+                await expect_relay(one, other, "offer", {"sdp": "after"}, "after")
+                await expect_relay(other, one, "answer", {"sdp": "back"}, "back")
+
+        run(scenario())
+    assert not [r for r in first.log_records() if "traceback" in r], first.log_records()
 
 
 # --- a server dies -------------------------------------------------------------

@@ -15,7 +15,7 @@ from conftest import Server
 from redis_server import RedisServer, redis_server  # noqa: F401
 from signaling_sharded.client import PeerUpdated, SignalingClient
 from test_auth import SECRET, token
-from test_cluster import CONVERGE, converge, start_cluster
+from test_cluster import CONVERGE, behind_proxy, converge, start_cluster
 from test_webhooks import SECRET as HOOK_SECRET
 from test_webhooks import kinds
 from webhook_receiver import Receiver
@@ -223,10 +223,7 @@ def test_an_update_lost_with_the_link_to_redis_reaches_the_cluster_after(
     the new metadata."""
     proxy = Proxy(redis_server.port)
     try:
-        via_proxy = redis_server.url.replace(f":{redis_server.port}", f":{proxy.port}")
-        first = start_server("--workers", "1", "--redis", via_proxy)
-        first.wait_records("cluster ready", 1)
-        (second,) = start_cluster(start_server, redis_server, 1, workers=1)
+        first, second = behind_proxy(start_server, redis_server, proxy)
 
         async def scenario() -> None:
             async with Peers() as peers:

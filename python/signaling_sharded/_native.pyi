@@ -17,6 +17,7 @@ __all__ = [
     "MoveOp",
     "Peer",
     "PublishOp",
+    "RedisProtocol",
     "Request",
     "RequestReader",
     "UpdateOp",
@@ -264,8 +265,40 @@ class Hub:
     def set_cluster_connected(self, connected: bool, lost: bool = True) -> None:
         """Cluster mode: whether this worker is linked to Redis (a metric);
         losing the link is counted unless ``lost`` is false (a shutdown)."""
-    def deliver(self, messages: list[bytes]) -> None:
-        """Cluster mode: messages from this node's inbox, in order."""
+    def attach_redis(
+        self,
+        transport: Any,
+        on_replies: Callable[[bytes, list[str]], object],
+        on_lost: Callable[[Exception | None], object],
+    ) -> RedisProtocol:
+        """Cluster mode: the hub publishes to Redis on ``transport`` (the
+        writer connection), whose protocol the caller sets to the one
+        returned. The server's own commands go through ``redis_write``;
+        their replies to ``on_replies(raw, errors)``: whole RESP, in order,
+        and the error texts Redis answered publishes with."""
+    def detach_redis(self) -> None:
+        """Cluster mode: the writer connection is gone; the relays it had not
+        written or seen answered are ``dropped`` to their senders."""
+    def redis_write(self, data: bytes, replies: int) -> bool:
+        """Cluster mode: writes ``data`` (commands with ``replies`` replies)
+        after what was published before; False if detached."""
+    def redis_busy(self) -> bool:
+        """Cluster mode: whether anything waits to be written to the writer
+        or answered on it."""
+    def redis_stalled(self) -> float:
+        """Cluster mode: seconds since the writer last made progress while
+        replies are awaited; 0.0 when none is."""
+    def inbox(
+        self,
+        transport: Any,
+        on_other: Callable[[bytes], object],
+        on_lost: Callable[[Exception | None], object],
+        server_kinds: bytes,
+    ) -> RedisProtocol:
+        """Cluster mode: the protocol of the inbox connection on ``transport``.
+        Messages go to the hub, except those whose first byte is in
+        ``server_kinds``: those and every other reply go to
+        ``on_other(reply)``, whole RESP, in order with the messages."""
     def asked(self, conn: int, reached: bool) -> None:
         """Cluster mode: whether the resume asked for connection ``conn``
         (``AskOp``) reached the session's node; if not, it starts afresh."""
@@ -326,6 +359,18 @@ class Peer:
     def data_received(self, data: bytes) -> None: ...
     def eof_received(self) -> bool: ...
     def connection_lost(self, _exc: BaseException | None = None) -> None: ...
+    def pause_writing(self) -> None: ...
+    def resume_writing(self) -> None: ...
+
+@final
+class RedisProtocol:
+    """The asyncio protocol of the cluster's writer (``Hub.attach_redis``)
+    or inbox (``Hub.inbox``) connection."""
+
+    def connection_made(self, _transport: Any) -> None: ...
+    def data_received(self, data: bytes) -> None: ...
+    def eof_received(self) -> bool: ...
+    def connection_lost(self, exc: BaseException | None = None) -> None: ...
     def pause_writing(self) -> None: ...
     def resume_writing(self) -> None: ...
 

@@ -599,6 +599,12 @@ impl<W> Engine<W> {
     /// Handles a message from this node's inbox: a relay or a frame for a
     /// local peer, or a presence event of a topic.
     pub fn deliver(&mut self, data: &[u8], now: Now, out: &mut Outbox) {
+        if data.first() == Some(&cluster::ENVELOPE) {
+            for message in cluster::envelope(data) {
+                self.deliver(message, now, out);
+            }
+            return;
+        }
         if self.deliver_migration(data, now, out) {
             return self.close_doomed(now.instant, out);
         }

@@ -34,6 +34,7 @@ mod limits;
 mod liveness;
 mod migrate;
 mod outbox;
+pub mod publish;
 mod relay;
 pub mod remote;
 mod resume;

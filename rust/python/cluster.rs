@@ -5,8 +5,8 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use crate::engine::cluster::ClusterOp;
-use crate::wire::cluster::publish_command;
 use crate::wire::reason::LeaveReason;
+use crate::wire::resp;
 
 /// Add local peer `peer` to `topic`; with `snapshot`, the hub waits for the
 /// topic's members (`Hub.snapshot`).
@@ -173,7 +173,12 @@ pub(super) fn to_python<'py>(
             message,
             relay,
         } => {
-            let (command, offset) = publish_command(channel_prefix, node, message);
+            let mut command = Vec::with_capacity(48 + channel_prefix.len() + message.len());
+            resp::push_publish(&mut command, channel_prefix, node, message.len(), |out| {
+                out.extend_from_slice(message);
+            });
+            // The command ends with the message and a CRLF.
+            let offset = command.len() - 2 - message.len();
             let op = PublishOp {
                 command: PyBytes::new(py, &command).unbind(),
                 relay_at: relay.then_some(offset),

@@ -24,11 +24,15 @@ use super::config::Settings;
 use super::metrics::MetricsTable;
 use super::now;
 use super::peer::Peer;
+use super::redis::{RedisProtocol, Role};
 use super::writes::{perform, Op, Pending};
+use crate::engine::cluster::ClusterOp;
+use crate::engine::publish::{Publisher, Replies};
 use crate::engine::{Engine, JoinRequest, MemberChange, Missing, Outbox, Refusal};
 use crate::metrics::{self as counters, cell, family, Table};
 use crate::wire::cluster::RemotePeer;
 use crate::wire::peer_id::PeerId;
+use crate::wire::resp::Malformed;
 
 pub(super) struct Core {
     pub(super) engine: Engine<Py<PyAny>>,
@@ -37,6 +41,26 @@ pub(super) struct Core {
     pending: Pending,
     /// Whether `pending` has a flush scheduled.
     flush_due: bool,
+    /// Cluster mode: the writes to Redis' writer connection, and its
+    /// transport while attached (`Hub.attach_redis`); each attachment has
+    /// the next generation.
+    publisher: Publisher,
+    redis: Option<Py<PyAny>>,
+    redis_generation: u64,
+}
+
+/// Bytes for Redis' writer connection, and its transport.
+type RedisWrite = Option<(Py<PyAny>, Vec<u8>)>;
+
+impl Core {
+    /// The writes for Redis waiting, if any (and attached).
+    fn take_redis(&mut self, py: Python<'_>) -> RedisWrite {
+        if !self.publisher.has_writes() {
+            return None;
+        }
+        let transport = self.redis.as_ref()?.clone_ref(py);
+        Some((transport, self.publisher.take(Instant::now())))
+    }
 }
 
 /// One worker's peers and topics.
@@ -85,37 +109,59 @@ impl Hub {
         let mut left = Vec::new();
         let mut sessions = Vec::new();
         let mut cluster_ops = None;
+        // Attached to Redis: the work after the first that is not a publish.
+        let mut later = Vec::new();
         let mut ops = Vec::new();
+        let mut redis_write = None;
         let mut schedule = None;
         // Whether the pending work was taken for an early flush.
         let mut flushed = false;
         let result = {
             let mut guard = self.lock();
+            let core = &mut *guard;
+            let result = step(&mut core.engine, &mut core.outbox);
             let Core {
                 engine,
                 outbox,
                 pending,
-                flush_due,
-            } = &mut *guard;
-            let result = step(engine, outbox);
+                publisher,
+                ..
+            } = core;
             engine.record_gauges();
             pending.gather(py, engine, outbox);
+            if core.redis.is_some() {
+                for op in outbox.cluster.drain(..) {
+                    match op {
+                        ClusterOp::Publish {
+                            node,
+                            message,
+                            relay,
+                        } if later.is_empty() => publisher.publish(&node, message, relay),
+                        op => later.push(op),
+                    }
+                }
+            }
             // (Bytes may have joined a buffer gathered by an earlier call.)
             match self.call_soon.get() {
-                _ if pending.is_empty() => {}
+                _ if pending.is_empty() && !publisher.has_writes() => {}
                 // A connection sent more than its transport's mark is
                 // written now, so that the transport can pause it.
                 Some(_) if engine.flush_now() => {
                     ops = pending.take(py, engine, outbox);
+                    redis_write = core.take_redis(py);
                     flushed = true;
                 }
-                Some(scheduler) if !*flush_due => {
-                    *flush_due = true;
+                Some(scheduler) if !core.flush_due => {
+                    core.flush_due = true;
                     schedule = Some(scheduler);
                 }
                 Some(_) => {}
-                None => ops = pending.take(py, engine, outbox),
+                None => {
+                    ops = pending.take(py, engine, outbox);
+                    redis_write = core.take_redis(py);
+                }
             }
+            let outbox = &mut core.outbox;
             if !outbox.is_empty() {
                 if self.on_joined.is_some() {
                     joined = member_events(&mut outbox.joined);
@@ -130,24 +176,16 @@ impl Hub {
                     (peer.as_str().to_owned(), topic.to_string(), event.as_str())
                 }));
                 if !outbox.cluster.is_empty() {
-                    let prefix = &self.channel_prefix;
-                    let list = outbox
-                        .cluster
-                        .iter()
-                        .map(|op| cluster::to_python(py, prefix, op));
-                    cluster_ops = Some(list.collect::<PyResult<Vec<_>>>());
+                    cluster_ops = Some(self.to_python(py, &outbox.cluster));
                 }
                 outbox.clear_events();
             }
             result
         };
-        if let Some((call_soon, flush)) = schedule {
-            if let Err(err) = call_soon.call1(py, (flush,)) {
-                // Not scheduled (the loop is closed): flush now.
-                err.write_unraisable(py, Some(call_soon.bind(py)));
-                self.flush(py);
-            }
+        if let Some(scheduler) = schedule {
+            self.schedule_flush(py, scheduler);
         }
+        write_redis(py, redis_write);
         self.perform(py, ops, flushed);
         call_each(py, self.on_joined.as_ref(), joined);
         call_each(py, self.on_updated.as_ref(), updated);
@@ -163,15 +201,145 @@ impl Hub {
                 }
             }
         }
-        if let (Some(ops), Some(on_cluster)) = (cluster_ops, &self.on_cluster) {
-            let called = ops
-                .and_then(|ops| PyList::new(py, ops))
-                .and_then(|list| on_cluster.call1(py, (list,)));
-            if let Err(err) = called {
-                err.write_unraisable(py, Some(on_cluster.bind(py)));
-            }
+        if let Some(ops) = cluster_ops {
+            self.call_on_cluster(py, ops);
+        }
+        if !later.is_empty() {
+            self.submit_later(py, later);
         }
         result
+    }
+
+    fn schedule_flush(&self, py: Python<'_>, (call_soon, flush): &(Py<PyAny>, Py<PyAny>)) {
+        if let Err(err) = call_soon.call1(py, (flush,)) {
+            // Not scheduled (the loop is closed): flush now.
+            err.write_unraisable(py, Some(call_soon.bind(py)));
+            self.flush(py);
+        }
+    }
+
+    fn call_on_cluster(&self, py: Python<'_>, ops: PyResult<Vec<Bound<'_, PyAny>>>) {
+        let Some(on_cluster) = &self.on_cluster else {
+            return;
+        };
+        let called = ops
+            .and_then(|ops| PyList::new(py, ops))
+            .and_then(|list| on_cluster.call1(py, (list,)));
+        if let Err(err) = called {
+            err.write_unraisable(py, Some(on_cluster.bind(py)));
+        }
+    }
+
+    /// The cluster work of a call that came after its first operation
+    /// that is not a publish, in order: the server encodes that one (it
+    /// writes it with `Hub.redis_write`), and the publishes after it wait
+    /// for it.
+    fn submit_later(&self, py: Python<'_>, ops: Vec<ClusterOp>) {
+        let is_publish = |op: &ClusterOp| matches!(op, ClusterOp::Publish { .. });
+        let mut ops = ops.into_iter().peekable();
+        while ops.peek().is_some() {
+            let mut server: Vec<ClusterOp> = Vec::new();
+            while let Some(op) = ops.next_if(|op| !is_publish(op)) {
+                server.push(op);
+            }
+            if !server.is_empty() {
+                self.call_on_cluster(py, self.to_python(py, &server));
+            }
+            let mut publishes: Vec<ClusterOp> = Vec::new();
+            while let Some(op) = ops.next_if(is_publish) {
+                publishes.push(op);
+            }
+            if publishes.is_empty() {
+                continue;
+            }
+            let mut core = self.lock();
+            if core.redis.is_none() {
+                // Detached meanwhile: the server refuses them.
+                drop(core);
+                self.call_on_cluster(py, self.to_python(py, &publishes));
+                continue;
+            }
+            for op in publishes {
+                if let ClusterOp::Publish {
+                    node,
+                    message,
+                    relay,
+                } = op
+                {
+                    core.publisher.publish(&node, message, relay);
+                }
+            }
+            self.redis_due(py, core);
+        }
+    }
+
+    fn to_python<'py>(
+        &self,
+        py: Python<'py>,
+        ops: &[ClusterOp],
+    ) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let prefix = &self.channel_prefix;
+        ops.iter()
+            .map(|op| cluster::to_python(py, prefix, op))
+            .collect()
+    }
+
+    /// After writes for Redis were added under `core`: they are written
+    /// at the flush, or now if writes are not deferred.
+    fn redis_due(&self, py: Python<'_>, mut core: MutexGuard<'_, Core>) {
+        match self.call_soon.get() {
+            Some(scheduler) if !core.flush_due => {
+                core.flush_due = true;
+                drop(core);
+                self.schedule_flush(py, scheduler);
+            }
+            Some(_) => {}
+            None => {
+                let write = core.take_redis(py);
+                drop(core);
+                write_redis(py, write);
+            }
+        }
+    }
+
+    /// The writer's bytes `data` of attachment `generation` read: what the
+    /// server must see of them; Malformed if they are not RESP or answer
+    /// nothing asked (the connection is then reset). Relays that reached
+    /// no one are told undeliverable here.
+    pub(super) fn writer_read(
+        &self,
+        py: Python<'_>,
+        generation: u64,
+        data: &[u8],
+    ) -> Result<Replies, Malformed> {
+        let replies = {
+            let mut core = self.lock();
+            if core.redis.is_none() || core.redis_generation != generation {
+                return Ok(Replies::default());
+            }
+            core.publisher.read(data, Instant::now())?
+        };
+        if !replies.unreachable.is_empty() {
+            self.run(py, |engine, out| {
+                for message in &replies.unreachable {
+                    engine.undeliverable(message, true, Instant::now(), out);
+                }
+            });
+        }
+        Ok(replies)
+    }
+
+    /// Messages from this node's inbox, in order.
+    pub(super) fn deliver_all(&self, py: Python<'_>, messages: &[&[u8]]) {
+        if messages.is_empty() {
+            return;
+        }
+        self.run(py, |engine, out| {
+            let now = now();
+            for message in messages {
+                engine.deliver(message, now, out);
+            }
+        });
     }
 
     /// Carries out socket work taken from `pending`; with deferred writes,
@@ -241,19 +409,23 @@ impl Hub {
             ));
         }
         let engine_config = config.engine_config(cluster_node)?;
+        let channel_prefix = format!("{}node:", config.redis_prefix).into_bytes();
         Ok(Self {
             core: Mutex::new(Core {
                 engine: Engine::with_metrics(engine_config, table.recorder(worker)),
                 outbox: Outbox::default(),
                 pending: Pending::default(),
                 flush_due: false,
+                publisher: Publisher::new(channel_prefix.clone()),
+                redis: None,
+                redis_generation: 0,
             }),
             on_left,
             on_joined,
             on_updated,
             on_session,
             on_cluster,
-            channel_prefix: format!("{}node:", config.redis_prefix).into_bytes(),
+            channel_prefix,
             call_soon: OnceLock::new(),
         })
     }
@@ -349,12 +521,14 @@ impl Hub {
 
     /// Carries out the socket work waiting since the last flush.
     fn flush(&self, py: Python<'_>) {
-        let ops = {
+        let (ops, redis) = {
             let mut guard = self.lock();
             let core = &mut *guard;
             core.flush_due = false;
-            core.pending.take(py, &core.engine, &mut core.outbox)
+            let ops = core.pending.take(py, &core.engine, &mut core.outbox);
+            (ops, core.take_redis(py))
         };
+        write_redis(py, redis);
         self.perform(py, ops, true);
     }
 
@@ -433,14 +607,101 @@ impl Hub {
             .set(cell(family::WEBHOOK_QUEUED, 0), queued);
     }
 
-    /// Cluster mode: messages from this node's inbox, in order.
-    fn deliver(&self, py: Python<'_>, messages: Vec<Bound<'_, PyBytes>>) {
-        self.run(py, |engine, out| {
-            let now = now();
-            for message in &messages {
-                engine.deliver(message.as_bytes(), now, out);
-            }
-        });
+    /// Cluster mode: from now on the publishes go to Redis on `transport`,
+    /// the writer connection, whose protocol the caller sets to the one
+    /// returned; the server writes its own commands with `redis_write`.
+    /// It gets their replies with `on_replies(raw, errors)`: the replies,
+    /// RESP, whole and in order, and the error texts Redis answered
+    /// publishes with. `on_lost(exc)` is the transport's `connection_lost`.
+    fn attach_redis(
+        slf: &Bound<'_, Self>,
+        transport: Py<PyAny>,
+        on_replies: Py<PyAny>,
+        on_lost: Py<PyAny>,
+    ) -> RedisProtocol {
+        let py = slf.py();
+        let generation = {
+            let mut core = slf.get().lock();
+            core.redis_generation += 1;
+            core.redis = Some(transport.clone_ref(py));
+            core.redis_generation
+        };
+        RedisProtocol {
+            hub: slf.clone().unbind(),
+            transport,
+            on_lost,
+            role: Role::Writer {
+                generation,
+                on_replies,
+            },
+        }
+    }
+
+    /// Cluster mode: the writer connection is gone. The relays it had not
+    /// written or seen answered are `dropped` to their senders; the work
+    /// after goes to `on_cluster` again.
+    fn detach_redis(&self, py: Python<'_>) {
+        let relays = {
+            let mut core = self.lock();
+            core.redis = None;
+            core.redis_generation += 1;
+            core.publisher.abandon()
+        };
+        if !relays.is_empty() {
+            self.run(py, |engine, out| {
+                for message in &relays {
+                    engine.undeliverable(message, false, Instant::now(), out);
+                }
+            });
+        }
+    }
+
+    /// Cluster mode: writes `data`, encoded commands with `replies` replies,
+    /// to the writer after what was published before; False if detached.
+    fn redis_write(&self, py: Python<'_>, data: Vec<u8>, replies: u32) -> bool {
+        let mut core = self.lock();
+        if core.redis.is_none() {
+            return false;
+        }
+        core.publisher.raw(data, replies);
+        self.redis_due(py, core);
+        true
+    }
+
+    /// Cluster mode: whether anything waits to be written to the writer or
+    /// answered on it.
+    fn redis_busy(&self) -> bool {
+        self.lock().publisher.busy()
+    }
+
+    /// Cluster mode: seconds since the writer last made progress while
+    /// replies are awaited; 0.0 when none is.
+    fn redis_stalled(&self) -> f64 {
+        self.lock().publisher.stalled(Instant::now())
+    }
+
+    /// Cluster mode: the protocol of the inbox connection on `transport`
+    /// (subscribed to this node's inbox), which the caller sets. Messages
+    /// go to the engine, except those whose first byte is in `server_kinds`:
+    /// those and every other reply go to `on_other(reply)`, RESP, whole, in
+    /// order with the messages. `on_lost(exc)` is its `connection_lost`.
+    fn inbox(
+        slf: &Bound<'_, Self>,
+        transport: Py<PyAny>,
+        on_other: Py<PyAny>,
+        on_lost: Py<PyAny>,
+        server_kinds: Vec<u8>,
+    ) -> RedisProtocol {
+        RedisProtocol {
+            hub: slf.clone().unbind(),
+            transport,
+            on_lost,
+            role: Role::Inbox {
+                on_other,
+                server_kinds,
+                partial: Default::default(),
+            },
+        }
     }
 
     /// Cluster mode: whether the resume asked for connection `conn`
@@ -653,5 +914,17 @@ fn missing(what: Missing) -> &'static str {
     match what {
         Missing::Topic => "topic",
         Missing::Peer => "peer",
+    }
+}
+
+/// Writes `write`'s bytes to its transport; what it raises is reported as
+/// unraisable.
+fn write_redis(py: Python<'_>, write: RedisWrite) {
+    let Some((transport, data)) = write else {
+        return;
+    };
+    let data = PyBytes::new(py, &data);
+    if let Err(err) = transport.call_method1(py, intern!(py, "write"), (data,)) {
+        err.write_unraisable(py, Some(transport.bind(py)));
     }
 }

@@ -8,6 +8,7 @@
 //! - [`request`]: `RequestReader`, the one reader of request heads;
 //! - [`metrics`]: `MetricsTable`, the table every process of a server maps;
 //! - [`cluster`]: the work for Redis, as typed operations;
+//! - [`redis`]: the protocols of the cluster's writer and inbox connections;
 //! - `testing` (feature `test-hooks`, off in released wheels): the frame
 //!   and message parsers, exposed for property tests.
 //!
@@ -27,6 +28,7 @@ mod config;
 mod hub;
 mod metrics;
 mod peer;
+mod redis;
 mod request;
 #[cfg(feature = "test-hooks")]
 mod testing;
@@ -65,6 +67,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<cluster::PublishOp>()?;
     m.add_class::<cluster::AskOp>()?;
     m.add_class::<cluster::MoveOp>()?;
+    m.add_class::<redis::RedisProtocol>()?;
     m.add_function(wrap_pyfunction!(topic_hash, m)?)?;
     m.add_function(wrap_pyfunction!(request::query_values, m)?)?;
     m.add_function(wrap_pyfunction!(topic_owner, m)?)?;

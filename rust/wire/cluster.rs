@@ -16,6 +16,9 @@
 //! - `T`: a node's answer to a `B`: the origin's number for it (u64), how
 //!   many local members missed it (u32 big-endian), then the answering
 //!   node's name;
+//! - `E`: several of the others for the same node, in order, each after
+//!   its length (u32 big-endian): what one event loop iteration of the
+//!   origin published to that node (`engine::publish`);
 //! - `{`: a presence event, JSON:
 //!   `{"topic":..,"v":..,"joined":[[peer,node,metadata|null],..],"left":[peer,..]}`,
 //!   with `"dead":true` when the peers left because their node died.
@@ -53,6 +56,7 @@ pub const RELAY: u8 = b'R';
 pub const DIRECT: u8 = b'D';
 pub const BROADCAST: u8 = b'B';
 pub const TALLY: u8 = b'T';
+pub const ENVELOPE: u8 = b'E';
 const ID: usize = ulid::ULID_LEN;
 
 /// A relay on its way to another node.
@@ -195,24 +199,30 @@ pub fn parse_direct(data: &[u8]) -> Option<(PeerId, &[u8])> {
     Some((peer_id(to)?, frame))
 }
 
-/// The Redis command `PUBLISH {channel_prefix}{node} {message}`, encoded
-/// (RESP), and the offset of `message` in it: the hot path of a relay to
-/// another node writes it to Redis as is.
-pub fn publish_command(channel_prefix: &[u8], node: &str, message: &[u8]) -> (Vec<u8>, usize) {
-    let channel_len = channel_prefix.len() + node.len();
-    let mut out = Vec::with_capacity(48 + channel_len + message.len());
-    out.extend_from_slice(b"*3\r\n$7\r\nPUBLISH\r\n$");
-    out.extend_from_slice(channel_len.to_string().as_bytes());
-    out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(channel_prefix);
-    out.extend_from_slice(node.as_bytes());
-    out.extend_from_slice(b"\r\n$");
-    out.extend_from_slice(message.len().to_string().as_bytes());
-    out.extend_from_slice(b"\r\n");
-    let offset = out.len();
-    out.extend_from_slice(message);
-    out.extend_from_slice(b"\r\n");
-    (out, offset)
+/// The length of the `E` message of `messages`.
+pub fn envelope_len<'a>(messages: impl IntoIterator<Item = &'a [u8]>) -> usize {
+    1 + messages.into_iter().map(|m| 4 + m.len()).sum::<usize>()
+}
+
+/// Writes an `E` message of `messages` (each shorter than 4 GiB).
+pub fn push_envelope<'a>(out: &mut Vec<u8>, messages: impl IntoIterator<Item = &'a [u8]>) {
+    out.push(ENVELOPE);
+    for message in messages {
+        out.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        out.extend_from_slice(message);
+    }
+}
+
+/// The messages of an `E` message, in order; a cut one ends them.
+pub fn envelope(data: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = data.strip_prefix(&[ENVELOPE]).unwrap_or_default();
+    std::iter::from_fn(move || {
+        let (len, after) = split(rest, 4)?;
+        let len = u32::from_be_bytes(len.try_into().ok()?) as usize;
+        let (message, after) = split(after, len)?;
+        rest = after;
+        Some(message)
+    })
 }
 
 fn split(data: &[u8], at: usize) -> Option<(&[u8], &[u8])> {
@@ -321,13 +331,15 @@ mod tests {
     }
 
     #[test]
-    fn publish_commands_are_resp() {
-        let (command, offset) = publish_command(b"p:node:", "n1", b"R\r\nx");
-        assert_eq!(
-            command,
-            b"*3\r\n$7\r\nPUBLISH\r\n$9\r\np:node:n1\r\n$4\r\nR\r\nx\r\n".to_vec()
-        );
-        assert_eq!(&command[offset..command.len() - 2], b"R\r\nx");
+    fn envelopes_round_trip() {
+        let messages: [&[u8]; 3] = [b"R1", b"", b"D12345"];
+        let mut out = Vec::new();
+        push_envelope(&mut out, messages);
+        assert_eq!(out.len(), envelope_len(messages));
+        assert_eq!(envelope(&out).collect::<Vec<_>>(), messages);
+        // A cut message ends it; what is not an envelope has none.
+        assert_eq!(envelope(&out[..out.len() - 1]).count(), 2);
+        assert_eq!(envelope(b"R1").count(), 0);
     }
 
     #[test]

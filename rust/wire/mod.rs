@@ -11,7 +11,8 @@
 //! - [`resume`]: resume tokens;
 //! - [`ice`]: the ICE servers and TURN credentials of `welcome`;
 //! - [`cluster`]: the messages nodes send each other through Redis;
-//! - [`migrate`]: those that move a resumable session between nodes.
+//! - [`migrate`]: those that move a resumable session between nodes;
+//! - [`resp`]: the Redis protocol of the cluster's hot connections.
 
 pub mod close;
 pub mod cluster;
@@ -22,4 +23,5 @@ pub mod migrate;
 pub mod peer_id;
 pub mod reason;
 pub mod request;
+pub mod resp;
 pub mod resume;

@@ -8,13 +8,18 @@ each change to the inboxes of the nodes that hold members of the topic; the
 Rust core keeps each topic's remote members and turns those events into
 ``peer-joined``/``peer-left`` for the local peers.
 
-The hub hands this module its work (``submit``): joins, leaves and
-publishes (the latter already encoded by the Rust core), in the order they
-must happen. They are written to Redis at once, on one connection, so Redis
-applies and delivers them in that order and per-pair FIFO holds. Replies
-come back to the hub: a join's snapshot, and relays that reached no
-subscriber (the target's node is gone: its sender gets
-``target_not_found``).
+The hub publishes to other nodes itself: the writer connection is its own
+once set up (``Hub.attach_redis``), and what one event loop iteration
+publishes to a node goes in one ``PUBLISH`` (see the Rust core's
+``engine/publish.rs``); a relay that reached no subscriber (the target's
+node is gone) gets its sender ``target_not_found``. The rest of the hub's
+work comes here (``submit``): joins, leaves, syncs, in the order it must
+happen; it is encoded here and written through the hub after what was
+published before, on the one connection, so Redis applies and delivers it
+all in that order and per-pair FIFO holds. Its replies come back here: a
+join's snapshot, a leave's change. The inbox connection is the hub's too
+(``Hub.inbox``): messages for peers reach the Rust core with no Python in
+between, the admin API's come here.
 
 The admin API (:meth:`Cluster.serve_admin`) answers for the cluster: the topic
 listing is read from Redis, and what concerns a topic's peers is asked of
@@ -22,8 +27,8 @@ the nodes that hold them, over the same inboxes (a message starting with
 ``?``), each answering after what it did reached Redis (``!``): after a
 kick is answered 204, the peer is gone from every listing.
 
-The writer and the inbox are raw connections (:class:`~.resp.Link`);
-redis-py serves the rest.
+The writer and the inbox are raw connections (:class:`~.resp.Link`) while
+they are set up; redis-py serves the rest.
 
 Failure handling:
 
@@ -206,13 +211,15 @@ class Cluster:
         self.closing = False
         #: time.monotonic() since Redis has been unreachable, or None.
         self.down_since: float | None = None
-        #: Work sent to Redis whose replies have not come back, in order.
+        #: Work sent to Redis whose replies have not come back, in order
+        #: (the publishes' replies are read by the hub).
         self.waiting: deque[Op] = deque()
-        #: Loop time of the writer's last reply, or of the send that
-        #: found nothing waiting.
-        self.progress = 0.0
         self.writer: Link | None = None
         self.subscriber: Link | None = None
+        #: The replies of `waiting` and the inbox's replies that are not
+        #: messages for the hub, as the hub hands them over (whole RESP).
+        self.replies = hiredis.Reader()
+        self.others = hiredis.Reader()
         self.control: aioredis.Redis | None = None
         #: Consecutive checks each remote node was found without a subscriber.
         self.silent: dict[str, int] = {}
@@ -230,11 +237,10 @@ class Cluster:
 
     def submit(self, ops: list[Op]) -> None:
         """Work from the hub, in order (called by the Rust core). It is
-        written to Redis at once: one connection, so Redis applies (and
-        delivers) it in this order."""
-        if self.up and self.writer is not None:
-            self.send(ops)
-        else:
+        written to Redis through the hub, after what the hub published
+        before: one connection, so Redis applies (and delivers) it in this
+        order."""
+        if not (self.up and self.writer is not None and self.send(ops)):
             # Not from inside the hub's call: answering may call it again.
             asyncio.get_running_loop().call_soon(self.refuse, ops)
 
@@ -253,12 +259,11 @@ class Cluster:
             else:
                 failed(hub, op)
 
-    def send(self, ops: list[Op]) -> None:
-        writer, hub = self.writer, self.hub
-        assert writer is not None and hub is not None
+    def send(self, ops: list[Op]) -> bool:
+        """Writes ``ops``; False if the hub holds no writer any more."""
+        hub = self.hub
+        assert hub is not None
         loop = asyncio.get_running_loop()
-        if not self.waiting:
-            self.progress = loop.time()
         ttl = ms(ENTRY_TTL)
         chunks = []
         for op in ops:
@@ -348,16 +353,22 @@ class Cluster:
                 )
             else:
                 chunks.append(command("PING"))
-            self.waiting.append(op)
-        writer.write(b"".join(chunks))
+        if not hub.redis_write(b"".join(chunks), len(ops)):
+            return False
+        self.waiting.extend(ops)
+        return True
 
-    def on_replies(self, replies: list[Any]) -> None:
-        """The writer's replies, in the order of `waiting`."""
+    def on_replies(self, raw: bytes, errors: list[str]) -> None:
+        """The writer's replies to `waiting` (``raw``, in order), and the
+        errors Redis answered the hub's publishes with."""
         hub = self.hub
         assert hub is not None
-        self.progress = asyncio.get_running_loop().time()
         resync = demoted = False
-        for reply in replies:
+        for error in errors:
+            demoted = demoted or error.startswith("READONLY")
+            log(logging.ERROR, "cluster command failed", op="PublishOp", error=error)
+        self.replies.feed(raw)
+        while (reply := self.replies.gets()) is not False:
             op = self.waiting.popleft()
             topic = wants_snapshot(op)
             if isinstance(reply, hiredis.ReplyError):
@@ -444,25 +455,16 @@ class Cluster:
             self.report(text(entry[0]), change, {}, reason)
         return removed
 
-    def on_inbox(self, replies: list[Any]) -> None:
-        """Messages published to this node, in order."""
-        hub = self.hub
-        assert hub is not None
-        messages: list[bytes] = []
-        for reply in replies:
-            if reply[0] == b"message":
-                data = reply[2]
-                if data[:1] in (ASKED, ANSWERED):
-                    if messages:
-                        hub.deliver(messages)
-                        messages = []
-                    self.on_admin(data)
-                else:
-                    messages.append(data)
+    def on_inbox(self, raw: bytes) -> None:
+        """A reply of the inbox connection that the hub does not take (it
+        takes the messages for peers), in order with those: the admin
+        API's messages, the subscription's confirmation."""
+        self.others.feed(raw)
+        while (reply := self.others.gets()) is not False:
+            if reply[0] == b"message" and reply[2][:1] in (ASKED, ANSWERED):
+                self.on_admin(reply[2])
             elif reply[0] == b"subscribe" and self.subscribed and not self.subscribed.done():
                 self.subscribed.set_result(None)
-        if messages:
-            hub.deliver(messages)
 
     # --- the admin API ------------------------------------------------------
 
@@ -590,7 +592,10 @@ class Cluster:
         await self.disconnect()
 
     async def drained(self) -> None:
-        while self.waiting and self.up:
+        """Until everything written to the writer (the hub's publishes, the
+        work from here) is answered."""
+        assert self.hub is not None
+        while self.up and self.hub.redis_busy():
             await asyncio.sleep(0.01)
 
     def key(self, kind: str, name: str) -> str:
@@ -631,6 +636,8 @@ class Cluster:
             delay = min(delay * 2, BACKOFF[1])
 
     async def connect(self) -> None:
+        hub = self.hub
+        assert hub is not None
         url = self.url
         if self.sentinels is not None:
             self.named = await self.sentinels.master()
@@ -643,7 +650,8 @@ class Cluster:
             health_check_interval=0,
         )
         self.redis = address_of(url)
-        self.writer = await Link.open(url, self.on_replies)
+        self.replies, self.others = hiredis.Reader(), hiredis.Reader()
+        self.writer = await Link.open(url, unasked)
         # HELLO, not ROLE: ROLE is @dangerous, which managed Redis users lack.
         (hello,) = await self.writer.call([command("HELLO")])
         fields = dict(zip(hello[::2], hello[1::2], strict=False))
@@ -672,17 +680,26 @@ class Cluster:
         self.master = self.named
         await self.control.set(self.key("alive", self.node), b"1", px=ms(ALIVE_TTL))
         self.subscribed = asyncio.get_running_loop().create_future()
-        self.subscriber = await Link.open(url, self.on_inbox, db=False)
+        self.subscriber = await Link.open(url, unasked, db=False)
+        # From here on uvloop calls into the hub with what the inbox reads.
+        lost = self.subscriber.connection_lost
+        self.subscriber.hand_over(
+            lambda transport: hub.inbox(transport, self.on_inbox, lost, ASKED + ANSWERED)
+        )
         self.subscriber.write(command("SUBSCRIBE", self.inbox))
         await asyncio.wait_for(self.subscribed, COMMAND_TIMEOUT)
 
     async def serve(self) -> None:
         """Subscribed and resynchronised, until a connection fails."""
-        assert self.writer is not None and self.subscriber is not None and self.hub is not None
+        writer, hub = self.writer, self.hub
+        assert writer is not None and self.subscriber is not None and hub is not None
+        # From here on the hub writes to it and reads its replies.
+        on_lost = writer.connection_lost
+        writer.hand_over(lambda transport: hub.attach_redis(transport, self.on_replies, on_lost))
         self.up = True
-        self.hub.set_cluster_connected(True)
+        hub.set_cluster_connected(True)
         self.resync(announce=True)
-        lost = [self.writer.lost, self.subscriber.lost]
+        lost = [writer.lost, self.subscriber.lost]
         tasks = [
             asyncio.ensure_future(self.every(HEARTBEAT, self.heartbeat)),
             asyncio.ensure_future(self.every(CHECK_EVERY, self.check_nodes)),
@@ -721,6 +738,7 @@ class Cluster:
         self.up = False
         assert self.hub is not None
         self.hub.set_cluster_connected(False, lost=not self.closing)
+        self.hub.detach_redis()
         pending, self.waiting = self.waiting, deque()
         self.refuse(pending)
 
@@ -774,8 +792,9 @@ class Cluster:
 
     async def watch(self) -> None:
         """Give up on a Redis that stopped answering the writer."""
-        stalled = asyncio.get_running_loop().time() - self.progress
-        if self.waiting and stalled > STALL:
+        assert self.hub is not None
+        stalled = self.hub.redis_stalled()
+        if stalled > STALL:
             raise RedisConnectionError(f"Redis has not answered for {stalled:.1f} s")
 
     async def check_nodes(self) -> None:
@@ -807,6 +826,11 @@ class Cluster:
             removed = self.report_reaped(reaped, NODE_LOST)
             await control.delete(self.key("alive", node))
             log(logging.WARNING, "cluster: reaped a dead node", node=node, peers=removed)
+
+
+def unasked(replies: list[Any]) -> None:
+    """Replies to a connection's setup come through `Link.call`; after it,
+    the hub's protocols take the connection over."""
 
 
 def failed(hub: Hub, op: Op) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import hiredis
 from redis.connection import parse_url
@@ -83,6 +83,13 @@ class Link(asyncio.Protocol):
             if isinstance(reply, hiredis.ReplyError):
                 raise RedisError(str(reply))
         return result
+
+    def hand_over(self, make: Callable[[asyncio.Transport], object]) -> None:
+        """From now on the protocol ``make(transport)`` reads the connection
+        (the Rust core's); this link still writes, closes, and learns of
+        its loss through ``connection_lost``, which that protocol calls."""
+        assert self.transport is not None
+        self.transport.set_protocol(cast(asyncio.BaseProtocol, make(self.transport)))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]

@@ -1,0 +1,344 @@
+//! Cluster mode: the writes to Redis' writer connection and the reading
+//! of its replies, sans-I/O.
+//!
+//! What the engine publishes to other nodes' inboxes ([`ClusterOp::Publish`])
+//! is gathered over an event loop iteration: each node's messages become
+//! one `PUBLISH` of an envelope (`wire::cluster`'s `E`), so a burst of
+//! relays to one node costs one command, one reply and one inbox message
+//! instead of one each. The other work for Redis is encoded by the server
+//! ([`Publisher::raw`]) and is a barrier: what was published before it is
+//! written before it, in order, so that (say) a peer's relays reach their
+//! node before the leave that follows them. Messages to different nodes
+//! may pass each other, as no node sees the others' inboxes.
+//!
+//! The writer's replies come back in the order of the commands; those of a
+//! raw command are handed back to the server as they came, those of a
+//! publish are read here: a relay that reached no subscriber is
+//! undeliverable.
+//!
+//! [`ClusterOp::Publish`]: super::outbox::ClusterOp::Publish
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use rustc_hash::FxHashMap;
+
+use crate::wire::cluster::{envelope_len, push_envelope};
+use crate::wire::resp::{self, Malformed};
+
+/// The writer's commands since the last [`Publisher::take`], and the
+/// replies it waits for.
+#[derive(Debug, Default)]
+pub struct Publisher {
+    channel_prefix: Vec<u8>,
+    items: Vec<Item>,
+    /// Each node's batch in `items` still open to more messages (until a
+    /// raw command).
+    open: FxHashMap<Arc<str>, usize>,
+    expected: VecDeque<Expected>,
+    /// The start of a reply not yet whole.
+    partial: Vec<u8>,
+    /// When a reply last came, or the first command was written that found
+    /// none waiting.
+    progress: Option<Instant>,
+}
+
+#[derive(Debug)]
+enum Item {
+    Batch {
+        node: Arc<str>,
+        /// Each message, and whether it is a relay.
+        messages: Vec<(Vec<u8>, bool)>,
+    },
+    Raw {
+        data: Vec<u8>,
+        replies: u32,
+    },
+}
+
+#[derive(Debug)]
+enum Expected {
+    /// A publish, with the relays it carries.
+    Publish { relays: Vec<Vec<u8>> },
+    /// This many replies of raw commands.
+    Raw(u32),
+}
+
+/// What a batch of the writer's replies asks of the caller.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Replies {
+    /// The replies of raw commands, in order, as they came.
+    pub raw: Vec<u8>,
+    /// The relays that reached no subscriber (their target's node is gone).
+    pub unreachable: Vec<Vec<u8>>,
+    /// The errors Redis answered publishes with.
+    pub errors: Vec<String>,
+}
+
+impl Publisher {
+    /// `channel_prefix`: what every node's inbox channel starts with.
+    pub fn new(channel_prefix: Vec<u8>) -> Self {
+        Self {
+            channel_prefix,
+            ..Self::default()
+        }
+    }
+
+    /// Publishes `message` to `node`'s inbox; a relay (`relay`) that reaches
+    /// no one comes back in [`Replies::unreachable`].
+    pub fn publish(&mut self, node: &Arc<str>, message: Vec<u8>, relay: bool) {
+        if let Some(&at) = self.open.get(node) {
+            if let Item::Batch { messages, .. } = &mut self.items[at] {
+                messages.push((message, relay));
+                return;
+            }
+        }
+        self.open.insert(Arc::clone(node), self.items.len());
+        self.items.push(Item::Batch {
+            node: Arc::clone(node),
+            messages: vec![(message, relay)],
+        });
+    }
+
+    /// Writes `data`, encoded commands whose `replies` replies go back to
+    /// the caller as they are; after everything published so far.
+    pub fn raw(&mut self, data: Vec<u8>, replies: u32) {
+        self.open.clear();
+        self.items.push(Item::Raw { data, replies });
+    }
+
+    /// Whether anything waits to be written.
+    pub fn has_writes(&self) -> bool {
+        !self.items.is_empty()
+    }
+
+    /// Whether anything waits to be written or answered.
+    pub fn busy(&self) -> bool {
+        !self.items.is_empty() || !self.expected.is_empty()
+    }
+
+    /// The bytes to write now: every command since the last call, in order.
+    pub fn take(&mut self, now: Instant) -> Vec<u8> {
+        if self.expected.is_empty() && !self.items.is_empty() {
+            self.progress = Some(now);
+        }
+        self.open.clear();
+        let mut out = Vec::new();
+        for item in self.items.drain(..) {
+            match item {
+                Item::Raw { data, replies } => {
+                    out.extend_from_slice(&data);
+                    if replies > 0 {
+                        self.expected.push_back(Expected::Raw(replies));
+                    }
+                }
+                Item::Batch { node, messages } => {
+                    let prefix = &self.channel_prefix;
+                    if let [(message, _)] = messages.as_slice() {
+                        resp::push_publish(&mut out, prefix, &node, message.len(), |o| {
+                            o.extend_from_slice(message);
+                        });
+                    } else {
+                        let each = || messages.iter().map(|(m, _)| m.as_slice());
+                        resp::push_publish(&mut out, prefix, &node, envelope_len(each()), |o| {
+                            push_envelope(o, each());
+                        });
+                    }
+                    let relays = messages
+                        .into_iter()
+                        .filter_map(|(message, relay)| relay.then_some(message))
+                        .collect();
+                    self.expected.push_back(Expected::Publish { relays });
+                }
+            }
+        }
+        out
+    }
+
+    /// Reads replies from `data` (the writer's bytes as they came).
+    pub fn read(&mut self, data: &[u8], now: Instant) -> Result<Replies, Malformed> {
+        let mut replies = Replies::default();
+        let joined;
+        let mut rest = if self.partial.is_empty() {
+            data
+        } else {
+            self.partial.extend_from_slice(data);
+            joined = std::mem::take(&mut self.partial);
+            joined.as_slice()
+        };
+        while let Some(len) = resp::reply_len(rest)? {
+            let (reply, after) = rest.split_at(len);
+            rest = after;
+            self.progress = Some(now);
+            match self.expected.front_mut() {
+                // Nothing was asked: not a reply to this writer.
+                None => return Err(Malformed),
+                Some(Expected::Raw(left)) => {
+                    replies.raw.extend_from_slice(reply);
+                    *left -= 1;
+                    if *left == 0 {
+                        self.expected.pop_front();
+                    }
+                }
+                Some(Expected::Publish { relays }) => {
+                    if let Some(text) = resp::error(reply) {
+                        replies.errors.push(text.to_owned());
+                    } else if resp::integer(reply) == Some(0) {
+                        replies.unreachable.append(relays);
+                    }
+                    self.expected.pop_front();
+                }
+            }
+        }
+        self.partial.extend_from_slice(rest);
+        Ok(replies)
+    }
+
+    /// Seconds since the writer last made progress while replies are
+    /// awaited; 0 when none is.
+    pub fn stalled(&self, now: Instant) -> f64 {
+        match self.progress {
+            Some(since) if !self.expected.is_empty() => {
+                now.saturating_duration_since(since).as_secs_f64()
+            }
+            _ => 0.0,
+        }
+    }
+
+    /// Forgets everything (the connection is lost): the relays that were
+    /// waiting to be written or answered, which did not arrive as far as
+    /// anyone knows.
+    pub fn abandon(&mut self) -> Vec<Vec<u8>> {
+        self.open.clear();
+        self.partial.clear();
+        self.progress = None;
+        let mut relays = Vec::new();
+        for expected in self.expected.drain(..) {
+            if let Expected::Publish { relays: mut some } = expected {
+                relays.append(&mut some);
+            }
+        }
+        for item in self.items.drain(..) {
+            if let Item::Batch { messages, .. } = item {
+                relays.extend(messages.into_iter().filter_map(|(m, r)| r.then_some(m)));
+            }
+        }
+        relays
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::wire::cluster::envelope;
+
+    fn node(name: &str) -> Arc<str> {
+        Arc::from(name)
+    }
+
+    /// The commands in `data`, as the payloads of their PUBLISHes (a raw
+    /// command as `raw:` and its bytes).
+    fn commands(mut data: &[u8]) -> Vec<(String, Vec<Vec<u8>>)> {
+        let mut out = Vec::new();
+        while let Some(len) = resp::reply_len(data).unwrap() {
+            let (command, rest) = data.split_at(len);
+            data = rest;
+            match resp::bulk_strings(command).as_deref() {
+                Some([b"PUBLISH", channel, payload]) => {
+                    let messages = if payload.first() == Some(&b'E') {
+                        envelope(payload).map(<[u8]>::to_vec).collect()
+                    } else {
+                        vec![payload.to_vec()]
+                    };
+                    out.push((String::from_utf8(channel.to_vec()).unwrap(), messages));
+                }
+                _ => out.push(("raw".into(), vec![command.to_vec()])),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn each_nodes_messages_go_in_one_publish_until_a_raw_command() {
+        let mut publisher = Publisher::new(b"p:node:".to_vec());
+        let (a, b) = (node("a"), node("b"));
+        publisher.publish(&a, b"R1".to_vec(), true);
+        publisher.publish(&b, b"R2".to_vec(), true);
+        publisher.publish(&a, b"D3".to_vec(), false);
+        publisher.raw(b"*1\r\n$4\r\nPING\r\n".to_vec(), 1);
+        publisher.publish(&a, b"R4".to_vec(), true);
+        assert!(publisher.has_writes());
+        let written = publisher.take(Instant::now());
+        assert!(!publisher.has_writes());
+        let m = |x: &[u8]| x.to_vec();
+        assert_eq!(
+            commands(&written),
+            vec![
+                ("p:node:a".into(), vec![m(b"R1"), m(b"D3")]),
+                ("p:node:b".into(), vec![m(b"R2")]),
+                ("raw".into(), vec![m(b"*1\r\n$4\r\nPING\r\n")]),
+                ("p:node:a".into(), vec![m(b"R4")]),
+            ]
+        );
+    }
+
+    #[test]
+    fn replies_go_to_their_commands_in_order() {
+        let now = Instant::now();
+        let mut publisher = Publisher::new(b"p:node:".to_vec());
+        let a = node("a");
+        publisher.publish(&a, b"R1".to_vec(), true);
+        publisher.publish(&a, b"D2".to_vec(), false);
+        publisher.raw(b"two commands".to_vec(), 2);
+        publisher.publish(&a, b"R3".to_vec(), true);
+        publisher.publish(&node("b"), b"R4".to_vec(), true);
+        publisher.take(now);
+        let data = b":0\r\n*2\r\n:1\r\n$1\r\nx\r\n+OK\r\n-READONLY no\r\n:1\r\n";
+        // Fed a byte at a time: replies cut anywhere are put together.
+        let mut all = Replies::default();
+        for byte in data {
+            let got = publisher.read(std::slice::from_ref(byte), now).unwrap();
+            all.raw.extend(got.raw);
+            all.unreachable.extend(got.unreachable);
+            all.errors.extend(got.errors);
+        }
+        assert_eq!(all.raw, b"*2\r\n:1\r\n$1\r\nx\r\n+OK\r\n".to_vec());
+        assert_eq!(all.unreachable, vec![b"R1".to_vec()]);
+        assert_eq!(all.errors, vec!["READONLY no".to_owned()]);
+        assert_eq!(publisher.stalled(now), 0.0);
+        assert!(!publisher.busy());
+        // A reply that nothing asked for is not this writer's.
+        assert_eq!(publisher.read(b":1\r\n", now), Err(Malformed));
+    }
+
+    #[test]
+    fn a_writer_that_stops_answering_is_stalled() {
+        let start = Instant::now();
+        let mut publisher = Publisher::new(b"p:node:".to_vec());
+        publisher.publish(&node("a"), b"R1".to_vec(), true);
+        assert_eq!(publisher.stalled(start + Duration::from_secs(9)), 0.0);
+        publisher.take(start);
+        assert_eq!(publisher.stalled(start + Duration::from_secs(3)), 3.0);
+        publisher
+            .read(b":1\r\n", start + Duration::from_secs(4))
+            .unwrap();
+        assert_eq!(publisher.stalled(start + Duration::from_secs(9)), 0.0);
+    }
+
+    #[test]
+    fn abandoned_relays_are_handed_back() {
+        let mut publisher = Publisher::new(b"p:node:".to_vec());
+        publisher.publish(&node("a"), b"R1".to_vec(), true);
+        publisher.publish(&node("a"), b"D2".to_vec(), false);
+        publisher.take(Instant::now());
+        assert!(publisher.busy() && !publisher.has_writes());
+        publisher.raw(b"x".to_vec(), 1);
+        publisher.publish(&node("b"), b"R3".to_vec(), true);
+        assert_eq!(publisher.abandon(), vec![b"R1".to_vec(), b"R3".to_vec()]);
+        assert!(!publisher.busy());
+        assert_eq!(publisher.read(b":0\r\n", Instant::now()), Err(Malformed));
+    }
+}

@@ -1,0 +1,182 @@
+//! The asyncio protocols of the cluster's two hot Redis connections, once
+//! the server has set them up (`Hub.attach_redis`, `Hub.inbox`): uvloop
+//! calls their `data_received` straight into Rust, so a relay between
+//! nodes runs no Python bytecode on either node.
+//!
+//! - the writer's ([`Role::Writer`]): the replies of publishes are read
+//!   here ([`crate::engine::publish`]); those of the server's own commands
+//!   go back to it whole, in order;
+//! - the inbox's ([`Role::Inbox`]), subscribed to this node's inbox:
+//!   messages go to the engine; the rest (the subscription's confirmation,
+//!   the admin API's messages, by their first byte) to the server, whole,
+//!   in order.
+
+use std::sync::Mutex;
+
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use super::hub::Hub;
+use crate::wire::resp;
+
+/// The protocol of the writer or the inbox connection, made by
+/// `Hub.attach_redis` or `Hub.inbox`.
+#[pyclass(frozen, module = "signaling_sharded._native")]
+pub struct RedisProtocol {
+    pub(super) hub: Py<Hub>,
+    pub(super) transport: Py<PyAny>,
+    /// The transport's `connection_lost`, passed on.
+    pub(super) on_lost: Py<PyAny>,
+    pub(super) role: Role,
+}
+
+pub(super) enum Role {
+    Writer {
+        /// Which attachment this is: replies that reach a detached one
+        /// are dropped.
+        generation: u64,
+        /// Called as `on_replies(raw, errors)`: the replies of the
+        /// server's commands (RESP, whole, in order) and the error texts
+        /// of publishes.
+        on_replies: Py<PyAny>,
+    },
+    Inbox {
+        /// Called with each reply (RESP, whole) that is not a message for
+        /// the engine, in order with the messages.
+        on_other: Py<PyAny>,
+        /// The first bytes of the messages that go to `on_other`.
+        server_kinds: Vec<u8>,
+        /// The start of a reply not yet whole.
+        partial: Mutex<Vec<u8>>,
+    },
+}
+
+#[pymethods]
+impl RedisProtocol {
+    fn connection_made(&self, _transport: &Bound<'_, PyAny>) {}
+
+    fn data_received(&self, py: Python<'_>, data: &[u8]) {
+        let read = match &self.role {
+            Role::Writer {
+                generation,
+                on_replies,
+            } => self.replies(py, *generation, on_replies, data),
+            Role::Inbox {
+                on_other,
+                server_kinds,
+                partial,
+            } => self.messages(py, on_other, server_kinds, partial, data),
+        };
+        if read.is_err() {
+            abort(py, &self.transport);
+        }
+    }
+
+    /// Returns false so that the transport closes itself.
+    fn eof_received(&self) -> bool {
+        false
+    }
+
+    #[pyo3(signature = (exc=None))]
+    fn connection_lost(&self, py: Python<'_>, exc: Option<Bound<'_, PyAny>>) {
+        if let Err(err) = self.on_lost.call1(py, (exc,)) {
+            err.write_unraisable(py, Some(self.on_lost.bind(py)));
+        }
+    }
+
+    fn pause_writing(&self) {}
+
+    fn resume_writing(&self) {}
+}
+
+impl RedisProtocol {
+    /// The writer's replies.
+    fn replies(
+        &self,
+        py: Python<'_>,
+        generation: u64,
+        on_replies: &Py<PyAny>,
+        data: &[u8],
+    ) -> Result<(), resp::Malformed> {
+        let replies = self.hub.get().writer_read(py, generation, data)?;
+        if replies.raw.is_empty() && replies.errors.is_empty() {
+            return Ok(());
+        }
+        let raw = PyBytes::new(py, &replies.raw);
+        if let Err(err) = on_replies.call1(py, (raw, replies.errors)) {
+            err.write_unraisable(py, Some(on_replies.bind(py)));
+        }
+        Ok(())
+    }
+
+    /// The inbox's messages and other replies.
+    fn messages(
+        &self,
+        py: Python<'_>,
+        on_other: &Py<PyAny>,
+        server_kinds: &[u8],
+        partial: &Mutex<Vec<u8>>,
+        data: &[u8],
+    ) -> Result<(), resp::Malformed> {
+        let mut kept = std::mem::take(&mut *lock(partial));
+        let joined;
+        let mut rest = if kept.is_empty() {
+            data
+        } else {
+            kept.extend_from_slice(data);
+            joined = std::mem::take(&mut kept);
+            joined.as_slice()
+        };
+        let hub = self.hub.get();
+        let mut messages: Vec<&[u8]> = Vec::new();
+        let mut read = Ok(());
+        loop {
+            let len = match resp::reply_len(rest) {
+                Ok(Some(len)) => len,
+                Ok(None) => break,
+                Err(malformed) => {
+                    read = Err(malformed);
+                    break;
+                }
+            };
+            let (reply, after) = rest.split_at(len);
+            rest = after;
+            match resp::bulk_strings(reply).as_deref() {
+                Some([b"message", _channel, data])
+                    if !data.first().is_some_and(|kind| server_kinds.contains(kind)) =>
+                {
+                    messages.push(data);
+                }
+                _ => {
+                    hub.deliver_all(py, &messages);
+                    messages.clear();
+                    let reply = PyBytes::new(py, reply);
+                    if let Err(err) = on_other.call1(py, (reply,)) {
+                        err.write_unraisable(py, Some(on_other.bind(py)));
+                    }
+                }
+            }
+        }
+        hub.deliver_all(py, &messages);
+        if read.is_ok() {
+            kept.extend_from_slice(rest);
+            *lock(partial) = kept;
+        }
+        read
+    }
+}
+
+fn lock(partial: &Mutex<Vec<u8>>) -> std::sync::MutexGuard<'_, Vec<u8>> {
+    partial
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A connection that sent what is not RESP (or replies nothing asked
+/// for) is reset: the server reconnects.
+fn abort(py: Python<'_>, transport: &Py<PyAny>) {
+    if let Err(err) = transport.call_method0(py, intern!(py, "abort")) {
+        err.write_unraisable(py, Some(transport.bind(py)));
+    }
+}

@@ -1,0 +1,221 @@
+//! RESP2, the Redis protocol, as far as the cluster's two hot connections
+//! need it: a reply's extent in a stream (to hand replies over whole), the
+//! integer a `PUBLISH` answers, the error text of a failed command, and
+//! the arrays of bulk strings that a subscription's messages are.
+//!
+//! <https://redis.io/docs/latest/develop/reference/protocol-spec/>
+
+/// What a connection sent that is not RESP2: the connection is unusable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Malformed;
+
+/// Arrays nested deeper than this are refused rather than followed (the
+/// cluster's replies nest two levels).
+const MAX_DEPTH: usize = 16;
+
+/// The length of the first whole reply at the start of `data`, or None
+/// while it is still incomplete.
+pub fn reply_len(data: &[u8]) -> Result<Option<usize>, Malformed> {
+    let mut at = 0;
+    // Elements still to read, one entry per array level being read.
+    let mut open: Vec<i64> = Vec::new();
+    loop {
+        let Some(end) = line_end(data, at) else {
+            return Ok(None);
+        };
+        let kind = *data.get(at).ok_or(Malformed)?;
+        let line = &data[at + 1..end];
+        at = end + 2;
+        match kind {
+            b'+' | b'-' | b':' => {}
+            b'$' => {
+                let len = number(line)?;
+                if len >= 0 {
+                    let len = usize::try_from(len).map_err(|_| Malformed)?;
+                    let body_end = at.checked_add(len).ok_or(Malformed)?;
+                    if data.len() < body_end + 2 {
+                        return Ok(None);
+                    }
+                    if &data[body_end..body_end + 2] != b"\r\n" {
+                        return Err(Malformed);
+                    }
+                    at = body_end + 2;
+                } else if len != -1 {
+                    return Err(Malformed);
+                }
+            }
+            b'*' => {
+                let len = number(line)?;
+                if len > 0 {
+                    if open.len() == MAX_DEPTH {
+                        return Err(Malformed);
+                    }
+                    // Counted as read once its elements are.
+                    open.push(len);
+                    continue;
+                } else if len < -1 {
+                    return Err(Malformed);
+                }
+            }
+            _ => return Err(Malformed),
+        }
+        // One element read: close the arrays it completes.
+        loop {
+            match open.last_mut() {
+                None => return Ok(Some(at)),
+                Some(left) => {
+                    *left -= 1;
+                    if *left > 0 {
+                        break;
+                    }
+                    open.pop();
+                }
+            }
+        }
+    }
+}
+
+/// The integer of a whole integer reply (`:3\r\n`).
+pub fn integer(reply: &[u8]) -> Option<i64> {
+    let line = reply.strip_prefix(b":")?.strip_suffix(b"\r\n")?;
+    number(line).ok()
+}
+
+/// The text of a whole error reply (`-READONLY ...\r\n`).
+pub fn error(reply: &[u8]) -> Option<&str> {
+    let line = reply.strip_prefix(b"-")?.strip_suffix(b"\r\n")?;
+    std::str::from_utf8(line).ok()
+}
+
+/// The elements of a whole reply that is an array of bulk strings (as a
+/// subscription's `message` is), or None if it is anything else.
+pub fn bulk_strings(reply: &[u8]) -> Option<Vec<&[u8]>> {
+    let end = line_end(reply, 0)?;
+    let count = usize::try_from(number(reply.strip_prefix(b"*")?.get(..end - 1)?).ok()?).ok()?;
+    let mut at = end + 2;
+    let mut items = Vec::with_capacity(count);
+    for _ in 0..count {
+        let end = line_end(reply, at)?;
+        let len = usize::try_from(number(reply[at..end].strip_prefix(b"$")?).ok()?).ok()?;
+        let start = end + 2;
+        items.push(reply.get(start..start + len)?);
+        at = start + len + 2;
+    }
+    (at == reply.len()).then_some(items)
+}
+
+/// Writes `PUBLISH {channel_prefix}{node} <payload>`, the payload
+/// `payload_len` bytes long and written by `payload`.
+pub fn push_publish(
+    out: &mut Vec<u8>,
+    channel_prefix: &[u8],
+    node: &str,
+    payload_len: usize,
+    payload: impl FnOnce(&mut Vec<u8>),
+) {
+    out.extend_from_slice(b"*3\r\n$7\r\nPUBLISH\r\n$");
+    push_number(out, channel_prefix.len() + node.len());
+    out.extend_from_slice(channel_prefix);
+    out.extend_from_slice(node.as_bytes());
+    out.extend_from_slice(b"\r\n$");
+    push_number(out, payload_len);
+    let start = out.len();
+    payload(out);
+    debug_assert_eq!(out.len() - start, payload_len, "the payload's length");
+    out.extend_from_slice(b"\r\n");
+}
+
+fn push_number(out: &mut Vec<u8>, n: usize) {
+    use std::io::Write;
+    // Writing to a Vec cannot fail.
+    let _ = write!(out, "{n}\r\n");
+}
+
+/// Where the line starting at `from` ends (its CR).
+fn line_end(data: &[u8], from: usize) -> Option<usize> {
+    let rest = data.get(from..)?;
+    rest.windows(2).position(|w| w == b"\r\n").map(|i| from + i)
+}
+
+fn number(line: &[u8]) -> Result<i64, Malformed> {
+    std::str::from_utf8(line)
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .ok_or(Malformed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whole_replies_are_found_in_a_stream() {
+        let replies: [&[u8]; 8] = [
+            b":0\r\n",
+            b"+OK\r\n",
+            b"-READONLY You can't write against a read only replica.\r\n",
+            b"$-1\r\n",
+            b"$5\r\nR\r\nxy\r\n",
+            b"*-1\r\n",
+            b"*0\r\n",
+            b"*3\r\n:1\r\n*2\r\n$1\r\na\r\n*0\r\n$2\r\nbc\r\n",
+        ];
+        for reply in replies {
+            assert_eq!(reply_len(reply), Ok(Some(reply.len())), "{reply:?}");
+            let mut two = reply.to_vec();
+            two.extend_from_slice(b":7\r\n");
+            assert_eq!(reply_len(&two), Ok(Some(reply.len())), "{reply:?}");
+            for cut in 0..reply.len() {
+                assert_eq!(reply_len(&reply[..cut]), Ok(None), "{reply:?} cut at {cut}");
+            }
+        }
+    }
+
+    #[test]
+    fn what_is_not_resp_is_malformed() {
+        for data in [
+            &b"?x\r\n"[..],
+            b"$x\r\n",
+            b"$-2\r\n",
+            b"*-2\r\n",
+            b"$1\r\nabc\r\n",
+            b"%1\r\n",
+        ] {
+            assert_eq!(reply_len(data), Err(Malformed), "{data:?}");
+        }
+        let deep = b"*1\r\n".repeat(MAX_DEPTH + 1);
+        assert_eq!(reply_len(&deep), Err(Malformed));
+        assert_eq!(reply_len(&b"*1\r\n".repeat(MAX_DEPTH)), Ok(None));
+    }
+
+    #[test]
+    fn integers_errors_and_messages_are_read() {
+        assert_eq!(integer(b":12\r\n"), Some(12));
+        assert_eq!(integer(b"+12\r\n"), None);
+        assert_eq!(error(b"-ERR no\r\n"), Some("ERR no"));
+        assert_eq!(error(b":1\r\n"), None);
+        let message = b"*3\r\n$7\r\nmessage\r\n$4\r\np:n1\r\n$5\r\nR\r\nxy\r\n";
+        assert_eq!(
+            bulk_strings(message),
+            Some(vec![&b"message"[..], b"p:n1", b"R\r\nxy"])
+        );
+        assert_eq!(
+            bulk_strings(b"*3\r\n$9\r\nsubscribe\r\n$4\r\np:n1\r\n:1\r\n"),
+            None
+        );
+        assert_eq!(bulk_strings(b"*1\r\n$1\r\nab\r\n"), None);
+    }
+
+    #[test]
+    fn publish_commands_are_resp() {
+        let mut out = Vec::new();
+        push_publish(&mut out, b"p:node:", "n1", 4, |o| {
+            o.extend_from_slice(b"R\r\nx")
+        });
+        assert_eq!(
+            out,
+            b"*3\r\n$7\r\nPUBLISH\r\n$9\r\np:node:n1\r\n$4\r\nR\r\nx\r\n".to_vec()
+        );
+        assert_eq!(reply_len(&out), Ok(Some(out.len())));
+    }
+}
