@@ -191,6 +191,7 @@ class Hub:
         seen: int | None = None,
         waited: float = 0.0,
         metadata_locked: bool = False,
+        head: bytes = ...,
     ) -> Peer:
         """Add the upgraded connection on ``transport`` to ``topic``.
 
@@ -204,13 +205,15 @@ class Hub:
         can (``Peer.resumed``), else it is a new peer. ``waited``: seconds
         since the connection was accepted (the join latency histogram counts
         from there). ``metadata_locked``: its token fixed the metadata, so
-        ``update-metadata`` is ``forbidden``.
+        ``update-metadata`` is ``forbidden``. ``head`` (the 101 response) is
+        written first, in the same write as ``welcome``.
         """
-    def refuse(self, transport: Any, reason: str) -> Peer:
+    def refuse(self, transport: Any, reason: str, *, head: bytes = ...) -> Peer:
         """Refuse the upgraded connection on ``transport`` with ``reason``
         (``"unauthorized"``, ``"invalid_topic"``, ``"invalid_metadata"``,
-        ``"topic_full"``, ``"server_full"``): the ``error``, then the close
-        code. An unknown reason raises ValueError."""
+        ``"topic_full"``, ``"server_full"``): ``head`` (the 101 response),
+        the ``error``, then the close code. An unknown reason raises
+        ValueError."""
     def defer_writes(
         self, call_soon: Callable[[Callable[[], object]], object], high_water: int
     ) -> None:

@@ -600,7 +600,9 @@ impl<W> Engine<W> {
     /// local peer, or a presence event of a topic.
     pub fn deliver(&mut self, data: &[u8], now: Now, out: &mut Outbox) {
         if data.first() == Some(&cluster::ENVELOPE) {
-            for message in cluster::envelope(data) {
+            // One level: no node puts an envelope in an envelope.
+            let messages = cluster::envelope(data);
+            for message in messages.filter(|m| m.first() != Some(&cluster::ENVELOPE)) {
                 self.deliver(message, now, out);
             }
             return;

@@ -582,6 +582,39 @@ fn relay_from_another_node_reaches_its_target_byte_for_byte() {
 }
 
 #[test]
+fn an_envelope_is_its_messages_in_order_one_level_deep() {
+    let mut n = Node::new();
+    let r = rid(1);
+    let (a, a_id) = n.first("room", 10, &[(r, "n2", None)]);
+    let frames: Vec<Vec<u8>> = (0..3)
+        .map(|i| server_frame(&format!(r#"{{"n":{i}}}"#)))
+        .collect();
+    let messages: Vec<Vec<u8>> = frames
+        .iter()
+        .map(|frame| {
+            let mut message = Vec::new();
+            cluster::push_direct(&mut message, &a_id, |buf| buf.extend_from_slice(frame));
+            message
+        })
+        .collect();
+    // An envelope inside one is no node's: it is dropped, not followed.
+    let mut inner = Vec::new();
+    cluster::push_envelope(&mut inner, [messages[2].as_slice()]);
+    let mut envelope = Vec::new();
+    let parts = [
+        messages[0].as_slice(),
+        inner.as_slice(),
+        messages[1].as_slice(),
+    ];
+    cluster::push_envelope(&mut envelope, parts);
+    n.deliver(&envelope);
+    assert_eq!(
+        bytes_to(&n.out, a),
+        [&frames[0][..], &frames[1][..]].concat()
+    );
+}
+
+#[test]
 fn relay_for_an_unknown_local_peer_bounces_to_its_origin() {
     let mut n = Node::new();
     let r = rid(1);

@@ -105,6 +105,9 @@ pub struct JoinRequest<'a> {
     /// When the connection was accepted (the join latency counts from
     /// there); `None`: now.
     pub accepted: Option<Instant>,
+    /// Written to the connection before anything else, in the same write:
+    /// the HTTP response that upgraded it.
+    pub head: &'a [u8],
 }
 
 /// A connection about to enter a topic: its peer id and metadata, and when
@@ -196,12 +199,17 @@ impl<W> Engine<W> {
         self.registry.topic_count()
     }
 
-    fn add_conn(&mut self, transport: W, now: Instant) -> u64 {
+    /// A new connection, sent `head` first.
+    fn add_conn(&mut self, transport: W, head: &[u8], now: Instant, out: &mut Outbox) -> u64 {
         let conn = self.next_conn;
         self.next_conn += 1;
         let burst = self.config.rate_limit.map(|limit| limit.burst);
         self.conns
             .insert(conn, Box::new(Conn::new(transport, burst, now)));
+        if !head.is_empty() {
+            out.private(conn).extend_from_slice(head);
+            out.heads.push((conn, head.len() as u64));
+        }
         conn
     }
 
@@ -218,7 +226,7 @@ impl<W> Engine<W> {
         now: Now,
         out: &mut Outbox,
     ) -> (u64, Result<Joined, Refusal>) {
-        let conn = self.add_conn(transport, now.instant);
+        let conn = self.add_conn(transport, request.head, now.instant, out);
         if request.metadata_locked {
             let c = self.conns.get_mut(&conn).expect("just added");
             c.metadata_locked = true;
@@ -340,10 +348,11 @@ impl<W> Engine<W> {
         &mut self,
         transport: W,
         refusal: Refusal,
+        head: &[u8],
         now: Instant,
         out: &mut Outbox,
     ) -> u64 {
-        let conn = self.add_conn(transport, now);
+        let conn = self.add_conn(transport, head, now, out);
         self.close(conn, Closing::refusal(refusal), now, out);
         conn
     }

@@ -118,6 +118,10 @@ pub struct Outbox {
     /// The buffer each connection is still appending to: written only to
     /// that connection and its last action, so later bytes can join it.
     open: FxHashMap<u64, usize>,
+    /// The bytes in `bufs` that are not WebSocket bytes (the HTTP
+    /// responses of upgrades), by connection: the sent-bytes counter
+    /// leaves them out.
+    pub heads: Vec<(u64, u64)>,
 }
 
 impl Outbox {
@@ -134,6 +138,7 @@ impl Outbox {
         self.bufs.clear();
         self.actions.clear();
         self.open.clear();
+        self.heads.clear();
     }
 
     /// Forgets everything but the socket work.

@@ -65,15 +65,47 @@ enum Expected {
     Raw(u32),
 }
 
-/// What a batch of the writer's replies asks of the caller.
+/// What the writer's replies ask of the caller, in the order they came.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// Replies of raw commands, whole, as they came.
+    Raw(Vec<u8>),
+    /// Relays that reached no subscriber (their target's node is gone).
+    Unreachable(Vec<Vec<u8>>),
+    /// A publish that Redis answered with an error (its text): its relays
+    /// did not arrive, as far as anyone knows.
+    Failed(String, Vec<Vec<u8>>),
+}
+
+/// The replies read from one batch of bytes.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Replies {
-    /// The replies of raw commands, in order, as they came.
-    pub raw: Vec<u8>,
-    /// The relays that reached no subscriber (their target's node is gone).
-    pub unreachable: Vec<Vec<u8>>,
-    /// The errors Redis answered publishes with.
-    pub errors: Vec<String>,
+    pub replies: Vec<Reply>,
+    /// What followed them was not RESP, or answered nothing asked: the
+    /// connection is unusable (what came before still counts).
+    pub malformed: bool,
+}
+
+impl Replies {
+    fn raw(&mut self, reply: &[u8]) {
+        if let Some(Reply::Raw(raw)) = self.replies.last_mut() {
+            raw.extend_from_slice(reply);
+        } else {
+            self.replies.push(Reply::Raw(reply.to_vec()));
+        }
+    }
+
+    fn unreachable(&mut self, relays: &mut Vec<Vec<u8>>) {
+        if relays.is_empty() {
+            return;
+        }
+        if let Some(Reply::Unreachable(some)) = self.replies.last_mut() {
+            some.append(relays);
+        } else {
+            self.replies
+                .push(Reply::Unreachable(std::mem::take(relays)));
+        }
+    }
 }
 
 impl Publisher {
@@ -157,7 +189,7 @@ impl Publisher {
     }
 
     /// Reads replies from `data` (the writer's bytes as they came).
-    pub fn read(&mut self, data: &[u8], now: Instant) -> Result<Replies, Malformed> {
+    pub fn read(&mut self, data: &[u8], now: Instant) -> Replies {
         let mut replies = Replies::default();
         let joined;
         let mut rest = if self.partial.is_empty() {
@@ -167,15 +199,26 @@ impl Publisher {
             joined = std::mem::take(&mut self.partial);
             joined.as_slice()
         };
-        while let Some(len) = resp::reply_len(rest)? {
+        loop {
+            let len = match resp::reply_len(rest) {
+                Ok(Some(len)) => len,
+                Ok(None) => break,
+                Err(Malformed) => {
+                    replies.malformed = true;
+                    return replies;
+                }
+            };
             let (reply, after) = rest.split_at(len);
             rest = after;
             self.progress = Some(now);
             match self.expected.front_mut() {
                 // Nothing was asked: not a reply to this writer.
-                None => return Err(Malformed),
+                None => {
+                    replies.malformed = true;
+                    return replies;
+                }
                 Some(Expected::Raw(left)) => {
-                    replies.raw.extend_from_slice(reply);
+                    replies.raw(reply);
                     *left -= 1;
                     if *left == 0 {
                         self.expected.pop_front();
@@ -183,16 +226,17 @@ impl Publisher {
                 }
                 Some(Expected::Publish { relays }) => {
                     if let Some(text) = resp::error(reply) {
-                        replies.errors.push(text.to_owned());
+                        let relays = std::mem::take(relays);
+                        replies.replies.push(Reply::Failed(text.to_owned(), relays));
                     } else if resp::integer(reply) == Some(0) {
-                        replies.unreachable.append(relays);
+                        replies.unreachable(relays);
                     }
                     self.expected.pop_front();
                 }
             }
         }
         self.partial.extend_from_slice(rest);
-        Ok(replies)
+        replies
     }
 
     /// Seconds since the writer last made progress while replies are
@@ -296,22 +340,49 @@ mod tests {
         publisher.publish(&a, b"R3".to_vec(), true);
         publisher.publish(&node("b"), b"R4".to_vec(), true);
         publisher.take(now);
-        let data = b":0\r\n*2\r\n:1\r\n$1\r\nx\r\n+OK\r\n-READONLY no\r\n:1\r\n";
+        let data = b":0\r\n*2\r\n:1\r\n$1\r\nx\r\n+OK\r\n-ERR no\r\n:1\r\n";
         // Fed a byte at a time: replies cut anywhere are put together.
-        let mut all = Replies::default();
+        let mut all = Vec::new();
         for byte in data {
-            let got = publisher.read(std::slice::from_ref(byte), now).unwrap();
-            all.raw.extend(got.raw);
-            all.unreachable.extend(got.unreachable);
-            all.errors.extend(got.errors);
+            let got = publisher.read(std::slice::from_ref(byte), now);
+            assert!(!got.malformed);
+            all.extend(got.replies);
         }
-        assert_eq!(all.raw, b"*2\r\n:1\r\n$1\r\nx\r\n+OK\r\n".to_vec());
-        assert_eq!(all.unreachable, vec![b"R1".to_vec()]);
-        assert_eq!(all.errors, vec!["READONLY no".to_owned()]);
+        let m = |x: &[u8]| x.to_vec();
+        assert_eq!(
+            all,
+            vec![
+                Reply::Unreachable(vec![m(b"R1")]),
+                Reply::Raw(m(b"*2\r\n:1\r\n$1\r\nx\r\n")),
+                Reply::Raw(m(b"+OK\r\n")),
+                Reply::Failed("ERR no".into(), vec![m(b"R3")]),
+            ]
+        );
         assert_eq!(publisher.stalled(now), 0.0);
         assert!(!publisher.busy());
         // A reply that nothing asked for is not this writer's.
-        assert_eq!(publisher.read(b":1\r\n", now), Err(Malformed));
+        assert!(publisher.read(b":1\r\n", now).malformed);
+    }
+
+    #[test]
+    fn what_came_before_bytes_that_are_not_resp_counts() {
+        let now = Instant::now();
+        let mut publisher = Publisher::new(b"p:node:".to_vec());
+        publisher.publish(&node("a"), b"R1".to_vec(), true);
+        publisher.raw(b"x".to_vec(), 1);
+        publisher.publish(&node("b"), b"R2".to_vec(), true);
+        publisher.take(now);
+        let got = publisher.read(b":0\r\n+OK\r\n%1\r\n", now);
+        assert!(got.malformed);
+        assert_eq!(
+            got.replies,
+            vec![
+                Reply::Unreachable(vec![b"R1".to_vec()]),
+                Reply::Raw(b"+OK\r\n".to_vec())
+            ]
+        );
+        // The relay still waiting is handed back with the connection.
+        assert_eq!(publisher.abandon(), vec![b"R2".to_vec()]);
     }
 
     #[test]
@@ -322,9 +393,7 @@ mod tests {
         assert_eq!(publisher.stalled(start + Duration::from_secs(9)), 0.0);
         publisher.take(start);
         assert_eq!(publisher.stalled(start + Duration::from_secs(3)), 3.0);
-        publisher
-            .read(b":1\r\n", start + Duration::from_secs(4))
-            .unwrap();
+        publisher.read(b":1\r\n", start + Duration::from_secs(4));
         assert_eq!(publisher.stalled(start + Duration::from_secs(9)), 0.0);
     }
 
@@ -339,6 +408,6 @@ mod tests {
         publisher.publish(&node("b"), b"R3".to_vec(), true);
         assert_eq!(publisher.abandon(), vec![b"R1".to_vec(), b"R3".to_vec()]);
         assert!(!publisher.busy());
-        assert_eq!(publisher.read(b":0\r\n", Instant::now()), Err(Malformed));
+        assert!(publisher.read(b":0\r\n", Instant::now()).malformed);
     }
 }

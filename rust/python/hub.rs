@@ -32,7 +32,6 @@ use crate::engine::{Engine, JoinRequest, MemberChange, Missing, Outbox, Refusal}
 use crate::metrics::{self as counters, cell, family, Table};
 use crate::wire::cluster::RemotePeer;
 use crate::wire::peer_id::PeerId;
-use crate::wire::resp::Malformed;
 
 pub(super) struct Core {
     pub(super) engine: Engine<Py<PyAny>>,
@@ -302,31 +301,43 @@ impl Hub {
         }
     }
 
-    /// The writer's bytes `data` of attachment `generation` read: what the
-    /// server must see of them; Malformed if they are not RESP or answer
-    /// nothing asked (the connection is then reset). Relays that reached
-    /// no one are told undeliverable here.
-    pub(super) fn writer_read(
-        &self,
-        py: Python<'_>,
-        generation: u64,
-        data: &[u8],
-    ) -> Result<Replies, Malformed> {
-        let replies = {
+    /// The writer's bytes `data` of attachment `generation` read: the
+    /// replies in order, for the caller to carry out (`replies_read`).
+    /// Those of an attachment detached since are dropped.
+    pub(super) fn writer_read(&self, generation: u64, data: &[u8]) -> Replies {
+        let mut core = self.lock();
+        if core.redis.is_none() || core.redis_generation != generation {
+            return Replies::default();
+        }
+        core.publisher.read(data, Instant::now())
+    }
+
+    /// Relays that did not arrive: no subscriber (`unreachable`), or not
+    /// published.
+    pub(super) fn undeliverable_all(&self, py: Python<'_>, relays: &[Vec<u8>], unreachable: bool) {
+        if relays.is_empty() {
+            return;
+        }
+        self.run(py, |engine, out| {
+            for message in relays {
+                engine.undeliverable(message, unreachable, Instant::now(), out);
+            }
+        });
+    }
+
+    /// Detaches the writer of attachment `generation` if it still is:
+    /// its connection is gone, and what it had on its way did not arrive.
+    pub(super) fn writer_lost(&self, py: Python<'_>, generation: u64) {
+        let relays = {
             let mut core = self.lock();
             if core.redis.is_none() || core.redis_generation != generation {
-                return Ok(Replies::default());
+                return;
             }
-            core.publisher.read(data, Instant::now())?
+            core.redis = None;
+            core.redis_generation += 1;
+            core.publisher.abandon()
         };
-        if !replies.unreachable.is_empty() {
-            self.run(py, |engine, out| {
-                for message in &replies.unreachable {
-                    engine.undeliverable(message, true, Instant::now(), out);
-                }
-            });
-        }
-        Ok(replies)
+        self.undeliverable_all(py, &relays, false);
     }
 
     /// Messages from this node's inbox, in order.
@@ -435,13 +446,14 @@ impl Hub {
     /// the refusal instead (`Peer.refused` says which). With `resume` (a
     /// token) and `seen`, it takes the session over if it can be
     /// (`Peer.resumed`). `waited`: seconds since the connection was
-    /// accepted, where the join latency counts from. The caller must then
-    /// `transport.set_protocol()` the returned `Peer`.
+    /// accepted, where the join latency counts from. `head` (the 101
+    /// response) is written first, in the same write as `welcome`. The
+    /// caller must then `transport.set_protocol()` the returned `Peer`.
     // Python's keyword arguments: each is named at the call.
     #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (
         transport, topic, metadata=None, *, resumable=false, resume=None, seen=None, waited=0.0,
-        metadata_locked=false,
+        metadata_locked=false, head=b"".as_slice(),
     ))]
     fn join(
         slf: &Bound<'_, Self>,
@@ -453,6 +465,7 @@ impl Hub {
         seen: Option<u64>,
         waited: f64,
         metadata_locked: bool,
+        head: &[u8],
     ) -> Peer {
         let py = slf.py();
         let waited = Duration::try_from_secs_f64(waited).unwrap_or_default();
@@ -463,6 +476,7 @@ impl Hub {
             resume: resume.map(|token| (token, seen)),
             metadata_locked,
             accepted: Instant::now().checked_sub(waited),
+            head,
         };
         let (conn, joined) = slf.get().run(py, |engine, out| {
             let (conn, joined) = engine.join(transport, request, now(), out);
@@ -482,15 +496,21 @@ impl Hub {
     }
 
     /// Takes the upgraded connection on `transport` only to refuse it with
-    /// `reason` (`"unauthorized"`, `"invalid_topic"`, ...): the `error`,
-    /// then the close code.
-    fn refuse(slf: &Bound<'_, Self>, transport: Py<PyAny>, reason: &str) -> PyResult<Peer> {
+    /// `reason` (`"unauthorized"`, `"invalid_topic"`, ...): `head` (the 101
+    /// response), the `error`, then the close code.
+    #[pyo3(signature = (transport, reason, *, head=b"".as_slice()))]
+    fn refuse(
+        slf: &Bound<'_, Self>,
+        transport: Py<PyAny>,
+        reason: &str,
+        head: &[u8],
+    ) -> PyResult<Peer> {
         let Some(refusal) = Refusal::ALL.into_iter().find(|r| r.as_str() == reason) else {
             return Err(PyValueError::new_err(format!("unknown refusal {reason:?}")));
         };
         let py = slf.py();
         let conn = slf.get().run(py, |engine, out| {
-            engine.refuse(transport, refusal, Instant::now(), out)
+            engine.refuse(transport, refusal, head, Instant::now(), out)
         });
         Ok(Peer {
             hub: slf.clone().unbind(),
@@ -641,19 +661,8 @@ impl Hub {
     /// written or seen answered are `dropped` to their senders; the work
     /// after goes to `on_cluster` again.
     fn detach_redis(&self, py: Python<'_>) {
-        let relays = {
-            let mut core = self.lock();
-            core.redis = None;
-            core.redis_generation += 1;
-            core.publisher.abandon()
-        };
-        if !relays.is_empty() {
-            self.run(py, |engine, out| {
-                for message in &relays {
-                    engine.undeliverable(message, false, Instant::now(), out);
-                }
-            });
-        }
+        let generation = self.lock().redis_generation;
+        self.writer_lost(py, generation);
     }
 
     /// Cluster mode: writes `data`, encoded commands with `replies` replies,

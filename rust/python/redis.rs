@@ -18,6 +18,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use super::hub::Hub;
+use crate::engine::publish::Reply;
 use crate::wire::resp;
 
 /// The protocol of the writer or the inbox connection, made by
@@ -78,11 +79,14 @@ impl RedisProtocol {
         false
     }
 
+    /// A writer's loss detaches it at once: what is published from here
+    /// on goes to the server, which refuses it until it reconnects.
     #[pyo3(signature = (exc=None))]
     fn connection_lost(&self, py: Python<'_>, exc: Option<Bound<'_, PyAny>>) {
-        if let Err(err) = self.on_lost.call1(py, (exc,)) {
-            err.write_unraisable(py, Some(self.on_lost.bind(py)));
+        if let Role::Writer { generation, .. } = &self.role {
+            self.hub.get().writer_lost(py, *generation);
         }
+        call(py, &self.on_lost, (exc,));
     }
 
     fn pause_writing(&self) {}
@@ -91,7 +95,7 @@ impl RedisProtocol {
 }
 
 impl RedisProtocol {
-    /// The writer's replies.
+    /// The writer's replies, in order.
     fn replies(
         &self,
         py: Python<'_>,
@@ -99,13 +103,24 @@ impl RedisProtocol {
         on_replies: &Py<PyAny>,
         data: &[u8],
     ) -> Result<(), resp::Malformed> {
-        let replies = self.hub.get().writer_read(py, generation, data)?;
-        if replies.raw.is_empty() && replies.errors.is_empty() {
-            return Ok(());
+        let hub = self.hub.get();
+        let read = hub.writer_read(generation, data);
+        for reply in &read.replies {
+            match reply {
+                Reply::Raw(raw) => {
+                    let raw = PyBytes::new(py, raw);
+                    let errors: [&str; 0] = [];
+                    call(py, on_replies, (raw, errors));
+                }
+                Reply::Unreachable(relays) => hub.undeliverable_all(py, relays, true),
+                Reply::Failed(error, relays) => {
+                    call(py, on_replies, (PyBytes::new(py, b""), [error]));
+                    hub.undeliverable_all(py, relays, false);
+                }
+            }
         }
-        let raw = PyBytes::new(py, &replies.raw);
-        if let Err(err) = on_replies.call1(py, (raw, replies.errors)) {
-            err.write_unraisable(py, Some(on_replies.bind(py)));
+        if read.malformed {
+            return Err(resp::Malformed);
         }
         Ok(())
     }
@@ -151,10 +166,7 @@ impl RedisProtocol {
                 _ => {
                     hub.deliver_all(py, &messages);
                     messages.clear();
-                    let reply = PyBytes::new(py, reply);
-                    if let Err(err) = on_other.call1(py, (reply,)) {
-                        err.write_unraisable(py, Some(on_other.bind(py)));
-                    }
+                    call(py, on_other, (PyBytes::new(py, reply),));
                 }
             }
         }
@@ -164,6 +176,13 @@ impl RedisProtocol {
             *lock(partial) = kept;
         }
         read
+    }
+}
+
+/// Calls `callback` with `args`; what it raises is reported as unraisable.
+fn call<'py>(py: Python<'py>, callback: &Py<PyAny>, args: impl pyo3::call::PyCallArgs<'py>) {
+    if let Err(err) = callback.call1(py, args) {
+        err.write_unraisable(py, Some(callback.bind(py)));
     }
 }
 

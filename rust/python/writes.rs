@@ -139,6 +139,14 @@ impl Pending {
             ops.push((transport.clone(), Op::Write(data)));
             rest = &rest[run..];
         }
+        // WebSocket bytes only: the heads written are left out.
+        let heads: u64 = outbox
+            .heads
+            .iter()
+            .filter(|&&(conn, _)| engine.transport(conn).is_some())
+            .map(|&(_, len)| len)
+            .sum();
+        let sent = sent.saturating_sub(heads);
         engine.metrics().add(cell(family::SENT_BYTES, 0), sent);
         self.actions.clear();
         self.slots.clear();

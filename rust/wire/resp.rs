@@ -23,7 +23,8 @@ pub fn reply_len(data: &[u8]) -> Result<Option<usize>, Malformed> {
         let Some(end) = line_end(data, at) else {
             return Ok(None);
         };
-        let kind = *data.get(at).ok_or(Malformed)?;
+        // An empty line has no type byte.
+        let kind = *data.get(at).filter(|_| end > at).ok_or(Malformed)?;
         let line = &data[at + 1..end];
         at = end + 2;
         match kind {
@@ -33,13 +34,14 @@ pub fn reply_len(data: &[u8]) -> Result<Option<usize>, Malformed> {
                 if len >= 0 {
                     let len = usize::try_from(len).map_err(|_| Malformed)?;
                     let body_end = at.checked_add(len).ok_or(Malformed)?;
-                    if data.len() < body_end + 2 {
+                    let end = body_end.checked_add(2).ok_or(Malformed)?;
+                    if data.len() < end {
                         return Ok(None);
                     }
-                    if &data[body_end..body_end + 2] != b"\r\n" {
+                    if &data[body_end..end] != b"\r\n" {
                         return Err(Malformed);
                     }
-                    at = body_end + 2;
+                    at = end;
                 } else if len != -1 {
                     return Err(Malformed);
                 }
@@ -91,15 +93,20 @@ pub fn error(reply: &[u8]) -> Option<&str> {
 /// subscription's `message` is), or None if it is anything else.
 pub fn bulk_strings(reply: &[u8]) -> Option<Vec<&[u8]>> {
     let end = line_end(reply, 0)?;
-    let count = usize::try_from(number(reply.strip_prefix(b"*")?.get(..end - 1)?).ok()?).ok()?;
+    if reply.first() != Some(&b'*') {
+        return None;
+    }
+    let count = usize::try_from(number(reply.get(1..end)?).ok()?).ok()?;
     let mut at = end + 2;
-    let mut items = Vec::with_capacity(count);
+    // Each element takes at least 4 bytes.
+    let mut items = Vec::with_capacity(count.min(reply.len() / 4));
     for _ in 0..count {
         let end = line_end(reply, at)?;
-        let len = usize::try_from(number(reply[at..end].strip_prefix(b"$")?).ok()?).ok()?;
+        let len = usize::try_from(number(reply.get(at..end)?.strip_prefix(b"$")?).ok()?).ok()?;
         let start = end + 2;
-        items.push(reply.get(start..start + len)?);
-        at = start + len + 2;
+        let stop = start.checked_add(len)?;
+        items.push(reply.get(start..stop)?);
+        at = stop.checked_add(2)?;
     }
     (at == reply.len()).then_some(items)
 }
@@ -174,7 +181,10 @@ mod tests {
     #[test]
     fn what_is_not_resp_is_malformed() {
         for data in [
-            &b"?x\r\n"[..],
+            &b"\r\n"[..],
+            b"*1\r\n\r\n",
+            b"$18446744073709551614\r\n",
+            b"?x\r\n",
             b"$x\r\n",
             b"$-2\r\n",
             b"*-2\r\n",
@@ -204,6 +214,32 @@ mod tests {
             None
         );
         assert_eq!(bulk_strings(b"*1\r\n$1\r\nab\r\n"), None);
+        for hostile in [
+            &b"*4611686018427387904\r\n"[..],
+            b"*1\r\n$18446744073709551615\r\n",
+            b"*1\r\n\r\n",
+            b"\r\n",
+            b"",
+        ] {
+            assert_eq!(bulk_strings(hostile), None, "{hostile:?}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever a connection sends, reading it ends without a panic,
+        /// and a whole reply found lies within the bytes.
+        #[test]
+        fn any_bytes_are_read_without_panic(
+            data in proptest::collection::vec(
+                proptest::sample::select(b"*$:+-\r\n0123456789-x".to_vec()), 0..64
+            ),
+        ) {
+            if let Ok(Some(len)) = reply_len(&data) {
+                proptest::prop_assert!(len <= data.len());
+                let _ = bulk_strings(&data[..len]);
+            }
+            let _ = (integer(&data), error(&data), bulk_strings(&data));
+        }
     }
 
     #[test]

@@ -140,6 +140,8 @@ class Handshake(asyncio.Protocol):
         self.buffer = bytearray(received)
         self.request = request
         self.timer: asyncio.TimerHandle | None = None
+        #: Not upgraded nor gone yet (see `finish`).
+        self.waiting = True
         #: Answered with an HTTP response; lingering until the client closes.
         self.answered = False
         #: An admin request waiting for its body: the request and the
@@ -154,19 +156,24 @@ class Handshake(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses.
         self.transport = cast(asyncio.Transport, transport)
-        sockname = transport.get_extra_info("sockname")
-        self.local_port = sockname[1] if isinstance(sockname, tuple) else None
+        if self.worker.config.admin_port is not None:  # (a system call)
+            sockname = transport.get_extra_info("sockname")
+            self.local_port = sockname[1] if isinstance(sockname, tuple) else None
         self.worker.handshakes.add(self)
+        if self.request is not None:
+            # Read by the worker that accepted it: most often upgraded (or
+            # answered) right here, with no timer to set.
+            received = bytes(self.buffer)
+            self.buffer.clear()
+            self.handle(self.request, received[self.request.head_length :])
+            if not self.waiting or self.answered:
+                return
         loop = asyncio.get_running_loop()
         if self.deadline is None:
             self.timer = loop.call_later(self.worker.config.handshake_timeout, self.time_out)
         else:
             self.timer = loop.call_at(loop.time() + self.deadline - time.monotonic(), self.time_out)
-        if self.request is not None:
-            received = bytes(self.buffer)
-            self.buffer.clear()
-            self.handle(self.request, received[self.request.head_length :])
-        elif self.buffer:
+        if self.buffer:
             self.data_received(b"")
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -174,6 +181,7 @@ class Handshake(asyncio.Protocol):
 
     def finish(self) -> None:
         """Stop tracking this handshake (answered, upgraded or gone)."""
+        self.waiting = False
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -393,11 +401,13 @@ class Handshake(asyncio.Protocol):
         assert transport is not None and request.accept is not None
         worker = self.worker
         self.finish()
-        transport.write(switching_protocols(worker.index, request.accept))
+        # Written by the hub, in the same write as what follows it.
+        head = switching_protocols(worker.index, request.accept)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         hub = worker.hub
         if request.invalid is not None:
-            self.install(transport, hub.refuse(transport, request.invalid), request, rest)
+            peer = hub.refuse(transport, request.invalid, head=head)
+            self.install(transport, peer, request, rest)
             return
         topic = request.topic
         assert topic is not None
@@ -407,7 +417,8 @@ class Handshake(asyncio.Protocol):
             token = request.token or auth.bearer(request.authorization)
             grant = auth.authorize(worker.config.auth_secret, token, topic)
             if grant is None:
-                self.install(transport, hub.refuse(transport, "unauthorized"), request, rest)
+                peer = hub.refuse(transport, "unauthorized", head=head)
+                self.install(transport, peer, request, rest)
                 return
             if grant.metadata is not None:
                 metadata = grant.metadata
@@ -421,6 +432,7 @@ class Handshake(asyncio.Protocol):
             seen=request.seen,
             waited=time.monotonic() - self.accepted,
             metadata_locked=metadata_locked,
+            head=head,
         )
         self.install(transport, peer, request, rest)
 

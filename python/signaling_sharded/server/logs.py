@@ -64,13 +64,15 @@ class _Sink:
         self.fd = sys.stdout.fileno() if sys.stdout is not None else -1
 
     def write(self, line: str) -> None:
+        if self.lines:  # a flush is due at the end of this iteration
+            self.lines.append(line)
+            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             self.emit(line)
             return
-        if not self.lines:
-            loop.call_soon(self.flush)
+        loop.call_soon(self.flush)
         self.lines.append(line)
 
     def flush(self) -> None:

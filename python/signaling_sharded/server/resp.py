@@ -1,8 +1,9 @@
 """Raw Redis connections: commands written as RESP, replies parsed by hiredis.
 
-The cluster's two hot connections (the writer and the inbox) and its short
-calls to Sentinels use :class:`Link`: redis-py's per-command machinery cost
-more than everything else a relay between nodes does.
+The cluster's two hot connections (the writer and the inbox) are set up with
+:class:`Link` and then handed over to the Rust core (:meth:`Link.hand_over`);
+its short calls to Sentinels use it throughout. redis-py's per-command
+machinery cost more than everything else a relay between nodes does.
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ COMMAND_TIMEOUT = 5.0
 
 class Link(asyncio.Protocol):
     """A raw Redis connection: commands written as encoded, replies parsed
-    by hiredis and handed over in batches. The two hot connections (the
-    writer and the inbox) use it: redis-py's per-command machinery cost more
-    than everything else a relay between nodes does."""
+    by hiredis and handed over in batches, until another protocol takes the
+    connection over (:meth:`hand_over`)."""
 
     def __init__(self, on_replies: Callable[[list[Any]], None]) -> None:
         self.on_replies = on_replies
