@@ -25,7 +25,7 @@ use std::time::Instant;
 use rustc_hash::FxHashMap;
 
 use crate::wire::cluster::{envelope_len, push_envelope};
-use crate::wire::resp::{self, Malformed};
+use crate::wire::resp::{self, Malformed, Stream};
 
 /// The writer's commands since the last [`Publisher::take`], and the
 /// replies it waits for.
@@ -37,8 +37,8 @@ pub struct Publisher {
     /// raw command).
     open: FxHashMap<Arc<str>, usize>,
     expected: VecDeque<Expected>,
-    /// The start of a reply not yet whole.
-    partial: Vec<u8>,
+    /// The writer's bytes, cut into replies.
+    stream: Stream,
     /// When a reply last came, or the first command was written that found
     /// none waiting.
     progress: Option<Instant>,
@@ -191,37 +191,22 @@ impl Publisher {
     /// Reads replies from `data` (the writer's bytes as they came).
     pub fn read(&mut self, data: &[u8], now: Instant) -> Replies {
         let mut replies = Replies::default();
-        let joined;
-        let mut rest = if self.partial.is_empty() {
-            data
-        } else {
-            self.partial.extend_from_slice(data);
-            joined = std::mem::take(&mut self.partial);
-            joined.as_slice()
-        };
-        loop {
-            let len = match resp::reply_len(rest) {
-                Ok(Some(len)) => len,
-                Ok(None) => break,
-                Err(Malformed) => {
-                    replies.malformed = true;
-                    return replies;
-                }
-            };
-            let (reply, after) = rest.split_at(len);
-            rest = after;
-            self.progress = Some(now);
-            match self.expected.front_mut() {
+        let Self {
+            stream,
+            expected,
+            progress,
+            ..
+        } = self;
+        let read = stream.feed(data, |reply| {
+            *progress = Some(now);
+            match expected.front_mut() {
                 // Nothing was asked: not a reply to this writer.
-                None => {
-                    replies.malformed = true;
-                    return replies;
-                }
+                None => return Err(Malformed),
                 Some(Expected::Raw(left)) => {
                     replies.raw(reply);
                     *left -= 1;
                     if *left == 0 {
-                        self.expected.pop_front();
+                        expected.pop_front();
                     }
                 }
                 Some(Expected::Publish { relays }) => {
@@ -231,11 +216,12 @@ impl Publisher {
                     } else if resp::integer(reply) == Some(0) {
                         replies.unreachable(relays);
                     }
-                    self.expected.pop_front();
+                    expected.pop_front();
                 }
             }
-        }
-        self.partial.extend_from_slice(rest);
+            Ok(())
+        });
+        replies.malformed = read.is_err();
         replies
     }
 
@@ -255,7 +241,7 @@ impl Publisher {
     /// anyone knows.
     pub fn abandon(&mut self) -> Vec<Vec<u8>> {
         self.open.clear();
-        self.partial.clear();
+        self.stream.clear();
         self.progress = None;
         let mut relays = Vec::new();
         for expected in self.expected.drain(..) {

@@ -708,7 +708,7 @@ impl Hub {
             role: Role::Inbox {
                 on_other,
                 server_kinds,
-                partial: Default::default(),
+                stream: Default::default(),
             },
         }
     }

@@ -19,7 +19,7 @@ use pyo3::types::PyBytes;
 
 use super::hub::Hub;
 use crate::engine::publish::Reply;
-use crate::wire::resp;
+use crate::wire::resp::{self, Stream};
 
 /// The protocol of the writer or the inbox connection, made by
 /// `Hub.attach_redis` or `Hub.inbox`.
@@ -48,8 +48,8 @@ pub(super) enum Role {
         on_other: Py<PyAny>,
         /// The first bytes of the messages that go to `on_other`.
         server_kinds: Vec<u8>,
-        /// The start of a reply not yet whole.
-        partial: Mutex<Vec<u8>>,
+        /// The inbox's bytes, cut into replies.
+        stream: Mutex<Stream>,
     },
 }
 
@@ -66,8 +66,8 @@ impl RedisProtocol {
             Role::Inbox {
                 on_other,
                 server_kinds,
-                partial,
-            } => self.messages(py, on_other, server_kinds, partial, data),
+                stream,
+            } => self.messages(py, on_other, server_kinds, stream, data),
         };
         if read.is_err() {
             abort(py, &self.transport);
@@ -125,57 +125,67 @@ impl RedisProtocol {
         Ok(())
     }
 
-    /// The inbox's messages and other replies.
+    /// The inbox's messages and other replies, in order: the messages for
+    /// the engine in batches between the others.
     fn messages(
         &self,
         py: Python<'_>,
         on_other: &Py<PyAny>,
         server_kinds: &[u8],
-        partial: &Mutex<Vec<u8>>,
+        stream: &Mutex<Stream>,
         data: &[u8],
     ) -> Result<(), resp::Malformed> {
-        let mut kept = std::mem::take(&mut *lock(partial));
-        let joined;
-        let mut rest = if kept.is_empty() {
-            data
-        } else {
-            kept.extend_from_slice(data);
-            joined = std::mem::take(&mut kept);
-            joined.as_slice()
-        };
         let hub = self.hub.get();
-        let mut messages: Vec<&[u8]> = Vec::new();
-        let mut read = Ok(());
-        loop {
-            let len = match resp::reply_len(rest) {
-                Ok(Some(len)) => len,
-                Ok(None) => break,
-                Err(malformed) => {
-                    read = Err(malformed);
-                    break;
-                }
-            };
-            let (reply, after) = rest.split_at(len);
-            rest = after;
+        let mut batch = Batch::default();
+        let read = lock(stream).feed(data, |reply| {
             match resp::bulk_strings(reply).as_deref() {
                 Some([b"message", _channel, data])
                     if !data.first().is_some_and(|kind| server_kinds.contains(kind)) =>
                 {
-                    messages.push(data);
+                    batch.push(data);
                 }
                 _ => {
-                    hub.deliver_all(py, &messages);
-                    messages.clear();
+                    batch.deliver(py, hub);
                     call(py, on_other, (PyBytes::new(py, reply),));
                 }
             }
-        }
-        hub.deliver_all(py, &messages);
-        if read.is_ok() {
-            kept.extend_from_slice(rest);
-            *lock(partial) = kept;
-        }
+            Ok(())
+        });
+        batch.deliver(py, hub);
         read
+    }
+}
+
+/// Messages for the engine, copied out of the stream's buffer.
+#[derive(Default)]
+struct Batch {
+    bytes: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+impl Batch {
+    fn push(&mut self, message: &[u8]) {
+        self.bytes.extend_from_slice(message);
+        self.ends.push(self.bytes.len());
+    }
+
+    fn deliver(&mut self, py: Python<'_>, hub: &Hub) {
+        if self.ends.is_empty() {
+            return;
+        }
+        let mut start = 0;
+        let messages: Vec<&[u8]> = self
+            .ends
+            .iter()
+            .map(|&end| {
+                let message = &self.bytes[start..end];
+                start = end;
+                message
+            })
+            .collect();
+        hub.deliver_all(py, &messages);
+        self.bytes.clear();
+        self.ends.clear();
     }
 }
 
@@ -186,8 +196,8 @@ fn call<'py>(py: Python<'py>, callback: &Py<PyAny>, args: impl pyo3::call::PyCal
     }
 }
 
-fn lock(partial: &Mutex<Vec<u8>>) -> std::sync::MutexGuard<'_, Vec<u8>> {
-    partial
+fn lock(stream: &Mutex<Stream>) -> std::sync::MutexGuard<'_, Stream> {
+    stream
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -16,64 +16,145 @@ const MAX_DEPTH: usize = 16;
 /// The length of the first whole reply at the start of `data`, or None
 /// while it is still incomplete.
 pub fn reply_len(data: &[u8]) -> Result<Option<usize>, Malformed> {
-    let mut at = 0;
-    // Elements still to read, one entry per array level being read.
-    let mut open: Vec<i64> = Vec::new();
-    loop {
-        let Some(end) = line_end(data, at) else {
-            return Ok(None);
-        };
-        // An empty line has no type byte.
-        let kind = *data.get(at).filter(|_| end > at).ok_or(Malformed)?;
-        let line = &data[at + 1..end];
-        at = end + 2;
-        match kind {
-            b'+' | b'-' | b':' => {}
-            b'$' => {
-                let len = number(line)?;
-                if len >= 0 {
-                    let len = usize::try_from(len).map_err(|_| Malformed)?;
-                    let body_end = at.checked_add(len).ok_or(Malformed)?;
-                    let end = body_end.checked_add(2).ok_or(Malformed)?;
-                    if data.len() < end {
-                        return Ok(None);
-                    }
-                    if &data[body_end..end] != b"\r\n" {
-                        return Err(Malformed);
-                    }
-                    at = end;
-                } else if len != -1 {
-                    return Err(Malformed);
-                }
-            }
-            b'*' => {
-                let len = number(line)?;
-                if len > 0 {
-                    if open.len() == MAX_DEPTH {
-                        return Err(Malformed);
-                    }
-                    // Counted as read once its elements are.
-                    open.push(len);
-                    continue;
-                } else if len < -1 {
-                    return Err(Malformed);
-                }
-            }
-            _ => return Err(Malformed),
-        }
-        // One element read: close the arrays it completes.
+    Framer::default().next(data)
+}
+
+/// Finds where replies end in bytes that arrive in pieces, reading each
+/// element once: a large reply that takes many reads is not read again
+/// from its start at each.
+#[derive(Debug, Default)]
+struct Framer {
+    /// Where the next element of the reply being read starts.
+    at: usize,
+    /// Elements still to read, one entry per array level being read.
+    open: Vec<i64>,
+}
+
+impl Framer {
+    /// The length of the reply at the start of `data`, or None while it is
+    /// incomplete; until it returns one, every call must pass the same
+    /// reply's bytes, with more after them.
+    fn next(&mut self, data: &[u8]) -> Result<Option<usize>, Malformed> {
         loop {
-            match open.last_mut() {
-                None => return Ok(Some(at)),
-                Some(left) => {
-                    *left -= 1;
-                    if *left > 0 {
-                        break;
+            let mut at = self.at;
+            let Some(end) = line_end(data, at) else {
+                return Ok(None);
+            };
+            // An empty line has no type byte.
+            let kind = *data.get(at).filter(|_| end > at).ok_or(Malformed)?;
+            let line = &data[at + 1..end];
+            at = end + 2;
+            match kind {
+                b'+' | b'-' | b':' => {}
+                b'$' => {
+                    let len = number(line)?;
+                    if len >= 0 {
+                        let len = usize::try_from(len).map_err(|_| Malformed)?;
+                        let body_end = at.checked_add(len).ok_or(Malformed)?;
+                        let end = body_end.checked_add(2).ok_or(Malformed)?;
+                        if data.len() < end {
+                            return Ok(None);
+                        }
+                        if &data[body_end..end] != b"\r\n" {
+                            return Err(Malformed);
+                        }
+                        at = end;
+                    } else if len != -1 {
+                        return Err(Malformed);
                     }
-                    open.pop();
+                }
+                b'*' => {
+                    let len = number(line)?;
+                    if len > 0 {
+                        if self.open.len() == MAX_DEPTH {
+                            return Err(Malformed);
+                        }
+                        // Counted as read once its elements are.
+                        self.open.push(len);
+                        self.at = at;
+                        continue;
+                    } else if len < -1 {
+                        return Err(Malformed);
+                    }
+                }
+                _ => return Err(Malformed),
+            }
+            // One element read: close the arrays it completes.
+            self.at = at;
+            loop {
+                match self.open.last_mut() {
+                    None => {
+                        self.at = 0;
+                        return Ok(Some(at));
+                    }
+                    Some(left) => {
+                        *left -= 1;
+                        if *left > 0 {
+                            break;
+                        }
+                        self.open.pop();
+                    }
                 }
             }
         }
+    }
+}
+
+/// A connection's bytes as they arrive, cut into whole replies.
+#[derive(Debug, Default)]
+pub struct Stream {
+    /// The start of a reply not yet whole.
+    partial: Vec<u8>,
+    framer: Framer,
+}
+
+impl Stream {
+    /// Passes each whole reply that `data` completes to `each`, in order,
+    /// until the bytes are not RESP or `each` fails (the connection is
+    /// then unusable).
+    pub fn feed(
+        &mut self,
+        data: &[u8],
+        mut each: impl FnMut(&[u8]) -> Result<(), Malformed>,
+    ) -> Result<(), Malformed> {
+        if self.partial.is_empty() {
+            // Most reads end with a whole reply: nothing is copied.
+            let (used, read) = self.cut(data, &mut each);
+            self.partial.extend_from_slice(&data[used..]);
+            return read;
+        }
+        let mut buffer = std::mem::take(&mut self.partial);
+        buffer.extend_from_slice(data);
+        let (used, read) = self.cut(&buffer, &mut each);
+        buffer.drain(..used);
+        self.partial = buffer;
+        read
+    }
+
+    fn cut(
+        &mut self,
+        data: &[u8],
+        each: &mut impl FnMut(&[u8]) -> Result<(), Malformed>,
+    ) -> (usize, Result<(), Malformed>) {
+        let mut used = 0;
+        loop {
+            match self.framer.next(&data[used..]) {
+                Ok(Some(len)) => {
+                    let reply = &data[used..used + len];
+                    used += len;
+                    if let Err(malformed) = each(reply) {
+                        return (used, Err(malformed));
+                    }
+                }
+                Ok(None) => return (used, Ok(())),
+                Err(malformed) => return (used, Err(malformed)),
+            }
+        }
+    }
+
+    /// Forgets what it holds (the connection is gone).
+    pub fn clear(&mut self) {
+        *self = Self::default();
     }
 }
 
@@ -176,6 +257,42 @@ mod tests {
                 assert_eq!(reply_len(&reply[..cut]), Ok(None), "{reply:?} cut at {cut}");
             }
         }
+    }
+
+    #[test]
+    fn a_stream_cuts_replies_however_its_bytes_arrive() {
+        let replies: [&[u8]; 4] = [
+            b":0\r\n",
+            b"*3\r\n:1\r\n*2\r\n$1\r\na\r\n*0\r\n$2\r\nbc\r\n",
+            b"$-1\r\n",
+            b"$5\r\nR\r\nxy\r\n",
+        ];
+        let all = replies.concat();
+        for piece in [1, 2, 3, 7, all.len()] {
+            let mut stream = Stream::default();
+            let mut got: Vec<Vec<u8>> = Vec::new();
+            for chunk in all.chunks(piece) {
+                let fed = stream.feed(chunk, |reply| {
+                    got.push(reply.to_vec());
+                    Ok(())
+                });
+                assert_eq!(fed, Ok(()));
+            }
+            assert_eq!(got, replies.map(<[u8]>::to_vec), "pieces of {piece}");
+            assert!(stream.partial.is_empty());
+        }
+        // A failing reader stops it.
+        let mut stream = Stream::default();
+        let mut seen = 0;
+        let fed = stream.feed(&all, |_| {
+            seen += 1;
+            if seen == 2 {
+                Err(Malformed)
+            } else {
+                Ok(())
+            }
+        });
+        assert_eq!((fed, seen), (Err(Malformed), 2));
     }
 
     #[test]
