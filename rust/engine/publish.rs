@@ -24,6 +24,8 @@ use std::time::Instant;
 
 use rustc_hash::FxHashMap;
 
+use super::outbox::ClusterOp;
+
 use crate::wire::cluster::{envelope_len, push_envelope};
 use crate::wire::resp::{self, Malformed, Stream};
 
@@ -131,6 +133,22 @@ impl Publisher {
             node: Arc::clone(node),
             messages: vec![(message, relay)],
         });
+    }
+
+    /// Takes `op` if it is a publish (see [`Publisher::publish`]); gives it
+    /// back if not.
+    pub fn offer(&mut self, op: ClusterOp) -> Option<ClusterOp> {
+        match op {
+            ClusterOp::Publish {
+                node,
+                message,
+                relay,
+            } => {
+                self.publish(&node, message, relay);
+                None
+            }
+            op => Some(op),
+        }
     }
 
     /// Writes `data`, encoded commands whose `replies` replies go back to

@@ -22,10 +22,10 @@ use serde_json::value::RawValue;
 use super::cluster::{self, PublishOp};
 use super::config::Settings;
 use super::metrics::MetricsTable;
-use super::now;
 use super::peer::Peer;
 use super::redis::{RedisProtocol, Role};
 use super::writes::{perform, Op, Pending};
+use super::{call, now};
 use crate::engine::cluster::ClusterOp;
 use crate::engine::publish::{Publisher, Replies};
 use crate::engine::{Engine, JoinRequest, MemberChange, Missing, Outbox, Refusal};
@@ -130,13 +130,10 @@ impl Hub {
             pending.gather(py, engine, outbox);
             if core.redis.is_some() {
                 for op in outbox.cluster.drain(..) {
-                    match op {
-                        ClusterOp::Publish {
-                            node,
-                            message,
-                            relay,
-                        } if later.is_empty() => publisher.publish(&node, message, relay),
-                        op => later.push(op),
+                    if later.is_empty() {
+                        later.extend(publisher.offer(op));
+                    } else {
+                        later.push(op);
                     }
                 }
             }
@@ -188,16 +185,12 @@ impl Hub {
         self.perform(py, ops, flushed);
         call_each(py, self.on_joined.as_ref(), joined);
         call_each(py, self.on_updated.as_ref(), updated);
-        for (peer, topic, reason) in left {
-            if let Err(err) = self.on_left.call1(py, (peer, topic, reason)) {
-                err.write_unraisable(py, Some(self.on_left.bind(py)));
-            }
+        for left in left {
+            call(py, &self.on_left, left);
         }
         if let Some(on_session) = &self.on_session {
-            for (peer, topic, event) in sessions {
-                if let Err(err) = on_session.call1(py, (peer, topic, event)) {
-                    err.write_unraisable(py, Some(on_session.bind(py)));
-                }
+            for session in sessions {
+                call(py, on_session, session);
             }
         }
         if let Some(ops) = cluster_ops {
@@ -259,14 +252,8 @@ impl Hub {
                 continue;
             }
             for op in publishes {
-                if let ClusterOp::Publish {
-                    node,
-                    message,
-                    relay,
-                } = op
-                {
-                    core.publisher.publish(&node, message, relay);
-                }
+                let taken = core.publisher.offer(op).is_none();
+                debug_assert!(taken, "only publishes are offered here");
             }
             self.redis_due(py, core);
         }
@@ -302,8 +289,8 @@ impl Hub {
     }
 
     /// The writer's bytes `data` of attachment `generation` read: the
-    /// replies in order, for the caller to carry out (`replies_read`).
-    /// Those of an attachment detached since are dropped.
+    /// replies in order, for the caller to carry out. Those of an
+    /// attachment detached since are dropped.
     pub(super) fn writer_read(&self, generation: u64, data: &[u8]) -> Replies {
         let mut core = self.lock();
         if core.redis.is_none() || core.redis_generation != generation {
@@ -908,9 +895,7 @@ fn call_each(py: Python<'_>, callback: Option<&Py<PyAny>>, events: Vec<MemberEve
         return;
     };
     for event in events {
-        if let Err(err) = callback.call1(py, event) {
-            err.write_unraisable(py, Some(callback.bind(py)));
-        }
+        call(py, callback, event);
     }
 }
 
@@ -926,14 +911,10 @@ fn missing(what: Missing) -> &'static str {
     }
 }
 
-/// Writes `write`'s bytes to its transport; what it raises is reported as
-/// unraisable.
+/// Writes `write`'s bytes to its transport.
 fn write_redis(py: Python<'_>, write: RedisWrite) {
-    let Some((transport, data)) = write else {
-        return;
-    };
-    let data = PyBytes::new(py, &data);
-    if let Err(err) = transport.call_method1(py, intern!(py, "write"), (data,)) {
-        err.write_unraisable(py, Some(transport.bind(py)));
+    if let Some((transport, data)) = write {
+        let data = PyBytes::new(py, &data);
+        perform(py, vec![(transport.into_bound(py), Op::Write(data))]);
     }
 }

@@ -34,6 +34,13 @@ mod request;
 mod testing;
 mod writes;
 
+/// Calls `callback` with `args`; what it raises is reported as unraisable.
+fn call<'py>(py: Python<'py>, callback: &Py<PyAny>, args: impl pyo3::call::PyCallArgs<'py>) {
+    if let Err(err) = callback.call1(py, args) {
+        err.write_unraisable(py, Some(callback.bind(py)));
+    }
+}
+
 /// The clocks, read once per call into the engine (which reads none).
 fn now() -> Now {
     Now {

@@ -13,11 +13,12 @@
 
 use std::sync::Mutex;
 
-use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
+use super::call;
 use super::hub::Hub;
+use super::writes::{perform, Op};
 use crate::engine::publish::Reply;
 use crate::wire::resp::{self, Stream};
 
@@ -189,13 +190,6 @@ impl Batch {
     }
 }
 
-/// Calls `callback` with `args`; what it raises is reported as unraisable.
-fn call<'py>(py: Python<'py>, callback: &Py<PyAny>, args: impl pyo3::call::PyCallArgs<'py>) {
-    if let Err(err) = callback.call1(py, args) {
-        err.write_unraisable(py, Some(callback.bind(py)));
-    }
-}
-
 fn lock(stream: &Mutex<Stream>) -> std::sync::MutexGuard<'_, Stream> {
     stream
         .lock()
@@ -205,7 +199,5 @@ fn lock(stream: &Mutex<Stream>) -> std::sync::MutexGuard<'_, Stream> {
 /// A connection that sent what is not RESP (or replies nothing asked
 /// for) is reset: the server reconnects.
 fn abort(py: Python<'_>, transport: &Py<PyAny>) {
-    if let Err(err) = transport.call_method0(py, intern!(py, "abort")) {
-        err.write_unraisable(py, Some(transport.bind(py)));
-    }
+    perform(py, vec![(transport.bind(py).clone(), Op::Abort)]);
 }

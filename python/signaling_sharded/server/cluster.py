@@ -260,7 +260,9 @@ class Cluster:
                 failed(hub, op)
 
     def send(self, ops: list[Op]) -> bool:
-        """Writes ``ops``; False if the hub holds no writer any more."""
+        """Writes ``ops``; False if the hub holds no writer any more (the
+        only time a PublishOp comes here: the hub publishes itself while it
+        holds one)."""
         hub = self.hub
         assert hub is not None
         loop = asyncio.get_running_loop()
@@ -385,9 +387,6 @@ class Cluster:
             elif isinstance(op, MoveOp):
                 if not reply:
                     hub.move_failed(op.peer)
-            elif isinstance(op, PublishOp):
-                if reply == 0 and op.is_relay:
-                    hub.undeliverable(op, True)
             elif isinstance(op, (JoinOp, SyncOp)):
                 change, at = read_change(reply)
                 if isinstance(op, JoinOp):

@@ -140,8 +140,6 @@ class Handshake(asyncio.Protocol):
         self.buffer = bytearray(received)
         self.request = request
         self.timer: asyncio.TimerHandle | None = None
-        #: Not upgraded nor gone yet (see `finish`).
-        self.waiting = True
         #: Answered with an HTTP response; lingering until the client closes.
         self.answered = False
         #: An admin request waiting for its body: the request and the
@@ -166,8 +164,8 @@ class Handshake(asyncio.Protocol):
             received = bytes(self.buffer)
             self.buffer.clear()
             self.handle(self.request, received[self.request.head_length :])
-            if not self.waiting or self.answered:
-                return
+            if self not in self.worker.handshakes or self.answered:
+                return  # upgraded (`finish`) or answered
         loop = asyncio.get_running_loop()
         if self.deadline is None:
             self.timer = loop.call_later(self.worker.config.handshake_timeout, self.time_out)
@@ -181,7 +179,6 @@ class Handshake(asyncio.Protocol):
 
     def finish(self) -> None:
         """Stop tracking this handshake (answered, upgraded or gone)."""
-        self.waiting = False
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
