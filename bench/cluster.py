@@ -10,8 +10,16 @@ peers of each topic alternate between the servers given) in three setups:
 - ``alone``: one server without Redis (the single-machine default);
 - ``one``: one server in cluster mode, every peer on it (relays stay in the
   process; Redis only sees joins and leaves);
-- ``split``: two servers in cluster mode, each topic's peers alternating
-  between them, so that every relay crosses Redis.
+- ``two``: two servers in cluster mode, each topic's peers all on one of them
+  (the topics alternate), so that relays stay local on the same two nodes;
+- ``split``: the same two servers, each topic's peers alternating between
+  them, so that every relay crosses Redis.
+
+A cross-node relay is compared with a local one on the same two nodes
+(``split`` against ``two``): here both servers share one core, and two
+processes taking turns on a core cost more per relay than one process
+alone (``two`` against ``one``), which nodes on machines of their own do
+not pay.
 
 Each setup runs twice. **Paced**: every peer offers ``RATE`` times a second
 (50 by default: 20,000 relays/s in all), a load that every setup carries with
@@ -50,7 +58,7 @@ from testkit.processes import RedisProcess, ServerProcess, free_port, pinned
 
 SERVER = ROOT / ".venv" / "bin" / "signaling-sharded"
 RELAY_ARGS = ("--topics", "50", "--peers", "4", "--window", "4")
-SETUPS = ("alone", "one", "split")
+SETUPS = ("alone", "one", "two", "split")
 MODES = ("paced", "flat out")
 JOIN_SETUPS = ("alone", "one")
 #: The servers and Redis share one core; the load generator has the other.
@@ -94,7 +102,7 @@ def measure(setup: str, mode: str, settings: dict[str, float], folder: Path) -> 
     redis = start_redis(folder) if setup != "alone" else None
     servers = []
     try:
-        count = 2 if setup == "split" else 1
+        count = 2 if setup in ("two", "split") else 1
         for _ in range(count):
             servers.append(start_server(redis.url if redis else None, folder))
         if mode == "joins":
@@ -107,6 +115,8 @@ def measure(setup: str, mode: str, settings: dict[str, float], folder: Path) -> 
             command += ["--warmup", f"{settings['warmup']:g}"]
             if mode == "paced":
                 command += ["--rate", f"{settings['rate']:g}"]
+            if setup == "two":
+                command += ["--whole-topics"]
             for server in servers:
                 command += ["--url", f"ws://127.0.0.1:{server.port}"]
                 command += ["--server-pid", str(server.pid)]
@@ -209,17 +219,21 @@ def summary(
     paced = "paced"
     redis_relay = med("split", paced, "redis_cpu_us_per_relay")
     redis_join = med("one", "joins", "redis_cpu_us_per_connection")
-    flat_split, flat_one = (med(s, "flat out", "relays_per_s") for s in ("split", "one"))
+    flat_split, flat_one, flat_two = (
+        med(s, "flat out", "relays_per_s") for s in ("split", "one", "two")
+    )
     crossing = total("split", paced, "relay")
     lines += [
         "",
-        f"A cross-node relay costs {crossing / total('one', paced, 'relay'):.2f}x "
-        "the CPU of a local one in cluster mode, servers and Redis together "
-        f"({crossing / total('alone', paced, 'relay'):.2f}x one without Redis), paced.",
+        f"A cross-node relay costs {crossing / total('two', paced, 'relay'):.2f}x "
+        "the CPU of a local one on the same two nodes, servers and Redis together, paced "
+        f"({crossing / total('one', paced, 'relay'):.2f}x a local one on one node in "
+        f"cluster mode, {crossing / total('alone', paced, 'relay'):.2f}x one without Redis).",
         f"One Redis core carries about {per_core(redis_relay)} cross-node relays/s "
         f"({us(redis_relay)} us each) or {per_core(redis_join)} joins/s "
         f"({us(redis_join)} us each).",
-        f"Flat out on one shared core: split / one server {flat_split / flat_one:.2f}x relays/s.",
+        f"Flat out on one shared core: split / two {flat_split / flat_two:.2f}x relays/s, "
+        f"split / one server {flat_split / flat_one:.2f}x.",
     ]
     return "\n".join(lines)
 

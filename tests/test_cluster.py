@@ -100,6 +100,12 @@ async def converge(members: list[Peer], timeout: float) -> None:
     await asyncio.gather(*(one(peer) for peer in members))
 
 
+def publishes(redis: Redis) -> int:
+    """The PUBLISH commands *redis* has run."""
+    stats = redis.info("commandstats").get("cmdstat_publish", {})
+    return int(stats.get("calls", 0)) if isinstance(stats, dict) else 0
+
+
 async def across(peers: Peers, first: Server, second: Server, topic: str) -> tuple[Peer, Peer]:
     """A peer of `topic` on each server, once each sees the other."""
     one = await peers.join(first.url(topic))
@@ -307,17 +313,13 @@ def test_a_burst_of_relays_to_one_node_is_one_publish(
     burst = 100
     redis = redis_server.client()
 
-    def publishes() -> int:
-        stats = redis.info("commandstats").get("cmdstat_publish", {})
-        return int(stats.get("calls", 0)) if isinstance(stats, dict) else 0
-
     async def scenario() -> None:
         async with Peers() as peers:
             target = await peers.join(second.url(topic))
             sender, sender_id = RawClient.join(first.port, f"/ws/{topic}")
             try:
                 await target.wait_until(lambda: sender_id in target.view, CONVERGE)
-                before = publishes()
+                before = publishes(redis)
                 frames = b"".join(
                     encode_frame(
                         OP_TEXT,
@@ -331,12 +333,45 @@ def test_a_burst_of_relays_to_one_node_is_one_publish(
                 received = [await target.recv(CONVERGE) for _ in range(burst)]
                 assert [m["payload"]["seq"] for m in received] == list(range(burst))
                 assert {m["from"] for m in received} == {sender_id}
-                made = publishes() - before
+                made = publishes(redis) - before
                 # One, unless the kernel split the write over several reads.
                 assert 1 <= made <= 10, f"{made} PUBLISH for {burst} relays"
                 await target.sync()
             finally:
                 sender.sock.close()
+
+    run(scenario())
+
+
+def test_relays_closer_than_the_flush_delay_wait_for_it_and_cross_together(
+    redis_server: RedisServer,  # noqa: F811
+    start_server: StartServer,
+) -> None:
+    """With --redis-flush-delay, a relay after a quiet spell crosses at once;
+    the relays that follow it sooner than the delay wait until it has passed
+    since that write, and cross in one PUBLISH, in order."""
+    delay = 0.1  # the most allowed
+    flags = ("--redis-flush-delay", str(delay))
+    first, second = start_cluster(start_server, redis_server, 2, *flags, workers=1)
+    redis = redis_server.client()
+
+    async def scenario() -> None:
+        async with Peers() as peers:
+            one, other = await across(peers, first, second, "paced")
+            await asyncio.sleep(delay)  # the quiet spell
+            before = publishes(redis)
+            sent = time.monotonic()
+            await expect_relay(one, other, "offer", {"sdp": "alone"}, "m0")
+            alone = time.monotonic() - sent
+            stream = [f"m{n}" for n in range(1, 6)]
+            for msg_id in stream:
+                await one.relay("ice-candidate", other.id, {"candidate": msg_id}, msg_id)
+            received = [await other.recv(CONVERGE) for _ in stream]
+            waited = time.monotonic() - sent
+            assert [m["msgId"] for m in received] == stream
+            assert alone < delay, f"the relay after a quiet spell took {alone:.3f} s"
+            assert waited >= delay * 0.9, f"the stream crossed {waited:.3f} s after the first"
+            assert publishes(redis) - before == 2
 
     run(scenario())
 

@@ -54,6 +54,12 @@ BAD_SETTINGS = [
     pytest.param(["--ping-timeout", "nan"], {}, "--ping-timeout", id="nan-ping-timeout"),
     pytest.param(["--log-level", "loud"], {}, "--log-level", id="unknown-log-level"),
     pytest.param(["--resume-window", "-1"], {}, "--resume-window", id="negative-resume-window"),
+    pytest.param(
+        ["--redis-flush-delay", "-0.001"], {}, "--redis-flush-delay", id="negative-flush-delay"
+    ),
+    pytest.param(
+        ["--redis-flush-delay", "0.2"], {}, "--redis-flush-delay", id="flush-delay-too-long"
+    ),
     pytest.param([], {"SIGNALING_RESUME_SECRET": ""}, "SIGNALING_RESUME_SECRET", id="empty-resume"),
     pytest.param(["--redis", "localhost:6379"], {}, "--redis", id="redis-without-scheme"),
     pytest.param(["--redis", "http://127.0.0.1:6379"], {}, "--redis", id="redis-other-scheme"),

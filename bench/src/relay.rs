@@ -33,6 +33,10 @@ pub struct RelayArgs {
     /// alternate between them.
     #[arg(long, required = true)]
     url: Vec<String>,
+    /// With several servers: each topic's peers all join one of them, the
+    /// topics alternating, so that no relay leaves its server.
+    #[arg(long)]
+    whole_topics: bool,
     /// Number of topics.
     #[arg(long, default_value_t = 10)]
     topics: usize,
@@ -585,6 +589,7 @@ pub async fn run(args: RelayArgs) -> Result<(), String> {
         let shared = Arc::clone(&shared);
         let filler = Arc::clone(&filler);
         let start_rx = start_rx.clone();
+        let whole_topics = args.whole_topics;
         let (peers, window, rate, offer_timeout) = (
             args.peers,
             args.window,
@@ -596,7 +601,7 @@ pub async fn run(args: RelayArgs) -> Result<(), String> {
             let mut handles = Vec::with_capacity(peers);
             for p in 0..peers {
                 let index = t * peers + p;
-                let (addr, url) = &urls[p % urls.len()];
+                let (addr, url) = &urls[if whole_topics { t } else { p } % urls.len()];
                 let mut view = View::default();
                 let ws = client::join(*addr, url, &mut view)
                     .await

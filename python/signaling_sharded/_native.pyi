@@ -273,12 +273,22 @@ class Hub:
         transport: Any,
         on_replies: Callable[[bytes, list[str]], object],
         on_lost: Callable[[Exception | None], object],
+        pause: float = 0.0,
+        call_later: Callable[..., object] | None = None,
     ) -> RedisProtocol:
         """Cluster mode: the hub publishes to Redis on ``transport`` (the
         writer connection), whose protocol the caller sets to the one
         returned. The server's own commands go through ``redis_write``;
         their replies to ``on_replies(raw, errors)``: whole RESP, in order,
-        and the error texts Redis answered publishes with."""
+        and the error texts Redis answered publishes with. With ``pause``
+        (seconds), writes are kept about that far apart (the event loop's
+        timers count whole milliseconds): what comes sooner after a write
+        waits for ``call_later(seconds, hub.flush_redis)``, unless 64 KiB
+        wait; what comes after a quiet spell of ``pause`` goes at once. A
+        negative ``pause``, or one without ``call_later``, raises
+        ValueError."""
+    def flush_redis(self) -> None:
+        """Cluster mode: write what waits for Redis now (its pause is over)."""
     def detach_redis(self) -> None:
         """Cluster mode: the writer connection is gone; the relays it had not
         written or seen answered are ``dropped`` to their senders."""

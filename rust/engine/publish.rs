@@ -20,7 +20,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap;
 
@@ -44,7 +44,15 @@ pub struct Publisher {
     /// When a reply last came, or the first command was written that found
     /// none waiting.
     progress: Option<Instant>,
+    /// When [`Publisher::take`] last took something, and the bytes of
+    /// what waits since.
+    last_write: Option<Instant>,
+    waiting_bytes: usize,
 }
+
+/// Past this many bytes waiting, they are written without a pause (the
+/// transports' high-water mark).
+const PAUSE_BYTES: usize = 64 * 1024;
 
 #[derive(Debug)]
 enum Item {
@@ -122,6 +130,7 @@ impl Publisher {
     /// Publishes `message` to `node`'s inbox; a relay (`relay`) that reaches
     /// no one comes back in [`Replies::unreachable`].
     pub fn publish(&mut self, node: &Arc<str>, message: Vec<u8>, relay: bool) {
+        self.waiting_bytes += message.len();
         if let Some(&at) = self.open.get(node) {
             if let Item::Batch { messages, .. } = &mut self.items[at] {
                 messages.push((message, relay));
@@ -155,6 +164,7 @@ impl Publisher {
     /// the caller as they are; after everything published so far.
     pub fn raw(&mut self, data: Vec<u8>, replies: u32) {
         self.open.clear();
+        self.waiting_bytes += data.len();
         self.items.push(Item::Raw { data, replies });
     }
 
@@ -168,11 +178,29 @@ impl Publisher {
         !self.items.is_empty() || !self.expected.is_empty()
     }
 
+    /// How much longer what waits should wait, writes being at least
+    /// `pause` apart: none after a quiet spell of `pause` (a relay alone
+    /// is not held up), nor past [`PAUSE_BYTES`]. The pause lets a steady
+    /// stream of relays gather more per command.
+    pub fn wait(&self, now: Instant, pause: Duration) -> Option<Duration> {
+        let since = now.saturating_duration_since(self.last_write?);
+        (since < pause && !self.full()).then(|| pause - since)
+    }
+
+    /// Whether what waits is past [`PAUSE_BYTES`].
+    pub fn full(&self) -> bool {
+        self.waiting_bytes >= PAUSE_BYTES
+    }
+
     /// The bytes to write now: every command since the last call, in order.
     pub fn take(&mut self, now: Instant) -> Vec<u8> {
         if self.expected.is_empty() && !self.items.is_empty() {
             self.progress = Some(now);
         }
+        if !self.items.is_empty() {
+            self.last_write = Some(now);
+        }
+        self.waiting_bytes = 0;
         self.open.clear();
         let mut out = Vec::new();
         for item in self.items.drain(..) {
@@ -261,6 +289,8 @@ impl Publisher {
         self.open.clear();
         self.stream.clear();
         self.progress = None;
+        self.last_write = None;
+        self.waiting_bytes = 0;
         let mut relays = Vec::new();
         for expected in self.expected.drain(..) {
             if let Expected::Publish { relays: mut some } = expected {
@@ -399,6 +429,42 @@ mod tests {
         assert_eq!(publisher.stalled(start + Duration::from_secs(3)), 3.0);
         publisher.read(b":1\r\n", start + Duration::from_secs(4));
         assert_eq!(publisher.stalled(start + Duration::from_secs(9)), 0.0);
+    }
+
+    #[test]
+    fn writes_are_kept_a_pause_apart_but_not_after_a_quiet_spell() {
+        let start = Instant::now();
+        let pause = Duration::from_millis(10);
+        let mut publisher = Publisher::new(b"p:node:".to_vec());
+        publisher.publish(&node("a"), b"R1".to_vec(), true);
+        // Nothing written yet: the first goes at once.
+        assert_eq!(publisher.wait(start, pause), None);
+        assert!(!publisher.take(start).is_empty());
+        publisher.publish(&node("a"), b"R2".to_vec(), true);
+        let soon = start + Duration::from_millis(4);
+        assert_eq!(publisher.wait(soon, pause), Some(Duration::from_millis(6)));
+        assert_eq!(publisher.wait(start + pause, pause), None);
+        publisher.take(start + pause);
+        // A quiet spell of a pause: no wait.
+        publisher.publish(&node("a"), b"R3".to_vec(), true);
+        assert_eq!(publisher.wait(start + pause * 2, pause), None);
+        assert_eq!(publisher.wait(start + pause, Duration::ZERO), None);
+    }
+
+    #[test]
+    fn a_full_batch_does_not_wait() {
+        let start = Instant::now();
+        let pause = Duration::from_secs(1);
+        let mut publisher = Publisher::new(b"p:node:".to_vec());
+        publisher.raw(b"*1\r\n$4\r\nPING\r\n".to_vec(), 1);
+        publisher.take(start);
+        publisher.publish(&node("a"), vec![b'x'; PAUSE_BYTES - 1], true);
+        assert!(publisher.wait(start, pause).is_some());
+        publisher.publish(&node("b"), b"R".to_vec(), true);
+        assert!(publisher.full());
+        assert_eq!(publisher.wait(start, pause), None);
+        publisher.take(start);
+        assert!(!publisher.full());
     }
 
     #[test]

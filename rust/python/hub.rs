@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use pyo3::exceptions::PyValueError;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyList};
+use pyo3::types::PyList;
 use rustc_hash::FxHashMap;
 use serde_json::value::RawValue;
 
@@ -23,11 +23,11 @@ use super::cluster::{self, PublishOp};
 use super::config::Settings;
 use super::metrics::MetricsTable;
 use super::peer::Peer;
-use super::redis::{RedisProtocol, Role};
+use super::redis::{redis_ready, Pace, RedisProtocol, RedisWrite, Role};
 use super::writes::{perform, Op, Pending};
 use super::{call, now};
 use crate::engine::cluster::ClusterOp;
-use crate::engine::publish::{Publisher, Replies};
+use crate::engine::publish::Publisher;
 use crate::engine::{Engine, JoinRequest, MemberChange, Missing, Outbox, Refusal};
 use crate::metrics::{self as counters, cell, family, Table};
 use crate::wire::cluster::RemotePeer;
@@ -39,27 +39,17 @@ pub(super) struct Core {
     /// The socket work decided and not yet carried out.
     pending: Pending,
     /// Whether `pending` has a flush scheduled.
-    flush_due: bool,
+    pub(super) flush_due: bool,
     /// Cluster mode: the writes to Redis' writer connection, and its
     /// transport while attached (`Hub.attach_redis`); each attachment has
     /// the next generation.
-    publisher: Publisher,
-    redis: Option<Py<PyAny>>,
-    redis_generation: u64,
-}
-
-/// Bytes for Redis' writer connection, and its transport.
-type RedisWrite = Option<(Py<PyAny>, Vec<u8>)>;
-
-impl Core {
-    /// The writes for Redis waiting, if any (and attached).
-    fn take_redis(&mut self, py: Python<'_>) -> RedisWrite {
-        if !self.publisher.has_writes() {
-            return None;
-        }
-        let transport = self.redis.as_ref()?.clone_ref(py);
-        Some((transport, self.publisher.take(Instant::now())))
-    }
+    pub(super) publisher: Publisher,
+    pub(super) redis: Option<Py<PyAny>>,
+    pub(super) redis_generation: u64,
+    /// How far apart the attachment's writes are kept, if at all.
+    pub(super) pace: Option<Pace>,
+    /// Whether `pace`'s timer is set to write what waits.
+    pub(super) redis_timer: bool,
 }
 
 /// One worker's peers and topics.
@@ -85,7 +75,7 @@ pub struct Hub {
     /// The event loop's `call_soon`, and this hub's `flush` it is called
     /// with when socket work starts waiting; unset, it is done after each
     /// call.
-    call_soon: OnceLock<(Py<PyAny>, Py<PyAny>)>,
+    pub(super) call_soon: OnceLock<(Py<PyAny>, Py<PyAny>)>,
 }
 
 impl Hub {
@@ -111,7 +101,7 @@ impl Hub {
         // Attached to Redis: the work after the first that is not a publish.
         let mut later = Vec::new();
         let mut ops = Vec::new();
-        let mut redis_write = None;
+        let mut redis_write = RedisWrite::Nothing;
         let mut schedule = None;
         // Whether the pending work was taken for an early flush.
         let mut flushed = false;
@@ -124,6 +114,7 @@ impl Hub {
                 outbox,
                 pending,
                 publisher,
+                redis_timer,
                 ..
             } = core;
             engine.record_gauges();
@@ -139,12 +130,12 @@ impl Hub {
             }
             // (Bytes may have joined a buffer gathered by an earlier call.)
             match self.call_soon.get() {
-                _ if pending.is_empty() && !publisher.has_writes() => {}
+                _ if pending.is_empty() && !redis_ready(publisher, *redis_timer) => {}
                 // A connection sent more than its transport's mark is
                 // written now, so that the transport can pause it.
                 Some(_) if engine.flush_now() => {
                     ops = pending.take(py, engine, outbox);
-                    redis_write = core.take_redis(py);
+                    redis_write = core.take_redis(py, true);
                     flushed = true;
                 }
                 Some(scheduler) if !core.flush_due => {
@@ -154,7 +145,7 @@ impl Hub {
                 Some(_) => {}
                 None => {
                     ops = pending.take(py, engine, outbox);
-                    redis_write = core.take_redis(py);
+                    redis_write = core.take_redis(py, true);
                 }
             }
             let outbox = &mut core.outbox;
@@ -181,7 +172,7 @@ impl Hub {
         if let Some(scheduler) = schedule {
             self.schedule_flush(py, scheduler);
         }
-        write_redis(py, redis_write);
+        self.write_redis(py, redis_write);
         self.perform(py, ops, flushed);
         call_each(py, self.on_joined.as_ref(), joined);
         call_each(py, self.on_updated.as_ref(), updated);
@@ -202,7 +193,11 @@ impl Hub {
         result
     }
 
-    fn schedule_flush(&self, py: Python<'_>, (call_soon, flush): &(Py<PyAny>, Py<PyAny>)) {
+    pub(super) fn schedule_flush(
+        &self,
+        py: Python<'_>,
+        (call_soon, flush): &(Py<PyAny>, Py<PyAny>),
+    ) {
         if let Err(err) = call_soon.call1(py, (flush,)) {
             // Not scheduled (the loop is closed): flush now.
             err.write_unraisable(py, Some(call_soon.bind(py)));
@@ -270,35 +265,6 @@ impl Hub {
             .collect()
     }
 
-    /// After writes for Redis were added under `core`: they are written
-    /// at the flush, or now if writes are not deferred.
-    fn redis_due(&self, py: Python<'_>, mut core: MutexGuard<'_, Core>) {
-        match self.call_soon.get() {
-            Some(scheduler) if !core.flush_due => {
-                core.flush_due = true;
-                drop(core);
-                self.schedule_flush(py, scheduler);
-            }
-            Some(_) => {}
-            None => {
-                let write = core.take_redis(py);
-                drop(core);
-                write_redis(py, write);
-            }
-        }
-    }
-
-    /// The writer's bytes `data` of attachment `generation` read: the
-    /// replies in order, for the caller to carry out. Those of an
-    /// attachment detached since are dropped.
-    pub(super) fn writer_read(&self, generation: u64, data: &[u8]) -> Replies {
-        let mut core = self.lock();
-        if core.redis.is_none() || core.redis_generation != generation {
-            return Replies::default();
-        }
-        core.publisher.read(data, Instant::now())
-    }
-
     /// Relays that did not arrive: no subscriber (`unreachable`), or not
     /// published.
     pub(super) fn undeliverable_all(&self, py: Python<'_>, relays: &[Vec<u8>], unreachable: bool) {
@@ -310,21 +276,6 @@ impl Hub {
                 engine.undeliverable(message, unreachable, Instant::now(), out);
             }
         });
-    }
-
-    /// Detaches the writer of attachment `generation` if it still is:
-    /// its connection is gone, and what it had on its way did not arrive.
-    pub(super) fn writer_lost(&self, py: Python<'_>, generation: u64) {
-        let relays = {
-            let mut core = self.lock();
-            if core.redis.is_none() || core.redis_generation != generation {
-                return;
-            }
-            core.redis = None;
-            core.redis_generation += 1;
-            core.publisher.abandon()
-        };
-        self.undeliverable_all(py, &relays, false);
     }
 
     /// Messages from this node's inbox, in order.
@@ -417,6 +368,8 @@ impl Hub {
                 publisher: Publisher::new(channel_prefix.clone()),
                 redis: None,
                 redis_generation: 0,
+                pace: None,
+                redis_timer: false,
             }),
             on_left,
             on_joined,
@@ -533,10 +486,20 @@ impl Hub {
             let core = &mut *guard;
             core.flush_due = false;
             let ops = core.pending.take(py, &core.engine, &mut core.outbox);
-            (ops, core.take_redis(py))
+            (ops, core.take_redis(py, true))
         };
-        write_redis(py, redis);
+        self.write_redis(py, redis);
         self.perform(py, ops, true);
+    }
+
+    /// Cluster mode: writes what waits for Redis (the pause is over).
+    pub(super) fn flush_redis(&self, py: Python<'_>) {
+        let write = {
+            let mut core = self.lock();
+            core.redis_timer = false;
+            core.take_redis(py, false)
+        };
+        self.write_redis(py, write);
     }
 
     /// Sends due pings, and closes peers whose ping or close timed out.
@@ -620,20 +583,39 @@ impl Hub {
     /// It gets their replies with `on_replies(raw, errors)`: the replies,
     /// RESP, whole and in order, and the error texts Redis answered
     /// publishes with. `on_lost(exc)` is the transport's `connection_lost`.
+    ///
+    /// `pause`: seconds that writes to Redis are kept apart, with
+    /// `call_later` (the event loop's) to write those that wait; a write
+    /// after a quiet spell that long goes at once. 0: none wait.
+    #[pyo3(signature = (transport, on_replies, on_lost, pause = 0.0, call_later = None))]
     fn attach_redis(
         slf: &Bound<'_, Self>,
         transport: Py<PyAny>,
         on_replies: Py<PyAny>,
         on_lost: Py<PyAny>,
-    ) -> RedisProtocol {
+        pause: f64,
+        call_later: Option<Py<PyAny>>,
+    ) -> PyResult<RedisProtocol> {
         let py = slf.py();
+        let pause = Duration::try_from_secs_f64(pause)
+            .map_err(|_| PyValueError::new_err("pause must be a number of seconds, 0 or more"))?;
+        let pace = match call_later {
+            _ if pause.is_zero() => None,
+            Some(call_later) => Some(Pace {
+                pause,
+                call_later,
+                flush_redis: slf.getattr(intern!(py, "flush_redis"))?.unbind(),
+            }),
+            None => return Err(PyValueError::new_err("a pause needs call_later")),
+        };
         let generation = {
             let mut core = slf.get().lock();
             core.redis_generation += 1;
             core.redis = Some(transport.clone_ref(py));
+            core.pace = pace;
             core.redis_generation
         };
-        RedisProtocol {
+        Ok(RedisProtocol {
             hub: slf.clone().unbind(),
             transport,
             on_lost,
@@ -641,7 +623,7 @@ impl Hub {
                 generation,
                 on_replies,
             },
-        }
+        })
     }
 
     /// Cluster mode: the writer connection is gone. The relays it had not
@@ -908,13 +890,5 @@ fn missing(what: Missing) -> &'static str {
     match what {
         Missing::Topic => "topic",
         Missing::Peer => "peer",
-    }
-}
-
-/// Writes `write`'s bytes to its transport.
-fn write_redis(py: Python<'_>, write: RedisWrite) {
-    if let Some((transport, data)) = write {
-        let data = PyBytes::new(py, &data);
-        perform(py, vec![(transport.into_bound(py), Op::Write(data))]);
     }
 }

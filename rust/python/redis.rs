@@ -10,16 +10,21 @@
 //!   messages go to the engine; the rest (the subscription's confirmation,
 //!   the admin API's messages, by their first byte) to the server, whole,
 //!   in order.
+//!
+//! And the hub's side of the writer: when what waits for it is written
+//! (at the end of the event loop's iteration, or, with a pause, by a timer
+//! about that long after the last write), and what its loss drops.
 
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use super::call;
-use super::hub::Hub;
+use super::hub::{Core, Hub};
 use super::writes::{perform, Op};
-use crate::engine::publish::Reply;
+use crate::engine::publish::{Publisher, Replies, Reply};
 use crate::wire::resp::{self, Stream};
 
 /// The protocol of the writer or the inbox connection, made by
@@ -200,4 +205,127 @@ fn lock(stream: &Mutex<Stream>) -> std::sync::MutexGuard<'_, Stream> {
 /// for) is reset: the server reconnects.
 fn abort(py: Python<'_>, transport: &Py<PyAny>) {
     perform(py, vec![(transport.bind(py).clone(), Op::Abort)]);
+}
+
+// --- the hub's side of the writer -------------------------------------
+
+/// Cluster mode: writes to Redis about `pause` apart (see
+/// `Publisher::wait`), those that wait written by
+/// `call_later(seconds, hub.flush_redis)`.
+pub(super) struct Pace {
+    pub(super) pause: Duration,
+    pub(super) call_later: Py<PyAny>,
+    pub(super) flush_redis: Py<PyAny>,
+}
+
+/// What to do about the writes waiting for Redis' writer connection.
+pub(super) enum RedisWrite {
+    Nothing,
+    /// Write these bytes to this transport.
+    Now(Py<PyAny>, Vec<u8>),
+    /// Call `call_later(seconds, flush_redis)`.
+    Later(Py<PyAny>, Py<PyAny>, f64),
+}
+
+impl Core {
+    /// The writes for Redis waiting, if any (and attached): now, or
+    /// (`paced`, and the pace asks for it) by a timer.
+    pub(super) fn take_redis(&mut self, py: Python<'_>, paced: bool) -> RedisWrite {
+        if !self.publisher.has_writes() {
+            return RedisWrite::Nothing;
+        }
+        let Some(transport) = &self.redis else {
+            return RedisWrite::Nothing;
+        };
+        let now = Instant::now();
+        if let (true, Some(pace)) = (paced, &self.pace) {
+            if let Some(wait) = self.publisher.wait(now, pace.pause) {
+                if self.redis_timer {
+                    return RedisWrite::Nothing;
+                }
+                self.redis_timer = true;
+                let call_later = pace.call_later.clone_ref(py);
+                let flush_redis = pace.flush_redis.clone_ref(py);
+                return RedisWrite::Later(call_later, flush_redis, wait.as_secs_f64());
+            }
+        }
+        RedisWrite::Now(transport.clone_ref(py), self.publisher.take(now))
+    }
+
+    pub(super) fn redis_ready(&self) -> bool {
+        redis_ready(&self.publisher, self.redis_timer)
+    }
+}
+
+/// Whether writes for Redis wait that no timer (`timer`) takes care of.
+pub(super) fn redis_ready(publisher: &Publisher, timer: bool) -> bool {
+    publisher.has_writes() && (!timer || publisher.full())
+}
+
+impl Hub {
+    pub(super) fn write_redis(&self, py: Python<'_>, write: RedisWrite) {
+        match write {
+            RedisWrite::Nothing => {}
+            RedisWrite::Now(transport, data) => {
+                let data = PyBytes::new(py, &data);
+                perform(py, vec![(transport.into_bound(py), Op::Write(data))]);
+            }
+            RedisWrite::Later(call_later, flush_redis, seconds) => {
+                if let Err(err) = call_later.call1(py, (seconds, flush_redis)) {
+                    // Not scheduled (the loop is closed): write now.
+                    err.write_unraisable(py, Some(call_later.bind(py)));
+                    self.flush_redis(py);
+                }
+            }
+        }
+    }
+
+    /// After writes for Redis were added under `core`: they are written
+    /// at the flush, or now if writes are not deferred.
+    pub(super) fn redis_due(&self, py: Python<'_>, mut core: MutexGuard<'_, Core>) {
+        match self.call_soon.get() {
+            _ if !core.redis_ready() => {}
+            Some(scheduler) if !core.flush_due => {
+                core.flush_due = true;
+                drop(core);
+                self.schedule_flush(py, scheduler);
+            }
+            Some(_) => {}
+            None => {
+                let write = core.take_redis(py, true);
+                drop(core);
+                self.write_redis(py, write);
+            }
+        }
+    }
+
+    /// The writer's bytes `data` of attachment `generation` read: the
+    /// replies in order, for the caller to carry out. Those of an
+    /// attachment detached since are dropped.
+    pub(super) fn writer_read(&self, generation: u64, data: &[u8]) -> Replies {
+        let mut core = self.lock();
+        if core.redis.is_none() || core.redis_generation != generation {
+            return Replies::default();
+        }
+        core.publisher.read(data, Instant::now())
+    }
+
+    /// Detaches the writer of attachment `generation` if it still is:
+    /// its connection is gone, and what it had on its way did not arrive.
+    pub(super) fn writer_lost(&self, py: Python<'_>, generation: u64) {
+        let relays = {
+            let mut core = self.lock();
+            if core.redis.is_none() || core.redis_generation != generation {
+                return;
+            }
+            core.redis = None;
+            core.redis_generation += 1;
+            // A timer still set writes nothing of the next attachment's
+            // before its time is up but early, which harms no one.
+            core.redis_timer = false;
+            core.pace = None;
+            core.publisher.abandon()
+        };
+        self.undeliverable_all(py, &relays, false);
+    }
 }

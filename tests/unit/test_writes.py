@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from signaling_sharded._native import Hub
 from signaling_sharded.server.config import Config
 from wsclient import OP_CLOSE, OP_TEXT, encode_frame
@@ -263,3 +264,83 @@ def test_writes_then_a_close_in_one_iteration_go_out_in_order() -> None:
     data = b.writes[0]
     assert [m["msgId"] for m in b.messages()] == ["m1"]
     assert data[-4] == 0x80 | OP_CLOSE and data[-2:] == struct.pack("!H", 1000)
+
+
+@pytest.mark.parametrize(
+    ("pause", "call_later"), [(-0.001, print), (float("nan"), print), (0.5, None)]
+)
+def test_a_pause_of_the_redis_writes_must_be_seconds_with_a_timer(
+    pause: float, call_later: Callable[..., object] | None
+) -> None:
+    hub = Setup().hub
+    with pytest.raises(ValueError, match="pause"):
+        hub.attach_redis(Transport(), print, print, pause, call_later)
+
+
+class Timers:
+    """The event loop's ``call_later``, recorded; ``fire`` runs them."""
+
+    def __init__(self, *, broken: bool = False) -> None:
+        self.broken = broken
+        self.set: list[tuple[float, Callable[[], object]]] = []
+
+    def call_later(self, seconds: float, callback: Callable[[], object]) -> None:
+        if self.broken:
+            raise RuntimeError("the loop is closed")
+        self.set.append((seconds, callback))
+
+    def fire(self) -> None:
+        timers, self.set = self.set, []
+        for _, callback in timers:
+            callback()
+
+
+def test_redis_writes_sooner_than_the_pause_wait_for_one_timer() -> None:
+    setup, timers, writer = Setup(), Timers(), Transport()
+    hub = setup.hub
+    hub.attach_redis(writer, print, print, 0.5, timers.call_later)
+    hub.redis_write(b"first ", 0)
+    setup.loop.end()
+    assert writer.writes == [b"first "] and timers.set == []
+    hub.redis_write(b"second ", 0)
+    setup.loop.end()
+    assert writer.writes == [b"first "]
+    assert [round(seconds, 1) for seconds, _ in timers.set] == [0.5]
+    # The timer takes care of what comes meanwhile: no flush, no timer more.
+    hub.redis_write(b"third", 0)
+    assert setup.loop.callbacks == [] and len(timers.set) == 1
+    timers.fire()
+    assert writer.writes == [b"first ", b"second third"]
+    assert not hub.redis_busy()
+
+
+# The hub reports the failed call_later as unraisable, then writes.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_redis_writes_go_at_once_when_no_timer_can_be_set() -> None:
+    setup, timers, writer = Setup(), Timers(broken=True), Transport()
+    hub = setup.hub
+    hub.attach_redis(writer, print, print, 0.5, timers.call_later)
+    hub.redis_write(b"first", 0)
+    setup.loop.end()
+    hub.redis_write(b"second", 0)
+    setup.loop.end()
+    assert writer.writes == [b"first", b"second"]
+
+
+def test_a_new_writer_does_not_wait_for_the_timer_of_the_last() -> None:
+    setup, timers = Setup(), Timers()
+    hub = setup.hub
+    old, new = Transport(), Transport()
+    hub.attach_redis(old, print, print, 0.5, timers.call_later)
+    hub.redis_write(b"first", 0)
+    setup.loop.end()
+    hub.redis_write(b"lost", 0)
+    setup.loop.end()
+    assert len(timers.set) == 1
+    hub.detach_redis()
+    hub.attach_redis(new, print, print, 0.5, timers.call_later)
+    hub.redis_write(b"again", 0)
+    setup.loop.end()
+    assert new.writes == [b"again"] and old.writes == [b"first"]
+    timers.fire()
+    assert old.writes == [b"first"]

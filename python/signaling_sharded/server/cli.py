@@ -64,6 +64,19 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+#: Seconds --redis-flush-delay may hold the writes to Redis, joins
+#: included: well below cluster.JOIN_WAIT, the time a joiner waits for
+#: its topic's snapshot.
+MAX_FLUSH_DELAY = 0.1
+
+
+def flush_delay(text: str) -> float:
+    value = non_negative_float(text)
+    if value > MAX_FLUSH_DELAY:
+        raise argparse.ArgumentTypeError(f"must be 0 to {MAX_FLUSH_DELAY:g} seconds: {text}")
+    return value
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -596,6 +609,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PREFIX",
         help="prefix of the cluster's Redis keys and channels (clusters can share a Redis)",
     )
+    parser.add_argument(
+        "--redis-flush-delay",
+        type=flush_delay,
+        default=defaults.redis_flush_delay,
+        metavar="SECONDS",
+        help=(
+            "cluster mode: keep a node's writes to Redis this far apart, so that a steady "
+            "stream of relays goes out in fewer, larger commands (a relay after a quiet "
+            "spell goes at once); 0 to 0.1; 0: write at the end of every event loop iteration"
+        ),
+    )
     return parser
 
 
@@ -639,6 +663,7 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         allowed_origins=tuple(args.allowed_origin),
         redis_url=args.redis_url,
         redis_prefix=args.redis_prefix,
+        redis_flush_delay=args.redis_flush_delay,
         resume_window=args.resume_window,
         resume_secret=args.resume_secret,
         admin_token=args.admin_token,

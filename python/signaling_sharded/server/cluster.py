@@ -187,8 +187,10 @@ def node_name() -> str:
 class Cluster:
     """One worker's link to the cluster."""
 
-    def __init__(self, url: str, prefix: str, worker: int) -> None:
+    def __init__(self, url: str, prefix: str, worker: int, flush_delay: float) -> None:
         self.url = url
+        #: Seconds the writer's writes are kept apart (``Hub.attach_redis``).
+        self.flush_delay = flush_delay
         #: With a ``redis+sentinel://`` URL: where to ask for the master.
         self.sentinels = sentinel.parse(url) if sentinel.is_sentinel_url(url) else None
         #: The address of the Redis this node is connected to, or None.
@@ -694,7 +696,12 @@ class Cluster:
         assert writer is not None and self.subscriber is not None and hub is not None
         # From here on the hub writes to it and reads its replies.
         on_lost = writer.connection_lost
-        writer.hand_over(lambda transport: hub.attach_redis(transport, self.on_replies, on_lost))
+        call_later = asyncio.get_running_loop().call_later
+        writer.hand_over(
+            lambda transport: hub.attach_redis(
+                transport, self.on_replies, on_lost, self.flush_delay, call_later
+            )
+        )
         self.up = True
         hub.set_cluster_connected(True)
         self.resync(announce=True)

@@ -49,6 +49,9 @@ class Config:
     redis_url: str | None = None
     #: Prefix of every Redis key and channel, so clusters can share a Redis.
     redis_prefix: str = "signaling:"
+    #: Seconds the writes to Redis are kept apart, so that a steady stream
+    #: of relays takes fewer commands (one after a quiet spell goes at once).
+    redis_flush_delay: float = 0.002
     #: Seconds a resumable session outlives its lost connection; 0: none.
     resume_window: float = 30.0
     #: The key of resume tokens; None: the supervisor draws one at start.

@@ -127,7 +127,7 @@ class Worker:
         #: Names this server's hand-off sockets (see handoff.py).
         self.group = group or f"{os.getpid()}.{config.port}"
         self.cluster = (
-            Cluster(config.redis_url, config.redis_prefix, index)
+            Cluster(config.redis_url, config.redis_prefix, index, config.redis_flush_delay)
             if config.redis_url is not None
             else None
         )
