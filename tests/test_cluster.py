@@ -376,6 +376,36 @@ def test_relays_closer_than_the_flush_delay_wait_for_it_and_cross_together(
     run(scenario())
 
 
+def test_a_publish_redis_refuses_drops_its_relays_and_is_logged(
+    redis_server: RedisServer,  # noqa: F811
+    start_server: StartServer,
+) -> None:
+    """A PUBLISH that Redis answers with an error (here an ACL denies the
+    command) loses its relays: each sender gets ``dropped`` for its own, the
+    error is logged, the target gets nothing, and relays cross again once
+    Redis allows it, on the same connection."""
+    first, second = start_cluster(start_server, redis_server, workers=1)
+    redis = redis_server.client()
+
+    async def scenario() -> None:
+        async with Peers() as peers:
+            one, other = await across(peers, first, second, "refused")
+            redis.execute_command("ACL", "SETUSER", "default", "-publish")
+            try:
+                await one.relay("offer", other.id, {"sdp": "refused"}, "m1")
+                error = await one.recv_error(CONVERGE)
+            finally:
+                redis.execute_command("ACL", "SETUSER", "default", "+publish")
+            assert error["code"] == "dropped" and error.get("msgId") == "m1", error
+            # The next thing the target gets is the relay after: m1 never came.
+            await expect_relay(one, other, "offer", {"sdp": "allowed"}, "m2")
+            records = first.wait_records("cluster command failed", 1, CONVERGE, op="PublishOp")
+            assert "NOPERM" in records[0]["error"], records
+            assert first.records("cluster lost") == []
+
+    run(scenario())
+
+
 def test_a_redis_that_answers_garbage_is_reconnected_to(
     redis_server: RedisServer,  # noqa: F811
     start_server: StartServer,
