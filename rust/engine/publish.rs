@@ -448,7 +448,25 @@ mod tests {
         // A quiet spell of a pause: no wait.
         publisher.publish(&node("a"), b"R3".to_vec(), true);
         assert_eq!(publisher.wait(start + pause * 2, pause), None);
-        assert_eq!(publisher.wait(start + pause, Duration::ZERO), None);
+        // No pause: nothing waits, however recent the last write.
+        publisher.take(start + pause * 2);
+        publisher.publish(&node("a"), b"R4".to_vec(), true);
+        assert_eq!(publisher.wait(start + pause * 2, Duration::ZERO), None);
+    }
+
+    #[test]
+    fn a_lost_connection_leaves_no_pause_for_the_next() {
+        let start = Instant::now();
+        let pause = Duration::from_secs(1);
+        let mut publisher = Publisher::new(b"p:node:".to_vec());
+        publisher.publish(&node("a"), b"R1".to_vec(), true);
+        publisher.take(start);
+        publisher.publish(&node("a"), vec![b'x'; PAUSE_BYTES], true);
+        assert!(publisher.full());
+        assert_eq!(publisher.abandon().len(), 2);
+        assert!(!publisher.full());
+        publisher.publish(&node("a"), b"R2".to_vec(), true);
+        assert_eq!(publisher.wait(start, pause), None);
     }
 
     #[test]
