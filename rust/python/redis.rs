@@ -251,10 +251,6 @@ impl Core {
         }
         RedisWrite::Now(transport.clone_ref(py), self.publisher.take(now))
     }
-
-    pub(super) fn redis_ready(&self) -> bool {
-        redis_ready(&self.publisher, self.redis_timer)
-    }
 }
 
 /// Whether writes for Redis wait that no timer (`timer`) takes care of.
@@ -284,7 +280,7 @@ impl Hub {
     /// at the flush, or now if writes are not deferred.
     pub(super) fn redis_due(&self, py: Python<'_>, mut core: MutexGuard<'_, Core>) {
         match self.call_soon.get() {
-            _ if !core.redis_ready() => {}
+            _ if !redis_ready(&core.publisher, core.redis_timer) => {}
             Some(scheduler) if !core.flush_due => {
                 core.flush_due = true;
                 drop(core);
@@ -320,8 +316,8 @@ impl Hub {
             }
             core.redis = None;
             core.redis_generation += 1;
-            // A timer still set writes nothing of the next attachment's
-            // before its time is up but early, which harms no one.
+            // A timer still set fires all the same: at worst it writes the
+            // next attachment's work early, which harms no one.
             core.redis_timer = false;
             core.pace = None;
             core.publisher.abandon()
