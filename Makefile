@@ -138,7 +138,7 @@ bench-cluster: build system-deps ## Cluster mode: CPU of a relay across Redis vs
 	PYTHONPATH=$(CURDIR) $(PY) bench/cluster.py
 
 .PHONY: bench-scale
-bench-scale: build ## 100,000 idle peers on --workers 6: RSS per peer, relay p99 of 100 pairs and joins while held (PEERS, WORKERS, PROCESSES, PAIRS, DURATION, SOURCE_IPS)
+bench-scale: build ## 100,000 idle peers on --workers 6: RSS per peer, relay p99 of 100 pairs and joins while held (PEERS, WORKERS, PROCESSES, PAIRS, RATE, DURATION, SOURCE_IPS; SERVER_ARGS: more server flags; IDLE_PIDS: run these at SCHED_IDLE meanwhile)
 	cargo build --release --quiet -p signaling-bench
 	PYTHONPATH=$(CURDIR) $(PY) bench/scale.py
 

@@ -2,6 +2,8 @@
 
     make bench-scale                      # 100,000 peers on --workers 6
     PEERS=20000 WORKERS=2 make bench-scale
+    SERVER_ARGS="--ping-interval 3600" make bench-scale   # more server flags
+    IDLE_PIDS=1 make bench-scale          # PID 1 at SCHED_IDLE meanwhile (root)
 
 One server (``--workers WORKERS``, default 6) on CPU 0; the load on CPU 1:
 
@@ -20,8 +22,11 @@ One server (``--workers WORKERS``, default 6) on CPU 0; the load on CPU 1:
 5. ``joins``: 1,000 more connections joining while all are held.
 
 Reports each relay phase's round-trip p50/p99/max, relays/s and server CPU
-per relay, the RSS per idle peer, the joins' latency, and what ended a held
-peer early (nothing, in a good run). The JSON lines and a summary go to
+per relay, the RSS per idle peer, the joins' latency, what ended a held
+peer early (nothing, in a good run), and how much CPU processes outside the
+bench took while all were held (they lengthen the tail the bench sees;
+IDLE_PIDS names processes to run at SCHED_IDLE, on a CPU only when nothing
+else wants it, until the bench ends). The JSON lines and a summary go to
 bench/results/scale-<time>/.
 """
 
@@ -30,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -39,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from common import BENCH_BIN, ROOT, log
-from host import tree_rss_bytes
+from host import all_process_ticks, others_cpu_s, process_tree, scheduled_idle, tree_rss_bytes
 
 from testkit.processes import ServerProcess, free_port, pinned
 
@@ -54,6 +60,18 @@ def setting(name: str, default: int) -> int:
     if not value.isdigit() or int(value) < 1:
         raise SystemExit(f"{name} must be a positive whole number, not {value!r}")
     return int(value)
+
+
+def idle_pids() -> list[int]:
+    """IDLE_PIDS: processes outside the bench to run at SCHED_IDLE while it
+    runs (space-separated pids)."""
+    value = os.environ.get("IDLE_PIDS", "")
+    pids = []
+    for word in value.split():
+        if not word.isdigit() or not Path(f"/proc/{word}").exists():
+            raise SystemExit(f"IDLE_PIDS must name running processes, not {word!r}")
+        pids.append(int(word))
+    return pids
 
 
 def peers_held(port: int) -> int:
@@ -142,6 +160,7 @@ def measure(folder: Path) -> dict[str, Any]:
     port = free_port()
     command = [str(SERVER), "--workers", str(workers), "--host", "127.0.0.1"]
     command += ["--port", str(port), "--log-level", "warning"]
+    command += shlex.split(os.environ.get("SERVER_ARGS", ""))
     server = ServerProcess(command, port, folder / "server.log", cpu=SERVER_CPU)
     try:
         server.wait_ready()
@@ -167,7 +186,12 @@ def measure(folder: Path) -> dict[str, Any]:
         time.sleep(2.0)  # the last joins' buffers settle
         rss_held = tree_rss_bytes(server.pid)
         log(f"all joined in {joined_s:.1f} s; held: {pairs} pairs relaying, {duration:g} s")
+        ticks = all_process_ticks()
+        held_from = time.monotonic()
         during = relay(url, server.pid, pairs, rate, duration)
+        ours = [os.getpid(), *process_tree(server.pid), *(proc.pid for proc in holders)]
+        others = others_cpu_s(ticks, all_process_ticks(), ours)
+        others_elapsed = time.monotonic() - held_from
         log(f"joins: {EXTRA_JOINS} more while all are held")
         joins = run_bench(
             ["connect", "--url", url, "--connections", str(EXTRA_JOINS), "--concurrency", "50"]
@@ -203,6 +227,15 @@ def measure(folder: Path) -> dict[str, Any]:
         "rss_per_idle_peer_bytes": round((rss_held - rss_before) / peers, 1),
         "before": before,
         "held": during,
+        # What processes outside the bench took while all were held: on
+        # the machine these figures come from, its init (PID 1) spent CPU in
+        # proportion to the sockets open, in bursts (docs/performance.md).
+        "held_others_cpu_share": round(sum(s for _, s in others) / others_elapsed, 4),
+        "held_busiest_other": (
+            {"pid": others[0][0], "cpu_share": round(others[0][1] / others_elapsed, 4)}
+            if others
+            else None
+        ),
         "joins": joins,
     }
 
@@ -227,7 +260,11 @@ def summary(result: dict[str, Any]) -> str:
             f"| {run['server_cpu_us_per_relay']:.2f} µs | {run['errors_total']}, "
             f"{run['skipped']} |"
         )
+    busiest = result["held_busiest_other"]
     lines += [
+        "",
+        f"other processes while all were held: {result['held_others_cpu_share']:.1%} of a CPU"
+        + (f" (busiest: pid {busiest['pid']}, {busiest['cpu_share']:.1%})" if busiest else ""),
         "",
         f"{EXTRA_JOINS} joins while all are held: {joins['joined']} joined, "
         f"{joins['failed']} failed, p50 {joins['join_p50_us'] / 1000:.1f} ms, "
@@ -238,8 +275,10 @@ def summary(result: dict[str, Any]) -> str:
 
 def main() -> int:
     out = ROOT / "bench" / "results" / f"scale-{time.strftime('%Y%m%d-%H%M%S')}"
-    with tempfile.TemporaryDirectory() as scratch:
+    idle = idle_pids()
+    with tempfile.TemporaryDirectory() as scratch, scheduled_idle(idle):
         result = measure(Path(scratch))
+    result["idle_pids"] = idle
     out.mkdir(parents=True, exist_ok=True)
     (out / "scale.json").write_text(json.dumps(result) + "\n")
     text = summary(result)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 
 import pytest
 from conftest import Server
@@ -56,3 +59,27 @@ def test_paused_client_is_closed_after_ping_timeout(
             await watcher.sync()
 
     run(scenario())
+
+
+def test_peers_that_join_together_are_pinged_a_part_at_a_time(
+    start_server: Callable[..., Server],
+) -> None:
+    """A tick goes over the connections in parts (ten, 25 ms apart with a
+    1 s ping interval), so peers that joined in the same moment are not
+    pinged in one burst: their first pings come in several bursts."""
+    srv = start_server("--ping-interval", "1", "--ping-timeout", "10")
+    joined = [RawClient.join(srv.port, "/ws/together") for _ in range(20)]
+
+    def first_ping_at(client: RawClient) -> float:
+        client.answer_pings(1, timeout=10)
+        return time.monotonic()
+
+    try:
+        with ThreadPoolExecutor(len(joined)) as pool:
+            times = sorted(pool.map(first_ping_at, (client for client, _ in joined)))
+    finally:
+        for client, _ in joined:
+            client.close()
+    # Bursts: pings less than 10 ms apart are one.
+    bursts = 1 + sum(1 for a, b in pairwise(times) if b - a > 0.010)
+    assert bursts >= 5, f"{bursts} bursts: {[round(t - times[0], 3) for t in times]}"

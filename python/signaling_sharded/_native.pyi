@@ -226,8 +226,10 @@ class Hub:
         A second call raises ValueError."""
     def flush(self) -> None:
         """Make the writes and closes waiting since the last flush."""
-    def tick(self) -> None:
-        """Send due pings; close peers whose ping or close timed out."""
+    def tick(self, part: int = 0, parts: int = 1) -> None:
+        """Send due pings; close peers whose ping or close timed out; of
+        the connections whose number is ``part`` modulo ``parts`` (all, by
+        default). Process metrics are sampled with part 0."""
     def close_all(self, code: int, reason: str) -> None:
         """Start closing every peer with ``code``."""
     def abort_all(self) -> None:

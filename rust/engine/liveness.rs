@@ -7,17 +7,67 @@ use super::outbox::{Action, Outbox};
 use super::{Engine, LeaveReason};
 use crate::wire::frame;
 
+/// One of `of` parts of the connections: those whose key is `index`
+/// modulo `of` (keys are handed out in turn, so the parts are even).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Part {
+    index: u64,
+    of: u64,
+}
+
+impl Part {
+    /// Every connection.
+    pub const ALL: Part = Part { index: 0, of: 1 };
+
+    /// Part `index` of `of` (`index` is taken modulo `of`; `of` 0 is 1).
+    pub fn new(index: u64, of: u64) -> Self {
+        let of = of.max(1);
+        Part {
+            index: index % of,
+            of,
+        }
+    }
+
+    /// The part a sweep over all parts starts with.
+    pub fn is_first(self) -> bool {
+        self.index == 0
+    }
+
+    pub fn holds(self, conn: u64) -> bool {
+        conn % self.of == self.index
+    }
+}
+
 impl<W> Engine<W> {
-    /// Pings, ping timeouts and close timeouts; call a few times per
-    /// `min(ping_interval, ping_timeout)`.
+    /// Pings, ping timeouts and close timeouts of every connection; see
+    /// `tick_part`.
     pub fn tick(&mut self, now: Instant, out: &mut Outbox) {
-        // Connections that ended while paused.
-        let conns = &self.conns;
-        self.paused_at.retain(|conn, _| conns.contains_key(conn));
+        self.tick_part(now, Part::ALL, out);
+    }
+
+    /// Pings, ping timeouts and close timeouts of one part of the
+    /// connections; call each part in turn, all of them a few times per
+    /// `min(ping_interval, ping_timeout)`.
+    ///
+    /// In parts, because pings due together go out together and their
+    /// pongs come back together: peers that joined in the same second
+    /// would be pinged in the same burst every `ping_interval`, and with
+    /// 100,000 held such a burst (a write per ping, a read per pong) held
+    /// up the relays behind it by tens of milliseconds. A peer pinged in
+    /// one part is pinged in the same part the next time, so the bursts
+    /// stay a part's size.
+    pub fn tick_part(&mut self, now: Instant, part: Part, out: &mut Outbox) {
+        if part.is_first() {
+            // Connections that ended while paused.
+            let conns = &self.conns;
+            self.paused_at.retain(|conn, _| conns.contains_key(conn));
+        }
         let mut dead = Vec::new();
         let mut ping = Vec::new();
         frame::push_ping(&mut ping);
-        let conns: Vec<u64> = self.conns.keys().copied().collect();
+        let conns: Vec<u64> = (self.conns.keys().copied())
+            .filter(|conn| part.holds(*conn))
+            .collect();
         let window = self.config.resume_window.unwrap_or_default();
         for conn in conns {
             // Held until the cluster answers its join (a Redis round trip,

@@ -34,6 +34,7 @@ use rustc_hash::FxHashMap;
 use serde_json::value::RawValue;
 
 use super::conn::{Closing, Conn, LeaveReason, Queued, State};
+use super::liveness::Part;
 use super::outbox::{ClusterOp, Outbox, SessionEvent};
 use super::remote::RemoteTopic;
 use super::session::Session;
@@ -792,8 +793,9 @@ impl<W> Engine<W> {
     }
 
     /// The bounded waits of sessions moving between nodes (see
-    /// `migrate.rs`); call with `tick`.
-    pub fn tick_migrations(&mut self, now: Now, out: &mut Outbox) {
+    /// `migrate.rs`); call with `tick_part`, with the same part (the held
+    /// messages of that part's connections are released).
+    pub fn tick_migrations(&mut self, now: Now, part: Part, out: &mut Outbox) {
         let Some(migrations) = self.migrations() else {
             return;
         };
@@ -825,6 +827,7 @@ impl<W> Engine<W> {
         let unflushed: Vec<u64> = self
             .conns
             .iter()
+            .filter(|(conn, _)| part.holds(**conn))
             .filter(|(_, c)| {
                 c.session
                     .as_ref()

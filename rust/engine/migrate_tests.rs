@@ -92,7 +92,8 @@ impl Node {
         self.now += after;
         self.out.clear();
         self.engine.tick(self.now, &mut self.out);
-        self.engine.tick_migrations(at(self.now), &mut self.out);
+        self.engine
+            .tick_migrations(at(self.now), Part::ALL, &mut self.out);
     }
 }
 

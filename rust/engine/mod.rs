@@ -45,6 +45,7 @@ pub use admin::{Missing, PeerView};
 pub use config::{BroadcastLimits, Config, RateLimit};
 pub use conn::LeaveReason;
 pub use limits::{Refusal, ABUSE_LIMIT, ABUSE_WINDOW};
+pub use liveness::Part;
 pub use outbox::{Action, MemberChange, Outbox, SessionEvent};
 
 use cluster::ClusterState;

@@ -291,6 +291,55 @@ fn silent_peer_times_out() {
 }
 
 #[test]
+fn a_tick_in_parts_pings_and_times_out_only_its_part() {
+    let config = Config {
+        ping_interval: Duration::from_millis(100),
+        ping_timeout: Duration::from_millis(100),
+        ..Config::default()
+    };
+    let mut h = Harness::new(config);
+    let conns: Vec<u64> = (0..10).map(|_| h.join("room").0).collect();
+    let pinged = |h: &Harness| -> Vec<u64> {
+        (conns.iter().copied())
+            .filter(|c| written(&h.out, *c).contains(&"<ping>".to_string()))
+            .collect()
+    };
+    let due = h.now + Duration::from_millis(100);
+    let mut seen = Vec::new();
+    for index in 0..5 {
+        h.out.clear();
+        h.engine.tick_part(due, Part::new(index, 5), &mut h.out);
+        let part = pinged(&h);
+        // Two of ten, each in its part, none twice.
+        assert_eq!(part.len(), 2, "part {index}: {part:?}");
+        assert!(part.iter().all(|c| Part::new(index, 5).holds(*c)));
+        assert!(part.iter().all(|c| !seen.contains(c)));
+        seen.extend(part);
+    }
+    // All pinged once: a full sweep at the same time pings no one again.
+    h.out.clear();
+    h.engine.tick(due, &mut h.out);
+    assert!(pinged(&h).is_empty());
+    // Nobody answers: a part times out its own peers and no others.
+    let late = due + Duration::from_millis(100);
+    h.out.clear();
+    h.engine.tick_part(late, Part::new(1, 5), &mut h.out);
+    let aborted: Vec<u64> = (conns.iter().copied())
+        .filter(|c| h.out.actions.contains(&(*c, Action::Abort)))
+        .collect();
+    assert_eq!(aborted.len(), 2);
+    assert!(aborted.iter().all(|c| Part::new(1, 5).holds(*c)));
+}
+
+#[test]
+fn part_is_taken_modulo_and_never_of_zero() {
+    assert_eq!(Part::new(7, 5), Part::new(2, 5));
+    assert_eq!(Part::new(3, 0), Part::ALL);
+    assert!(Part::new(5, 5).is_first());
+    assert!((0..10).all(|conn| Part::ALL.holds(conn)));
+}
+
+#[test]
 fn full_topic_and_full_server_refuse_with_their_codes() {
     let config = Config {
         max_peers_per_topic: 2,

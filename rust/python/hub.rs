@@ -28,7 +28,7 @@ use super::writes::{perform, Op, Pending};
 use super::{call, now};
 use crate::engine::cluster::ClusterOp;
 use crate::engine::publish::Publisher;
-use crate::engine::{Engine, JoinRequest, MemberChange, Missing, Outbox, Refusal};
+use crate::engine::{Engine, JoinRequest, MemberChange, Missing, Outbox, Part, Refusal};
 use crate::metrics::{self as counters, cell, family, Table};
 use crate::wire::cluster::RemotePeer;
 use crate::wire::peer_id::PeerId;
@@ -502,14 +502,20 @@ impl Hub {
         self.write_redis(py, write);
     }
 
-    /// Sends due pings, and closes peers whose ping or close timed out.
-    fn tick(&self, py: Python<'_>) {
+    /// Sends due pings, and closes peers whose ping or close timed out,
+    /// among part `part` of `parts` of the connections (see
+    /// `Engine::tick_part`); the process metrics are sampled with part 0.
+    #[pyo3(signature = (part = 0, parts = 1))]
+    fn tick(&self, py: Python<'_>, part: u64, parts: u64) {
         self.run(py, |engine, out| {
             let now = now();
-            engine.tick(now.instant, out);
-            engine.tick_migrations(now, out);
+            let part = Part::new(part, parts);
+            engine.tick_part(now.instant, part, out);
+            engine.tick_migrations(now, part, out);
             engine.tick_doubts(now.instant, out);
-            engine.metrics().sample_process();
+            if part.is_first() {
+                engine.metrics().sample_process();
+            }
         });
     }
 

@@ -56,6 +56,20 @@ def tick_period(config: Config) -> float:
     return min(max(shortest / 4, 0.02), 1.0)
 
 
+#: The shortest wait between two parts of a tick.
+TICK_STEP = 0.01
+#: At most this many parts (see ``tick_parts``).
+MAX_TICK_PARTS = 10
+
+
+def tick_parts(config: Config) -> int:
+    """In how many parts a tick goes over the connections, one part every
+    ``tick_period / parts`` seconds: pings due together (peers that joined
+    together) go out a part at a time, and so do their pongs, instead of
+    in one burst that holds up every relay behind it."""
+    return max(1, min(MAX_TICK_PARTS, int(tick_period(config) / TICK_STEP)))
+
+
 def bound_socket(host: str, port: int) -> socket.socket:
     """A TCP socket bound to ``host:port`` with ``SO_REUSEPORT``, which every
     worker's listener and the supervisor's reservation share (another
@@ -167,6 +181,9 @@ class Worker:
         self.draining = False
         self.done: asyncio.Future[None] | None = None
         self.acceptor: Acceptor | None = None
+        #: The part of the connections the next tick goes over.
+        self.tick_part = 0
+        self.ticker: asyncio.TimerHandle | None = None
 
     def on_left(self, peer: str, topic: str, reason: str) -> None:
         log(logging.INFO, "peer left", peer=peer, topic=topic, reason=reason)
@@ -248,7 +265,9 @@ class Worker:
         self.acceptor = acceptor
         await acceptor.start()
         loop.add_signal_handler(signal.SIGTERM, self.on_signal, signal.SIGTERM)
-        ticker = loop.call_later(tick_period(self.config), self.tick)
+        # The workers' parts take turns, rather than all in the same moment.
+        step = tick_period(self.config) / tick_parts(self.config)
+        self.ticker = loop.call_later(step * (1 + self.index / self.config.workers), self.tick)
         if self.cluster is not None:
             self.cluster.start(self.hub)
         if self.webhooks is not None:
@@ -264,7 +283,8 @@ class Worker:
         try:
             await self.done
         finally:
-            ticker.cancel()
+            if self.ticker is not None:
+                self.ticker.cancel()
             acceptor.close()
             for handshake in list(self.handshakes):
                 handshake.close()
@@ -275,14 +295,16 @@ class Worker:
         log(logging.INFO, "stopped", worker=self.index)
 
     def tick(self) -> None:
-        self.hub.tick()
+        parts = tick_parts(self.config)
+        self.hub.tick(self.tick_part, parts)
+        self.tick_part = (self.tick_part + 1) % parts
         if self.webhooks is not None:
             self.hub.set_webhook_queued(self.webhooks.queued())
         loop = asyncio.get_running_loop()
         if self.draining and self.hub.connection_count() == 0:
             self.stop()
             return
-        loop.call_later(tick_period(self.config), self.tick)
+        self.ticker = loop.call_later(tick_period(self.config) / parts, self.tick)
 
     def on_signal(self, sig: signal.Signals) -> None:
         if self.draining:
