@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH_BIN = ROOT / "target" / "release" / "signaling-bench"
 SERVERS = ("seed", "ours")
 NAMES = {"seed": "Go design (seed)", "ours": "signaling-sharded, 1 worker"}
-SCENARIOS = ("relay", "connect", "churn", "fanout", "broadcast")
+SCENARIOS = ("relay", "paced", "connect", "churn", "fanout", "broadcast")
 DISTURBED_SHARE = 0.10
 """Share of the wall time that others may use on a measured core before a run is repeated."""
 READY_TIMEOUT_S = 20.0

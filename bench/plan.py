@@ -18,6 +18,13 @@ class Params:
     payload_bytes: int = 200
     relay_duration_s: float = 10.0
     relay_warmup_s: float = 2.0
+    paced_topics: int = 200
+    paced_rate: float = 50.0
+    """Offers per second each peer of the paced relay sends: 200 pairs at 50
+    offers/s, each answered, are 40,000 relays/s offered to both servers,
+    about a tenth of what ours relays flat out on one core here (the Go
+    design, woken per message on 400 connections, carries about 35,000 of
+    them with its core full)."""
     connections: int = 3000
     connect_concurrency: int = 100
     connect_topics: int = 300
@@ -80,6 +87,20 @@ def plan(p: Params, scenarios: Sequence[str]) -> list[Step]:
             args = relay_args(p, w, p.relay_duration_s, p.relay_warmup_s)
             budget = p.relay_duration_s + p.relay_warmup_s
             steps.append(Step("relay", f"relay-w{w}", args, budget))
+    if "paced" in scenarios:
+        # The same offered load for both servers (the sweep's load is what
+        # each takes), so that their CPU per relay compares at one load.
+        args = (
+            f"--topics={p.paced_topics}",
+            "--peers=2",
+            f"--window={p.window}",
+            f"--rate={p.paced_rate:g}",
+            f"--duration={p.relay_duration_s:g}",
+            f"--warmup={p.relay_warmup_s:g}",
+            f"--payload-bytes={p.payload_bytes}",
+        )
+        budget = p.relay_duration_s + p.relay_warmup_s + 10.0
+        steps.append(Step("relay", "paced", args, budget))
     if "connect" in scenarios:
         args = (
             f"--connections={p.connections}",

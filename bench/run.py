@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Benchmark signaling-sharded against the original Go design (the seed).
 
-Every scenario of signaling-bench (relay, connect, churn, fanout, broadcast) runs against
+Every scenario of signaling-bench (relay, paced, connect, churn, fanout, broadcast) runs against
 both servers, interleaved -- seed, ours, seed, ours, ... -- for several rounds.
 Each run starts a fresh server pinned to one CPU (taskset) while the load
 generator runs pinned to another, so that the two never compete for a core.
 The relay scenario is a sweep over the number of offers each peer keeps in
-flight (the window); the headline figures are read at window 4.
+flight (the window); the headline figures are read at window 4. Each server
+relays what it can there, so the loads differ; `paced` offers both the same
+one (200 pairs, 40,000 relays/s) and compares their CPU per relay at it.
 
 A run in which something else used the server's or the load generator's core
 (other processes, or time stolen by the hypervisor) for more than 10 % of the

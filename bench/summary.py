@@ -78,6 +78,16 @@ def lost(r: Result) -> int:
 Metric = tuple[str, Key, int, str]
 """(label, key, decimals, aggregate: median, max or min)."""
 
+RELAY_METRICS: list[Metric] = [
+    ("relays/s", "relays_per_s", 0, "median"),
+    ("round-trip p50 (µs)", "rtt_p50_us", 0, "median"),
+    ("round-trip p99 (µs)", "rtt_p99_us", 0, "median"),
+    ("server CPU per relayed message (µs)", "server_cpu_us_per_relay", 3, "median"),
+    ("server CPU share", "server_cpu_share", 3, "median"),
+    ("errors + timeouts + disconnects", problems, 0, "median"),
+]
+"""What a relay section shows (the sweep's adds the load generator's share)."""
+
 
 @dataclass
 class Summary:
@@ -118,21 +128,17 @@ class Summary:
                 f"{p.payload_bytes} B payload, {p.relay_duration_s:g} s after "
                 f"{p.relay_warmup_s:g} s warmup"
             )
-            self.section(
-                title,
-                w,
-                [
-                    ("relays/s", "relays_per_s", 0, "median"),
-                    ("round-trip p50 (µs)", "rtt_p50_us", 0, "median"),
-                    ("round-trip p99 (µs)", "rtt_p99_us", 0, "median"),
-                    ("server CPU per relayed message (µs)", "server_cpu_us_per_relay", 3, "median"),
-                    ("server CPU share", "server_cpu_share", 3, "median"),
-                    ("load generator CPU share", "client_cpu_share", 3, "median"),
-                    ("errors + timeouts + disconnects", problems, 0, "median"),
-                ],
-            )
+            client = ("load generator CPU share", "client_cpu_share", 3, "median")
+            self.section(title, w, [*RELAY_METRICS[:-1], client, RELAY_METRICS[-1]])
             self.syscall_rows()
             self.sweep()
+        self.section(
+            f"paced relay: {p.paced_topics} topics x 2 peers, each sending "
+            f"{p.paced_rate:g} offers/s (window {p.window}), each answered: the same "
+            f"{4 * p.paced_topics * p.paced_rate:,.0f} relays/s offered to both servers",
+            "paced",
+            RELAY_METRICS,
+        )
         self.section(
             f"connect: {p.connections} connections, {p.connect_concurrency} at a time, "
             f"over {p.connect_topics} topics",

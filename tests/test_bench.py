@@ -367,6 +367,10 @@ def test_the_scale_bench(bench_binary: Path) -> None:
         assert 0 < result[phase]["rtt_p50_us"] <= result[phase]["rtt_p99_us"]
     assert result["joins"]["joined"] == 1000
     assert "idle peers held on --workers 2" in done.stdout
+    # What other processes took meanwhile is reported; none was made idle.
+    assert 0 <= result["held_others_cpu_share"] < 2
+    assert result["idle_pids"] == []
+    assert "other processes while all were held" in done.stdout
 
 
 def test_the_cluster_bench(bench_binary: Path) -> None:
