@@ -82,4 +82,7 @@ def test_peers_that_join_together_are_pinged_a_part_at_a_time(
             client.close()
     # Bursts: pings less than 10 ms apart are one.
     bursts = 1 + sum(1 for a, b in pairwise(times) if b - a > 0.010)
-    assert bursts >= 5, f"{bursts} bursts: {[round(t - times[0], 3) for t in times]}"
+    spread = [round(t - times[0], 3) for t in times]
+    assert bursts >= 5, f"{bursts} bursts: {spread}"
+    # Over most of a tick period (0.25 s), not one loop iteration's jitter.
+    assert spread[-1] >= 0.1, spread

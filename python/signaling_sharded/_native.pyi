@@ -228,8 +228,9 @@ class Hub:
         """Make the writes and closes waiting since the last flush."""
     def tick(self, part: int = 0, parts: int = 1) -> None:
         """Send due pings; close peers whose ping or close timed out; of
-        the connections whose number is ``part`` modulo ``parts`` (all, by
-        default). Process metrics are sampled with part 0."""
+        part ``part`` of ``parts`` of the connections (all, by default;
+        each connection is always in the same part). Process metrics are
+        sampled with part 0."""
     def close_all(self, code: int, reason: str) -> None:
         """Start closing every peer with ``code``."""
     def abort_all(self) -> None:

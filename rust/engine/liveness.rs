@@ -7,8 +7,10 @@ use super::outbox::{Action, Outbox};
 use super::{Engine, LeaveReason};
 use crate::wire::frame;
 
-/// One of `of` parts of the connections: those whose key is `index`
-/// modulo `of` (keys are handed out in turn, so the parts are even).
+/// One of `of` parts of the connections. A key's part is its Fibonacci
+/// hash scaled to `of`: keys handed out in turn fall in the parts in turn,
+/// and so do keys of any stride (every other one refused, say), where a
+/// plain modulo would leave parts empty and others twice as full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Part {
     index: u64,
@@ -34,7 +36,8 @@ impl Part {
     }
 
     pub fn holds(self, conn: u64) -> bool {
-        conn % self.of == self.index
+        let hash = conn.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        ((u128::from(hash) * u128::from(self.of)) >> 64) as u64 == self.index
     }
 }
 

@@ -356,17 +356,40 @@ fn relays_sent_toward_the_old_node_come_first() {
     assert_eq!(msg_ids(&pair.b.frames(conn)), ["3"], "live again");
 }
 
-#[test]
-fn held_relays_go_out_when_a_flush_never_comes() {
-    let mut pair = Pair::new();
+/// A session moved to b, with relay "1" held there for the flush that
+/// never comes; its connection at b.
+fn holding_a_relay(pair: &mut Pair) -> u64 {
     let (p, l, conn) = pair.arriving_at_b();
     pair.a.deliver(&moved(&p.id, conn, &["n2"], None));
     let handoff = pair.a.published("n2");
     pair.b.deliver(&handoff[0]);
     pair.b.offer(&l, &p, "1");
     assert!(msg_ids(&pair.b.frames(conn)).is_empty());
+    conn
+}
+
+#[test]
+fn held_relays_go_out_when_a_flush_never_comes() {
+    let mut pair = Pair::new();
+    let conn = holding_a_relay(&mut pair);
     pair.b.tick(FLUSH_WAIT);
     assert_eq!(msg_ids(&pair.b.frames(conn)), ["1"]);
+}
+
+#[test]
+fn held_relays_are_released_by_their_own_part_of_the_tick() {
+    let mut pair = Pair::new();
+    let conn = holding_a_relay(&mut pair);
+    let b = &mut pair.b;
+    b.now += FLUSH_WAIT;
+    let (mine, other): (Vec<Part>, Vec<Part>) = (0..2)
+        .map(|i| Part::new(i, 2))
+        .partition(|part| part.holds(conn));
+    b.out.clear();
+    b.engine.tick_migrations(at(b.now), other[0], &mut b.out);
+    assert!(msg_ids(&b.frames(conn)).is_empty(), "not its part");
+    b.engine.tick_migrations(at(b.now), mine[0], &mut b.out);
+    assert_eq!(msg_ids(&b.frames(conn)), ["1"]);
 }
 
 #[test]

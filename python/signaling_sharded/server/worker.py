@@ -21,6 +21,7 @@ import asyncio
 import ctypes
 import errno
 import logging
+import math
 import os
 import signal
 import socket
@@ -67,7 +68,7 @@ def tick_parts(config: Config) -> int:
     ``tick_period / parts`` seconds: pings due together (peers that joined
     together) go out a part at a time, and so do their pongs, instead of
     in one burst that holds up every relay behind it."""
-    return max(1, min(MAX_TICK_PARTS, int(tick_period(config) / TICK_STEP)))
+    return max(1, min(MAX_TICK_PARTS, round(tick_period(config) / TICK_STEP)))
 
 
 def bound_socket(host: str, port: int) -> socket.socket:
@@ -181,8 +182,10 @@ class Worker:
         self.draining = False
         self.done: asyncio.Future[None] | None = None
         self.acceptor: Acceptor | None = None
-        #: The part of the connections the next tick goes over.
+        #: The part of the connections the next tick goes over, and when
+        #: (the loop's clock).
         self.tick_part = 0
+        self.next_tick = 0.0
         self.ticker: asyncio.TimerHandle | None = None
 
     def on_left(self, peer: str, topic: str, reason: str) -> None:
@@ -265,9 +268,13 @@ class Worker:
         self.acceptor = acceptor
         await acceptor.start()
         loop.add_signal_handler(signal.SIGTERM, self.on_signal, signal.SIGTERM)
-        # The workers' parts take turns, rather than all in the same moment.
+        # On the clock every worker shares (the monotonic one), so that a
+        # late callback does not stretch the sweep and the workers' parts
+        # take turns rather than come in the same moment.
         step = tick_period(self.config) / tick_parts(self.config)
-        self.ticker = loop.call_later(step * (1 + self.index / self.config.workers), self.tick)
+        turn = self.index / self.config.workers
+        self.next_tick = (math.floor(loop.time() / step) + 1 + turn) * step
+        self.ticker = loop.call_at(self.next_tick, self.tick)
         if self.cluster is not None:
             self.cluster.start(self.hub)
         if self.webhooks is not None:
@@ -304,7 +311,12 @@ class Worker:
         if self.draining and self.hub.connection_count() == 0:
             self.stop()
             return
-        self.ticker = loop.call_later(tick_period(self.config) / parts, self.tick)
+        step = tick_period(self.config) / parts
+        self.next_tick += step
+        now = loop.time()
+        if self.next_tick < now:  # late: the next slot, not a burst to catch up
+            self.next_tick += math.ceil((now - self.next_tick) / step) * step
+        self.ticker = loop.call_at(self.next_tick, self.tick)
 
     def on_signal(self, sig: signal.Signals) -> None:
         if self.draining:
