@@ -21,14 +21,32 @@ def proc_stat_fields(pid: int) -> list[str] | None:
     return text[text.rfind(")") + 2 :].split()
 
 
-def process_tree(root: int) -> list[int]:
-    """*root* and all of its descendants."""
-    children: dict[int, list[int]] = {}
+def all_processes() -> dict[int, list[str]]:
+    """:func:`proc_stat_fields` of every process now."""
+    found = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             fields = proc_stat_fields(int(entry.name))
             if fields is not None:
-                children.setdefault(int(fields[1]), []).append(int(entry.name))
+                found[int(entry.name)] = fields
+    return found
+
+
+def cpu_ticks(fields: list[str]) -> int:
+    """User plus system CPU ticks, of :func:`proc_stat_fields`."""
+    return int(fields[11]) + int(fields[12])
+
+
+def is_kernel_thread(pid: int, fields: list[str]) -> bool:
+    """kthreadd (PID 2) and its children: kworkers, ksoftirqd, ..."""
+    return pid == 2 or fields[1] == "2"
+
+
+def process_tree(root: int) -> list[int]:
+    """*root* and all of its descendants."""
+    children: dict[int, list[int]] = {}
+    for pid, fields in all_processes().items():
+        children.setdefault(int(fields[1]), []).append(pid)
     tree = [root]
     for pid in tree:
         tree.extend(children.get(pid, []))
@@ -41,7 +59,7 @@ def tree_cpu_s(pids: Sequence[int]) -> float:
     for pid in pids:
         fields = proc_stat_fields(pid)
         if fields is not None:
-            ticks += int(fields[11]) + int(fields[12])
+            ticks += cpu_ticks(fields)
     return ticks / TICKS_PER_S
 
 
@@ -85,39 +103,26 @@ def core_times_s(cpu: int) -> tuple[float, float]:
 
 def kernel_threads_cpu_s() -> float:
     """CPU time of kernel threads (kworkers, ksoftirqd, ...), which the load itself causes."""
-    ticks = 0
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            fields = proc_stat_fields(int(entry.name))
-            if fields is not None and (fields[1] == "2" or entry.name == "2"):
-                ticks += int(fields[11]) + int(fields[12])
+    ticks = sum(
+        cpu_ticks(fields)
+        for pid, fields in all_processes().items()
+        if is_kernel_thread(pid, fields)
+    )
     return ticks / TICKS_PER_S
 
 
-def all_process_ticks() -> dict[int, int]:
-    """User plus system CPU ticks of every process now."""
-    ticks = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            fields = proc_stat_fields(int(entry.name))
-            if fields is not None:
-                ticks[int(entry.name)] = int(fields[11]) + int(fields[12])
-    return ticks
-
-
 def others_cpu_s(
-    before: dict[int, int], after: dict[int, int], ours: Sequence[int]
+    before: dict[int, list[str]], after: dict[int, list[str]], ours: Sequence[int]
 ) -> list[tuple[int, float]]:
     """CPU seconds each process but *ours* used between two samples of
-    :func:`all_process_ticks` (those alive at both), busiest first; kernel
+    :func:`all_processes` (those alive at both), busiest first; kernel
     threads are left out (the load causes their work)."""
     used = []
-    for pid, ticks in after.items():
-        if pid in before and pid not in ours and ticks > before[pid]:
-            fields = proc_stat_fields(pid)
-            if fields is None or fields[1] == "2" or pid == 2:
-                continue
-            used.append((pid, (ticks - before[pid]) / TICKS_PER_S))
+    for pid, fields in after.items():
+        if pid in before and pid not in ours and not is_kernel_thread(pid, fields):
+            spent = cpu_ticks(fields) - cpu_ticks(before[pid])
+            if spent > 0:
+                used.append((pid, spent / TICKS_PER_S))
     return sorted(used, key=lambda item: -item[1])
 
 

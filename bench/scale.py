@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from common import BENCH_BIN, ROOT, log
-from host import all_process_ticks, others_cpu_s, process_tree, scheduled_idle, tree_rss_bytes
+from host import all_processes, others_cpu_s, process_tree, scheduled_idle, tree_rss_bytes
 
 from testkit.processes import ServerProcess, free_port, pinned
 
@@ -186,11 +186,11 @@ def measure(folder: Path) -> dict[str, Any]:
         time.sleep(2.0)  # the last joins' buffers settle
         rss_held = tree_rss_bytes(server.pid)
         log(f"all joined in {joined_s:.1f} s; held: {pairs} pairs relaying, {duration:g} s")
-        ticks = all_process_ticks()
+        ticks = all_processes()
         held_from = time.monotonic()
         during = relay(url, server.pid, pairs, rate, duration)
         ours = [os.getpid(), *process_tree(server.pid), *(proc.pid for proc in holders)]
-        others = others_cpu_s(ticks, all_process_ticks(), ours)
+        others = others_cpu_s(ticks, all_processes(), ours)
         others_elapsed = time.monotonic() - held_from
         log(f"joins: {EXTRA_JOINS} more while all are held")
         joins = run_bench(

@@ -266,14 +266,18 @@ fn queue_is_written_on_resume_in_order() {
     assert_eq!(total, 1);
 }
 
-#[test]
-fn silent_peer_times_out() {
-    let config = Config {
+/// A ping every 100 ms, and 100 ms to answer it.
+fn fast_pings() -> Config {
+    Config {
         ping_interval: Duration::from_millis(100),
         ping_timeout: Duration::from_millis(100),
         ..Config::default()
-    };
-    let mut h = Harness::new(config);
+    }
+}
+
+#[test]
+fn silent_peer_times_out() {
+    let mut h = Harness::new(fast_pings());
     let (a, _) = h.join("room");
     let (b, _) = h.join("room");
     h.out.clear();
@@ -292,12 +296,7 @@ fn silent_peer_times_out() {
 
 #[test]
 fn a_tick_in_parts_pings_and_times_out_only_its_part() {
-    let config = Config {
-        ping_interval: Duration::from_millis(100),
-        ping_timeout: Duration::from_millis(100),
-        ..Config::default()
-    };
-    let mut h = Harness::new(config);
+    let mut h = Harness::new(fast_pings());
     let conns: Vec<u64> = (0..100).map(|_| h.join("room").0).collect();
     let pinged = |h: &Harness| -> Vec<u64> {
         (conns.iter().copied())

@@ -182,8 +182,11 @@ class Worker:
         self.draining = False
         self.done: asyncio.Future[None] | None = None
         self.acceptor: Acceptor | None = None
-        #: The part of the connections the next tick goes over, and when
-        #: (the loop's clock).
+        #: In how many parts a tick goes over the connections, one every
+        #: tick_step seconds; the part the next goes over, and when (the
+        #: loop's clock).
+        self.tick_parts = tick_parts(config)
+        self.tick_step = tick_period(config) / self.tick_parts
         self.tick_part = 0
         self.next_tick = 0.0
         self.ticker: asyncio.TimerHandle | None = None
@@ -271,7 +274,7 @@ class Worker:
         # On the clock every worker shares (the monotonic one), so that a
         # late callback does not stretch the sweep and the workers' parts
         # take turns rather than come in the same moment.
-        step = tick_period(self.config) / tick_parts(self.config)
+        step = self.tick_step
         turn = self.index / self.config.workers
         self.next_tick = (math.floor(loop.time() / step) + 1 + turn) * step
         self.ticker = loop.call_at(self.next_tick, self.tick)
@@ -302,16 +305,15 @@ class Worker:
         log(logging.INFO, "stopped", worker=self.index)
 
     def tick(self) -> None:
-        parts = tick_parts(self.config)
-        self.hub.tick(self.tick_part, parts)
-        self.tick_part = (self.tick_part + 1) % parts
+        self.hub.tick(self.tick_part, self.tick_parts)
+        self.tick_part = (self.tick_part + 1) % self.tick_parts
         if self.webhooks is not None:
             self.hub.set_webhook_queued(self.webhooks.queued())
         loop = asyncio.get_running_loop()
         if self.draining and self.hub.connection_count() == 0:
             self.stop()
             return
-        step = tick_period(self.config) / parts
+        step = self.tick_step
         self.next_tick += step
         now = loop.time()
         if self.next_tick < now:  # late: the next slot, not a burst to catch up
