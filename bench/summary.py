@@ -84,6 +84,8 @@ RELAY_METRICS: list[Metric] = [
     ("round-trip p99 (µs)", "rtt_p99_us", 0, "median"),
     ("server CPU per relayed message (µs)", "server_cpu_us_per_relay", 3, "median"),
     ("server CPU share", "server_cpu_share", 3, "median"),
+    ("server sleeps per 1,000 relays", "server_sleeps_per_1k_relays", 2, "median"),
+    ("server preemptions per 1,000 relays", "server_preemptions_per_1k_relays", 2, "median"),
     ("errors + timeouts + disconnects", problems, 0, "median"),
 ]
 """What a relay section shows (the sweep's adds the load generator's share)."""

@@ -34,8 +34,9 @@ fn read_stat(pid: u32) -> Option<(u32, u64)> {
     Some((ppid, utime + stime))
 }
 
-/// A `kB` field of /proc/PID/status, such as `VmRSS`.
-fn status_kib(text: &str, field: &str) -> Option<u64> {
+/// A number field of /proc/PID/status: `VmRSS` (in kB),
+/// `voluntary_ctxt_switches`.
+fn status_number(text: &str, field: &str) -> Option<u64> {
     text.lines().find_map(|line| {
         let rest = line.strip_prefix(field)?.strip_prefix(':')?;
         rest.split_ascii_whitespace().next()?.parse().ok()
@@ -45,7 +46,61 @@ fn status_kib(text: &str, field: &str) -> Option<u64> {
 /// Resident set size of one process, in KiB (0 for kernel threads).
 fn rss_kib(pid: &str) -> Option<u64> {
     let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    Some(status_kib(&text, "VmRSS").unwrap_or(0))
+    Some(status_number(&text, "VmRSS").unwrap_or(0))
+}
+
+/// Context switches of one process so far, its threads summed (the
+/// kernel counts them per thread, in /proc/PID/task/TID/status).
+fn read_switches(pid: u32) -> Option<Switches> {
+    let threads = fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    // A thread that has just exited is gone, with its counts.
+    let texts = threads
+        .flatten()
+        .filter_map(|t| fs::read_to_string(t.path().join("status")).ok());
+    Some(
+        texts
+            .map(|text| Switches {
+                voluntary: status_number(&text, "voluntary_ctxt_switches").unwrap_or(0),
+                involuntary: status_number(&text, "nonvoluntary_ctxt_switches").unwrap_or(0),
+            })
+            .sum(),
+    )
+}
+
+/// Context switches of a set of processes: `voluntary` ones are a thread
+/// going to sleep (to be woken later: by a message, a timer);
+/// `involuntary` ones are a runnable thread preempted for another.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Switches {
+    pub voluntary: u64,
+    pub involuntary: u64,
+}
+
+impl std::ops::Add for Switches {
+    type Output = Self;
+
+    fn add(self, other: Self) -> Self {
+        Self {
+            voluntary: self.voluntary + other.voluntary,
+            involuntary: self.involuntary + other.involuntary,
+        }
+    }
+}
+
+impl std::iter::Sum for Switches {
+    fn sum<I: Iterator<Item = Self>>(iter: I) -> Self {
+        iter.fold(Self::default(), |a, b| a + b)
+    }
+}
+
+impl Switches {
+    /// The switches from `earlier` to these.
+    pub fn since(self, earlier: Self) -> Self {
+        Self {
+            voluntary: self.voluntary.saturating_sub(earlier.voluntary),
+            involuntary: self.involuntary.saturating_sub(earlier.involuntary),
+        }
+    }
 }
 
 /// A process and all of its descendants, found by walking /proc.
@@ -104,6 +159,11 @@ impl ProcessTree {
         ticks as f64 / self.ticks_per_s
     }
 
+    /// Context switches so far of the processes still alive, summed.
+    pub fn switches(&self) -> Switches {
+        self.pids.iter().filter_map(|pid| read_switches(*pid)).sum()
+    }
+
     /// Resident memory of the processes still alive, summed, in KiB. Pages
     /// shared between them (a forked worker's) count once per process.
     pub fn rss_kib(&self) -> u64 {
@@ -150,10 +210,13 @@ mod tests {
     #[test]
     fn parses_status_fields() {
         let text = "Name:\tpython3\nVmPeak:\t  20000 kB\nVmRSS:\t   12345 kB\nThreads:\t3\n";
-        assert_eq!(status_kib(text, "VmRSS"), Some(12345));
-        assert_eq!(status_kib(text, "VmPeak"), Some(20000));
-        assert_eq!(status_kib(text, "VmSwap"), None);
-        assert_eq!(status_kib("VmRSSx: 1 kB\n", "VmRSS"), None);
+        assert_eq!(status_number(text, "VmRSS"), Some(12345));
+        assert_eq!(status_number(text, "VmPeak"), Some(20000));
+        assert_eq!(status_number(text, "VmSwap"), None);
+        assert_eq!(status_number("VmRSSx: 1 kB\n", "VmRSS"), None);
+        let counts = "voluntary_ctxt_switches:\t52\nnonvoluntary_ctxt_switches:\t7\n";
+        assert_eq!(status_number(counts, "voluntary_ctxt_switches"), Some(52));
+        assert_eq!(status_number(counts, "nonvoluntary_ctxt_switches"), Some(7));
     }
 
     #[test]
@@ -164,5 +227,24 @@ mod tests {
         assert!(own_cpu_seconds() >= 0.0);
         assert!(tree.rss_kib() > 0);
         assert!(own_rss_kib() > 0);
+    }
+
+    #[test]
+    fn counts_a_thread_that_sleeps() {
+        let tree = ProcessTree::discover(std::process::id()).unwrap();
+        let before = tree.switches();
+        // A thread of this process that sleeps three times switches out
+        // at least three times of its own will.
+        std::thread::spawn(|| {
+            for _ in 0..3 {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            let after = read_switches(std::process::id()).unwrap();
+            assert!(after.voluntary >= 3, "{after:?}");
+        })
+        .join()
+        .unwrap();
+        let gained = tree.switches().since(before);
+        assert!(gained.voluntary >= 1, "{gained:?}");
     }
 }

@@ -22,7 +22,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::client::{self, format_counts, Incoming, Server, Table, Ws};
-use crate::cpu::{own_cpu_seconds, ProcessTree};
+use crate::cpu::{own_cpu_seconds, ProcessTree, Switches};
 use crate::stats::{percentile, push_u64, round, seed_from_clock, Rng};
 use crate::view::View;
 
@@ -508,6 +508,12 @@ struct Report {
     server_cpu_s: Option<f64>,
     server_cpu_share: Option<f64>,
     server_cpu_us_per_relay: Option<f64>,
+    /// The server's voluntary context switches (a process going to sleep,
+    /// to be woken) per 1,000 relays: how many relays a wake-up carries.
+    server_sleeps_per_1k_relays: Option<f64>,
+    /// The server's involuntary context switches (a runnable process
+    /// preempted for another) per 1,000 relays.
+    server_preemptions_per_1k_relays: Option<f64>,
     redis_cpu_share: Option<f64>,
     redis_cpu_us_per_relay: Option<f64>,
     client_cpu_s: f64,
@@ -677,6 +683,8 @@ pub async fn run(args: RelayArgs) -> Result<(), String> {
         None => None,
     };
     let cpu = |trees: &Vec<ProcessTree>| trees.iter().map(ProcessTree::cpu_seconds).sum::<f64>();
+    let switches =
+        |trees: &Vec<ProcessTree>| trees.iter().map(ProcessTree::switches).sum::<Switches>();
 
     let _ = start_tx.send(true);
     tokio::time::sleep(Duration::from_secs_f64(args.warmup)).await;
@@ -684,12 +692,14 @@ pub async fn run(args: RelayArgs) -> Result<(), String> {
     shared.phase.store(PHASE_MEASURE, Ordering::Relaxed);
     let t0 = Instant::now();
     let server_cpu0 = server.as_ref().map(cpu);
+    let server_switches0 = server.as_ref().map(switches);
     let redis_cpu0 = redis.as_ref().map(ProcessTree::cpu_seconds);
     let client_cpu0 = own_cpu_seconds();
     tokio::time::sleep(Duration::from_secs_f64(args.duration)).await;
     shared.phase.store(PHASE_DRAIN, Ordering::Relaxed);
     let elapsed = t0.elapsed().as_secs_f64();
     let server_cpu1 = server.as_ref().map(cpu);
+    let server_switches1 = server.as_ref().map(switches);
     let redis_cpu1 = redis.as_ref().map(ProcessTree::cpu_seconds);
     let client_cpu1 = own_cpu_seconds();
 
@@ -743,6 +753,10 @@ pub async fn run(args: RelayArgs) -> Result<(), String> {
         _ => None,
     };
     let client_cpu = client_cpu1 - client_cpu0;
+    let server_switches = server_switches0
+        .zip(server_switches1)
+        .map(|(a, b)| b.since(a));
+    let per_1k_relays = |n: u64| (relays > 0).then(|| round(n as f64 * 1000.0 / relays as f64, 2));
     let redis_cpu = redis_cpu0.zip(redis_cpu1).map(|(a, b)| b - a);
 
     let report = Report {
@@ -780,6 +794,9 @@ pub async fn run(args: RelayArgs) -> Result<(), String> {
         server_cpu_s: server_cpu.map(|c| round(c, 3)),
         server_cpu_share: server_cpu.map(|c| round(c / elapsed, 3)),
         server_cpu_us_per_relay: server_cpu.and_then(per_relay),
+        server_sleeps_per_1k_relays: server_switches.and_then(|s| per_1k_relays(s.voluntary)),
+        server_preemptions_per_1k_relays: server_switches
+            .and_then(|s| per_1k_relays(s.involuntary)),
         redis_cpu_share: redis_cpu.map(|c| round(c / elapsed, 3)),
         redis_cpu_us_per_relay: redis_cpu.and_then(per_relay),
         client_cpu_s: round(client_cpu, 3),
@@ -837,6 +854,15 @@ fn summary(r: &Report, first_disconnect: Option<&str>) -> Table {
                 r.server_pid.unwrap_or(0),
                 r.server_processes.unwrap_or(0)
             ),
+        );
+    }
+    if let (Some(sleeps), Some(preemptions)) = (
+        r.server_sleeps_per_1k_relays,
+        r.server_preemptions_per_1k_relays,
+    ) {
+        line(
+            "server switches",
+            format!("{sleeps:.2} sleeps, {preemptions:.2} preemptions per 1,000 relays"),
         );
     }
     if let Some(share) = r.redis_cpu_share {
