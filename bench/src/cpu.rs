@@ -70,7 +70,7 @@ fn read_switches(pid: u32) -> Option<Switches> {
 /// Context switches of a set of processes: `voluntary` ones are a thread
 /// going to sleep (to be woken later: by a message, a timer);
 /// `involuntary` ones are a runnable thread preempted for another.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct Switches {
     pub voluntary: u64,
     pub involuntary: u64,
